@@ -1,0 +1,173 @@
+// The portable split-KV decode kernel (sm_80 and newer): mma.sync m16n8k16 tensor-core math,
+// cp.async double-buffered KV tiles, online softmax in registers.
+//
+// Grid: (m-blocks of kBlockM packed query rows, KV heads, SM parts). Each CTA walks the request
+// segments its SM part owns (scheduler/plan.hpp) and, per segment, streams KV tiles through two
+// shared-memory buffers: tile i + 1 is copied while tile i is multiplied.
+#pragma once
+
+#include "../params.hpp"
+#include "epilogue.cuh"
+#include "gmem_loader.cuh"
+#include "ptx.cuh"
+#include "softmax.cuh"
+#include "traits.hpp"
+
+namespace flash_mla::sm80 {
+
+template <typename Traits, typename Element>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    decode_kernel(const __grid_constant__ DecodeParams p, const bool q_vec16) {
+  using T = Traits;
+  extern __shared__ __align__(128) char smem[];
+  Element* sQ = reinterpret_cast<Element*>(smem + T::kQOffset);
+  Element* sK = reinterpret_cast<Element*>(smem + T::kKOffset);
+  Element* sP = reinterpret_cast<Element*>(smem + T::kPOffset);
+  float* sRowStat = reinterpret_cast<float*>(smem + T::kRowStatOffset);  // [2 halves][kBlockM]
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int row_group = warp % T::kRowGroups, half = warp / T::kRowGroups;
+  const int g = lane / 4, tq = lane % 4;
+  const int local_row = row_group * 16 + g;  // the thread's first row; its second is local_row + 8
+
+  const RowMap rows_map{p.num_heads_q / p.num_heads_kv, p.rows_per_kv_head(), static_cast<int>(blockIdx.y)};
+  const int row0 = blockIdx.x * T::kBlockM;
+  const bool warp_has_rows = row0 + row_group * 16 < rows_map.rows;
+  const float scale_log2 = p.softmax_scale * float(M_LOG2E);
+
+  const int32_t* meta = p.tile_scheduler_metadata + blockIdx.z * kMetaInts;
+  const int begin_req = meta[0], begin_page = meta[1], end_req = meta[2], end_page = meta[3];
+
+  // The clamps only matter for metadata planned for other inputs: stay in bounds.
+  for (int req = max(begin_req, 0); req <= min(end_req, p.batch - 1); ++req) {
+    const int seqlen = max(p.cache_seqlens[req], 0);
+    const int page_lo = req == begin_req ? begin_page : 0;
+    const int page_hi = req == end_req ? end_page : (seqlen + kPageSize - 1) / kPageSize;
+    const int n_lo = page_lo * kPageSize;
+    const int n_hi = min(page_hi * kPageSize, seqlen);
+    const int n_tiles = n_hi > n_lo ? (n_hi - n_lo + T::kBlockN - 1) / T::kBlockN : 0;
+
+    // Last visible key of the thread's two rows (-1: none, also for padding rows).
+    int limit[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = row0 + local_row + 8 * i;
+      const int t = rows_map.token(r);
+      limit[i] = r >= rows_map.rows ? -1 : (p.causal && p.seqlen_q > 1 ? seqlen - p.seqlen_q + t : seqlen - 1);
+    }
+
+    __syncthreads();  // the previous segment is done with every shared buffer
+    if (n_tiles > 0) {  // an empty segment (L == 0) only writes its zero output
+      load_q_tile<T>(sQ, p, rows_map, req, row0, q_vec16);
+      load_kv_tile<T>(sK, p, req, rows_map.kv_head, n_lo, seqlen);
+    }
+    cp_async_commit();
+
+    float o[T::kOTiles][4];
+#pragma unroll
+    for (int j = 0; j < T::kOTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    RowState state;
+
+    for (int it = 0; it < n_tiles; ++it) {
+      cp_async_wait_all();
+      __syncthreads();  // tile `it` visible to all; everyone is done with tile it - 1
+      if (it + 1 < n_tiles) {
+        load_kv_tile<T>(sK + ((it + 1) & 1) * T::kBlockN * T::kHeadDim, p, req, rows_map.kv_head,
+                        n_lo + (it + 1) * T::kBlockN, seqlen);
+      }
+      cp_async_commit();
+      const Element* kv = sK + (it & 1) * T::kBlockN * T::kHeadDim;
+
+      // S = Q K^T over this warp's rows and half of the tile's tokens.
+      float s[T::kSTiles][4];
+#pragma unroll
+      for (int j = 0; j < T::kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      if (warp_has_rows) {
+        const int a_row = row_group * 16 + lane % 8 + 8 * ((lane / 8) % 2);
+        const int a_col = 8 * (lane / 16);
+        const int token0 = half * T::kTokensPerWarp;
+#pragma unroll 4
+        for (int ks = 0; ks < T::kKSteps; ++ks) {
+          uint32_t a[4];
+          ldmatrix_x4(a, sQ + T::swizzle(a_row, ks * 16 + a_col));
+#pragma unroll
+          for (int j = 0; j + 1 < T::kSTiles; j += 2) {
+            uint32_t b[4];
+            ldmatrix_x4(b, kv + T::swizzle(token0 + j * 8 + lane % 8 + 8 * (lane / 16), ks * 16 + 8 * ((lane / 8) % 2)));
+            mma_16816<Element>(s[j], a, b[0], b[1]);
+            mma_16816<Element>(s[j + 1], a, b[2], b[3]);
+          }
+          if constexpr (T::kSTiles % 2 == 1) {
+            constexpr int j = T::kSTiles - 1;
+            uint32_t b[2];
+            ldmatrix_x2(b, kv + T::swizzle(token0 + j * 8 + lane % 8, ks * 16 + 8 * ((lane / 8) % 2)));
+            mma_16816<Element>(s[j], a, b[0], b[1]);
+          }
+        }
+      }
+
+      // Online softmax: the two warps sharing these rows agree on the row maxima first.
+      const int col0 = n_lo + it * T::kBlockN + half * T::kTokensPerWarp;
+      float tile_max[2];
+      scale_mask_rowmax(s, scale_log2, col0, limit, tile_max);
+      if (tq == 0) {
+        sRowStat[half * T::kBlockM + local_row] = tile_max[0];
+        sRowStat[half * T::kBlockM + local_row + 8] = tile_max[1];
+      }
+      __syncthreads();
+      float new_max[2], rescale[2], offset[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        new_max[i] = fmaxf(sRowStat[local_row + 8 * i], sRowStat[T::kBlockM + local_row + 8 * i]);
+      }
+      state.update(new_max, rescale, offset);
+      exponentiate(s, offset, state);
+      rescale_rows(o, rescale);
+#pragma unroll
+      for (int j = 0; j < T::kSTiles; ++j) {
+        Element* dst = sP + local_row * T::kPStride + half * T::kTokensPerWarp + j * 8 + 2 * tq;
+        *reinterpret_cast<uint32_t*>(dst) = pack2<Element>(s[j][0], s[j][1]);
+        *reinterpret_cast<uint32_t*>(dst + 8 * T::kPStride) = pack2<Element>(s[j][2], s[j][3]);
+      }
+      __syncthreads();  // P of both halves visible
+
+      // O += P V over all tokens of the tile and this warp's half of the channels.
+      if (warp_has_rows) {
+        const int dv0 = half * T::kDvPerWarp;
+#pragma unroll
+        for (int ks = 0; ks < T::kPvSteps; ++ks) {
+          uint32_t a[4];
+          ldmatrix_x4(a, sP + (row_group * 16 + lane % 8 + 8 * ((lane / 8) % 2)) * T::kPStride + ks * 16 + 8 * (lane / 16));
+          const int v_row = ks * 16 + lane % 8 + 8 * ((lane / 8) % 2);
+#pragma unroll
+          for (int j = 0; j < T::kOTiles; j += 2) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, kv + T::swizzle(v_row, dv0 + j * 8 + 8 * (lane / 16)));
+            mma_16816<Element>(o[j], a, b[0], b[1]);
+            mma_16816<Element>(o[j + 1], a, b[2], b[3]);
+          }
+        }
+      }
+    }
+
+    // Full row sums: reduce over the quad, then add the other half's share.
+    float row_sum[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) row_sum[i] = quad_sum(state.sum[i]);
+    // sRowStat is free: its last readers (the row maxima) passed the P barrier.
+    if (tq == 0) {
+      sRowStat[half * T::kBlockM + local_row] = row_sum[0];
+      sRowStat[half * T::kBlockM + local_row + 8] = row_sum[1];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      row_sum[i] = sRowStat[local_row + 8 * i] + sRowStat[T::kBlockM + local_row + 8 * i];
+    }
+    const int split = req == begin_req ? meta[4] : 0;
+    store_segment<T, Element>(p, rows_map, req, split, row0 + local_row, half * T::kDvPerWarp, o, state.max,
+                              row_sum);
+  }
+}
+
+}  // namespace flash_mla::sm80
