@@ -348,9 +348,9 @@ TABLE_HEADER = ["case", "kernel", "time/call", "TFLOP/s", "GB/s", "%GEMM", "%cop
                 "spec ref (H200)", "ref/ours", "check"]
 
 
-def format_table(header, rows):
+def format_table(header, rows, numeric=(2, 3, 4, 5, 6, 8)):
+    """Plain-text table; columns whose index is in numeric are right-aligned."""
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    numeric = {2, 3, 4, 5, 6, 8}
 
     def line(r):
         cells = []
@@ -373,12 +373,11 @@ def format_report(report):
                      f"flash_mla {env.get('flash_mla', '?')}")
     c = report.get("ceilings", {})
     cp, gm = c.get("copy") or {}, c.get("gemm") or {}
-    lines.append("ceilings: copy " + (f"{cp['gbps']:.0f} GB/s ({cp['bytes'] / 2**30:.1f} GiB "
-                                      f"read+written, {cp['ms']:.3f} ms)" if cp.get("gbps")
-                                      else cp.get("error", "not measured"))
-                 + ", GEMM " + (f"{gm['tflops']:.0f} TFLOP/s (bf16 {gm['n']}^3, "
-                                f"{gm['ms']:.3f} ms)" if gm.get("tflops")
-                                else gm.get("error", "not measured")))
+    copy_s = (f"{cp['gbps']:.0f} GB/s ({cp.get('bytes', 0) / 2**30:.1f} GiB read+written, "
+              f"{fmt_time(cp.get('ms'))})" if cp.get("gbps") else cp.get("error", "not measured"))
+    gemm_s = (f"{gm['tflops']:.0f} TFLOP/s (bf16 {gm.get('n', '?')}^3, {fmt_time(gm.get('ms'))})"
+              if gm.get("tflops") else gm.get("error", "not measured"))
+    lines.append(f"ceilings: copy {copy_s}, GEMM {gemm_s}")
     pairs = [(case, res) for case in report.get("cases", []) for res in case.get("results", [])]
     lines.append(format_table(TABLE_HEADER, table_rows(pairs)))
     lines.append("time/call: median over graph replays / calls per graph; ref/ours > 1 means "
@@ -398,6 +397,17 @@ def summary_line(report, json_path=None):
             + (f"; json: {json_path}" if json_path else ""))
 
 
+def _json_safe(x):
+    """Strict JSON: non-finite floats become the strings 'inf', '-inf', 'nan'."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def write_json(path, report):
     if not path:
         return
@@ -405,7 +415,7 @@ def write_json(path, report):
     os.makedirs(d, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+        json.dump(_json_safe(report), f, indent=1, default=str, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 
@@ -419,7 +429,7 @@ def dry_run(args):
                      min(c.lens), max(c.lens), f"{c.flops / 1e9:.2f}", f"{c.bytes / 1e6:.1f}",
                      fmt_ref(c.ref)])
     print(format_table(["case", "b", "s_q", "h_q", "h_kv", "causal", "mean L", "min L", "max L",
-                        "GFLOP", "MB", "spec ref (H200)"], rows))
+                        "GFLOP", "MB", "spec ref (H200)"], rows, numeric=range(1, 11)))
     for c in args.cases:
         print(f"lengths[{c.name}]: {c.lens}")
     return 0
@@ -613,8 +623,8 @@ def sanity(torch, case, inp, out, lse, set_idx, spot, scale):
     info["visible_rows"] = int(vis.sum())
     if spot:
         lens = case.lens
-        picks = sorted({min(range(case.b), key=lambda k: lens[k]),
-                        max(range(case.b), key=lambda k: lens[k])})
+        nonzero = [k for k in range(case.b) if lens[k] > 0] or [0]
+        picks = sorted({min(nonzero, key=lambda k: lens[k]), max(nonzero, key=lambda k: lens[k])})
         errs = []
         for i in picks:
             ref = spot_reference(torch, case, inp, set_idx, i, scale)

@@ -61,7 +61,9 @@ def get_mla_metadata(
     cache_seqlens: Optional[torch.Tensor] = None,
     num_heads_per_head_k: Optional[int] = None,
     num_heads_k: Optional[int] = None,
-    *args,
+    num_heads_q: Optional[int] = None,
+    is_fp8_kvcache: bool = False,
+    topk: Optional[int] = None,
     **kwargs,
 ):
     """Plans the split-KV schedule on the GPU (no host sync).
@@ -71,17 +73,18 @@ def get_mla_metadata(
     and ``(batch + 1,)`` on cache_seqlens' device. Reuse them for every layer of one decoding
     step (same cache_seqlens, same head counts).
 
-    Later-FlashMLA form: ``get_mla_metadata()`` with no arguments returns
-    ``(FlashMLASchedMeta(), None)``, planned by its first use.
+    Later-FlashMLA form: ``get_mla_metadata()`` (or any call without cache_seqlens, as later
+    releases accept) returns ``(FlashMLASchedMeta(), None)``, planned by its first use.
+    ``num_q_tokens_per_head_k`` is accepted as an alias of ``num_heads_per_head_k`` and
+    ``num_heads_q`` is ignored; ``is_fp8_kvcache=True`` and ``topk`` raise NotImplementedError.
     """
-    if cache_seqlens is None and num_heads_per_head_k is None and num_heads_k is None:
-        _reject_unsupported(kwargs, what="get_mla_metadata")
-        if args:
-            raise TypeError("get_mla_metadata() takes no positional arguments besides the seed ones")
+    if "num_q_tokens_per_head_k" in kwargs:
+        if num_heads_per_head_k is not None:
+            raise TypeError("get_mla_metadata(): give num_heads_per_head_k or num_q_tokens_per_head_k, not both")
+        num_heads_per_head_k = kwargs.pop("num_q_tokens_per_head_k")
+    _reject_unsupported(dict(kwargs, is_fp8_kvcache=is_fp8_kvcache, topk=topk), what="get_mla_metadata")
+    if cache_seqlens is None:
         return FlashMLASchedMeta(), None
-    if args:
-        raise TypeError("get_mla_metadata() takes 3 positional arguments")
-    _reject_unsupported(kwargs, what="get_mla_metadata")
     if num_heads_per_head_k is None or num_heads_k is None:
         raise TypeError("get_mla_metadata() needs cache_seqlens, num_heads_per_head_k and num_heads_k")
     _C.check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
@@ -98,8 +101,7 @@ _UNSUPPORTED_DEFAULTS = {
     "extra_indices_in_kvcache": None,
     "topk_length": None,
     "extra_topk_length": None,
-    "num_heads_q": None,
-    "is_fp8": False,
+    "topk": None,
 }
 
 
@@ -108,7 +110,7 @@ def _reject_unsupported(kwargs: dict, what: str) -> None:
         if name not in _UNSUPPORTED_DEFAULTS:
             raise TypeError(f"{what}() got an unexpected keyword argument '{name}'")
         default = _UNSUPPORTED_DEFAULTS[name]
-        if value is not default and value != default:
+        if value is not default and not (isinstance(value, bool) and value == default):
             raise NotImplementedError(f"{what}(): {name}={value!r} is not supported by flash-mla yet")
 
 
@@ -119,11 +121,18 @@ def flash_mla_with_kvcache(
     cache_seqlens: torch.Tensor,
     head_dim_v: int,
     tile_scheduler_metadata,
-    num_splits: Optional[torch.Tensor],
+    num_splits: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
+    is_fp8_kvcache: bool = False,
+    indices: Optional[torch.Tensor] = None,
+    attn_sink: Optional[torch.Tensor] = None,
+    extra_k_cache: Optional[torch.Tensor] = None,
+    extra_indices_in_kvcache: Optional[torch.Tensor] = None,
+    topk_length: Optional[torch.Tensor] = None,
+    extra_topk_length: Optional[torch.Tensor] = None,
+    *,
     kernel: str = "auto",
-    **kwargs,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """MLA decoding attention over a paged KV cache.
 
@@ -137,18 +146,27 @@ def flash_mla_with_kvcache(
             ``FlashMLASchedMeta`` and None.
         softmax_scale: defaults to 1/sqrt(576).
         causal: mask query token t of s_q to keys 0 .. L - s_q + t.
-        kernel: "auto" (default), or "sm80_large" / "sm80_small" to force a path.
+        is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
+            topk_length, extra_topk_length: later-FlashMLA features, not built yet: they
+            raise NotImplementedError unless left at their defaults.
+        kernel (keyword only): "auto" (default), or "sm80_large" / "sm80_small" to force a path.
 
     Returns:
         out (batch, s_q, h_q, 512) in q's dtype and lse (batch, h_q, s_q) float32
         (natural log; +inf and out = 0 for rows that see no key).
     """
-    _reject_unsupported(kwargs, what="flash_mla_with_kvcache")
+    _reject_unsupported(dict(is_fp8_kvcache=is_fp8_kvcache, indices=indices, attn_sink=attn_sink,
+                             extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
+                             topk_length=topk_length, extra_topk_length=extra_topk_length),
+                        what="flash_mla_with_kvcache")
     if kernel not in _KERNELS:
         raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
     if isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
         tile_scheduler_metadata, num_splits = _plan_sched(
             tile_scheduler_metadata, q, k_cache, cache_seqlens, causal)
+    elif num_splits is None:
+        raise ValueError("num_splits: None is only valid with a FlashMLASchedMeta from get_mla_metadata(); "
+                         "pass the num_splits returned together with tile_scheduler_metadata")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(HEAD_DIM)
     shapes = _C.check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v,
@@ -200,6 +218,8 @@ def host_plan(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int, num_sm
 
 def kernel_for_device(device=None, kernel: str = "auto") -> str:
     """Name of the decode kernel that runs on ``device`` for the given choice."""
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
     index = torch.device(device if device is not None else "cuda").index
     if index is None:
         index = torch.cuda.current_device()

@@ -1,0 +1,354 @@
+#!/usr/bin/env bash
+# The "GPU round": environment, carried wheels, build + install, Python tests, C++ tests and the
+# decode benchmark, on a GPU machine without network. Run from the repository root:
+#
+#     bash scripts/gpu_check.sh [OUTDIR]          # OUTDIR defaults to ${OUT:-./gpu_out}
+#
+# Through the device tool (the wheels in .whl/ are git-ignored, so carry them):
+#     run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#
+# Every step runs even when an earlier one failed (the benchmark runs after a failed test);
+# each step's output goes to stdout and to a log in OUTDIR; a short summary comes last (the
+# device tool returns only the tail of stdout) and is also written to OUTDIR/summary.txt.
+# Exit status: 0 when no step failed or timed out, 1 otherwise (skipped steps don't count).
+#
+# Files in OUTDIR (7, all at its top level; the device tool brings back at most 8):
+#     setup.log (env + wheels), build.log, pytest.log, ctest.log, bench.log, bench.json,
+#     summary.txt
+#
+# Environment knobs:
+#     SKIP_BUILD=1      skip the pip build/install (and the wheels when none are carried)
+#     SKIP_TESTS=1      skip pytest and ctest       (SKIP_PYTEST=1 / SKIP_CTEST=1: one of them)
+#     SKIP_BENCH=1      skip the benchmark
+#     BENCH_ARGS="..."  extra arguments of benchmarks/bench_decode.py (e.g. "--kernel auto,sm80_small")
+#     PYTEST_ARGS="..." extra arguments of pytest (e.g. "-x -k decode")
+#     CMAKE_ARGS="..."  extra arguments of the cmake configure of the C++ tests
+#     CTEST_ARGS="..."  extra arguments of ctest
+#     BUILD_DIR=build-gpu   cmake build folder of the C++ tests
+#     PYTHON=python3    the interpreter (the one holding torch)
+#     GPU_CHECK_BUDGET_S=N  wall-clock budget of the whole script in seconds: a step is killed
+#                       when it would run past it and later steps are skipped, so that the
+#                       summary still gets printed inside the device tool's 600 s limit.
+#                       Default 560 when $OUT is set (under the device tool), else 0 = none.
+#                       Split a long round over calls: SKIP_TESTS=1 SKIP_BENCH=1 first, then
+#                       SKIP_BUILD=1 (build/ is git-ignored, so it stays on a warm machine).
+
+set -u -o pipefail
+
+START_TS=$(date +%s)
+ORIG_PWD=$PWD
+OUTDIR=${1:-${OUT:-./gpu_out}}
+mkdir -p "$OUTDIR" || { echo "gpu_check: cannot create $OUTDIR" >&2; exit 2; }
+OUTDIR=$(cd "$OUTDIR" && pwd)
+
+# The repository root is the parent of this script's folder.
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+ROOT=$PWD
+[ "$ROOT" = "$ORIG_PWD" ] || echo "gpu_check: note: running in $ROOT (called from $ORIG_PWD)"
+
+export PYTHONUNBUFFERED=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 8)}
+export PY=${PYTHON:-python3}
+export OUTDIR ROOT
+export BENCH_ARGS=${BENCH_ARGS:-}
+export PYTEST_ARGS=${PYTEST_ARGS:-}
+export CMAKE_ARGS=${CMAKE_ARGS:-}
+export CTEST_ARGS=${CTEST_ARGS:-}
+export BUILD_DIR=${BUILD_DIR:-build-gpu}
+export SKIP_BUILD=${SKIP_BUILD:-0}
+# Default budget only under the device tool (OUT set), whose commands are killed at 600 s.
+if [ -n "${OUT:-}" ]; then BUDGET_S=${GPU_CHECK_BUDGET_S:-560}; else BUDGET_S=${GPU_CHECK_BUDGET_S:-0}; fi
+RESERVE_S=15  # kept back for the summary
+
+SETUP_LOG=$OUTDIR/setup.log
+BUILD_LOG=$OUTDIR/build.log
+PYTEST_LOG=$OUTDIR/pytest.log
+CTEST_LOG=$OUTDIR/ctest.log
+BENCH_LOG=$OUTDIR/bench.log
+BENCH_JSON=$OUTDIR/bench.json
+SUMMARY=$OUTDIR/summary.txt
+export BENCH_JSON
+for f in "$SETUP_LOG" "$BUILD_LOG" "$PYTEST_LOG" "$CTEST_LOG" "$BENCH_LOG" "$SUMMARY"; do
+    : >"$f"
+done
+rm -f "$BENCH_JSON" "$BENCH_JSON.tmp"
+
+# ------------------------------------------------------------------------------------------
+# Step bodies. Each runs in its own bash (exported functions) so that a step can be killed at
+# the time budget with everything it started.
+# ------------------------------------------------------------------------------------------
+
+step_env() {
+    local rc=0
+    echo "--- nvidia-smi -L"
+    nvidia-smi -L || rc=1
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
+        --format=csv 2>&1 || true
+    echo "--- nvcc --version"
+    if command -v nvcc >/dev/null 2>&1; then nvcc --version; else echo "nvcc: not on PATH"; fi
+    echo "--- python / torch"
+    "$PY" - <<'EOF' || rc=1
+import platform, sys
+print("python", platform.python_version(), sys.executable)
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if not torch.cuda.is_available():
+    sys.exit("torch sees no CUDA device")
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"device {i}: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.1f} GiB, L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+EOF
+    echo "--- tools"
+    cmake --version 2>&1 | head -n 1
+    echo "ninja $(ninja --version 2>&1)"
+    "$PY" -m pip list 2>/dev/null | grep -iE '^(nanobind|scikit[-_]build[-_]core|nvidia[-_]cutlass|pytest|numpy) ' || true
+    echo "--- host"
+    uname -srm
+    echo "cpus $(nproc)"
+    git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "git: no commit"
+    return $rc
+}
+
+step_wheels() {
+    shopt -s nullglob
+    local whls=("$ROOT"/.whl/*.whl)
+    if [ ${#whls[@]} -eq 0 ]; then
+        echo "no wheels in .whl/ -- carry it: run(..., carry=[\".whl\"])"
+        return 1
+    fi
+    printf 'wheel: %s\n' "${whls[@]##*/}"
+    "$PY" -m pip install --no-index --no-deps "${whls[@]}" || return 1
+    "$PY" -m pip show nvidia-cutlass 2>/dev/null | grep -E '^(Name|Version|Location):' || true
+}
+
+step_build() {
+    local t0 rc
+    t0=$(date +%s)
+    echo "+ $PY -m pip install --no-build-isolation --no-deps -v ."
+    "$PY" -m pip install --no-build-isolation --no-deps -v .
+    rc=$?
+    echo "build+install took $(( $(date +%s) - t0 )) s (pip rc=$rc)"
+    [ $rc -eq 0 ] || return $rc
+    # Import the installed package from outside the source tree.
+    (cd /tmp && "$PY" - <<'EOF')
+import flash_mla, flash_mla._C
+print("installed:", flash_mla.__file__, "version", getattr(flash_mla, "__version__", "?"))
+try:
+    import torch
+    for k in ("auto", "sm80_large", "sm80_small"):
+        print(f"kernel_for_device({k!r}) =", flash_mla.kernel_for_device("cuda", k))
+except Exception as exc:  # informative only
+    print("kernel_for_device:", repr(exc))
+EOF
+}
+
+step_pytest() {
+    # shellcheck disable=SC2086 # PYTEST_ARGS is a word list on purpose
+    "$PY" -m pytest -q tests/python $PYTEST_ARGS
+    local rc=$?
+    [ $rc -eq 5 ] && echo "pytest: no tests were collected (rc 5)"
+    return $rc
+}
+
+step_ctest() {
+    local extra=() nb_dir
+    nb_dir=$("$PY" -m nanobind --cmake_dir 2>/dev/null) && extra+=("-Dnanobind_DIR=$nb_dir")
+    # FindPython (nanobind) and FindPython3 (third_party/cutlass.cmake) must both see the
+    # interpreter that holds torch, nanobind and the nvidia-cutlass headers.
+    extra+=("-DPython_EXECUTABLE=$(command -v "$PY")" "-DPython3_EXECUTABLE=$(command -v "$PY")")
+    echo "+ cmake -S . -B $BUILD_DIR -G Ninja -DFLASH_MLA_BUILD_TESTS=ON ${extra[*]} $CMAKE_ARGS"
+    # shellcheck disable=SC2086
+    cmake -S . -B "$BUILD_DIR" -G Ninja -DFLASH_MLA_BUILD_TESTS=ON \
+        -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" "${extra[@]}" $CMAKE_ARGS \
+        || { echo "GPU_CHECK_STAGE_FAILED=configure"; return 11; }
+    local t0
+    t0=$(date +%s)
+    echo "+ cmake --build $BUILD_DIR"
+    cmake --build "$BUILD_DIR" || { echo "GPU_CHECK_STAGE_FAILED=build"; return 12; }
+    echo "C++ build took $(( $(date +%s) - t0 )) s"
+    echo "+ ctest --test-dir $BUILD_DIR --output-on-failure --no-tests=error $CTEST_ARGS"
+    # shellcheck disable=SC2086
+    ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error $CTEST_ARGS \
+        || { echo "GPU_CHECK_STAGE_FAILED=ctest"; return 13; }
+}
+
+step_bench() {
+    echo "+ $PY benchmarks/bench_decode.py --json $BENCH_JSON $BENCH_ARGS"
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/bench_decode.py --json "$BENCH_JSON" $BENCH_ARGS
+}
+
+export -f step_env step_wheels step_build step_pytest step_ctest step_bench
+
+# ------------------------------------------------------------------------------------------
+# Runner
+# ------------------------------------------------------------------------------------------
+
+STEP_NAMES=()
+declare -A STATUS=() SECS=() LOGOF=() FIRST_LINE=() LAST_LINE=()
+
+record() {  # record NAME STATUS SECONDS LOG
+    STEP_NAMES+=("$1")
+    STATUS[$1]=$2
+    SECS[$1]=$3
+    LOGOF[$1]=$4
+    LAST_LINE[$1]=$(wc -l <"$4")
+}
+
+mark_start() {  # mark_start NAME LOG: where this step's part of a shared log begins
+    FIRST_LINE[$1]=$(( $(wc -l <"$2") + 1 ))
+}
+
+step_part() {  # the lines of NAME's log written by NAME, without the runner's own lines
+    sed -n "${FIRST_LINE[$1]:-1},${LAST_LINE[$1]:-\$}p" "${LOGOF[$1]}" \
+        | grep -v -E "^(=+ \[$1\] |\[$1\] )"
+}
+
+run_step() {  # run_step NAME LOG FUNCTION
+    local name=$1 log=$2 fn=$3 t0 rc left status
+    local now elapsed
+    mark_start "$name" "$log"
+    now=$(date +%s)
+    elapsed=$(( now - START_TS ))
+    {
+        echo
+        echo "=================== [$name] $(date -u +%H:%M:%S) (t+${elapsed}s) ==================="
+    } | tee -a "$log"
+    t0=$now
+    if [ "$BUDGET_S" -gt 0 ]; then
+        left=$(( BUDGET_S - elapsed - RESERVE_S ))
+        if [ "$left" -lt 5 ]; then
+            echo "[$name] skipped: time budget (${BUDGET_S}s) spent" | tee -a "$log"
+            record "$name" "SKIP(time)" 0 "$log"
+            return 0
+        fi
+        timeout --kill-after=10 "$left" bash -c "$fn" </dev/null 2>&1 | tee -a "$log"
+        rc=${PIPESTATUS[0]}
+    else
+        bash -c "$fn" </dev/null 2>&1 | tee -a "$log"
+        rc=${PIPESTATUS[0]}
+    fi
+    case $rc in
+        0) status=PASS ;;
+        124|137) status=TIMEOUT ;;
+        *) status="FAIL(rc=$rc)" ;;
+    esac
+    [ "$BUDGET_S" -gt 0 ] && [ "$rc" -eq 124 ] && echo "[$name] killed at the time budget" | tee -a "$log"
+    echo "[$name] $status in $(( $(date +%s) - t0 )) s" | tee -a "$log"
+    record "$name" "$status" "$(( $(date +%s) - t0 ))" "$log"
+}
+
+skip_step() {  # skip_step NAME LOG WHY
+    mark_start "$1" "$2"
+    echo "[$1] skipped: $3" | tee -a "$2"
+    record "$1" "SKIP" 0 "$2"
+}
+
+run_step env "$SETUP_LOG" step_env
+
+shopt -s nullglob
+WHEELS=("$ROOT"/.whl/*.whl)
+shopt -u nullglob
+if [ "$SKIP_BUILD" = 1 ] && [ ${#WHEELS[@]} -eq 0 ]; then
+    skip_step wheels "$SETUP_LOG" "SKIP_BUILD=1 and no wheels carried"
+else
+    run_step wheels "$SETUP_LOG" step_wheels
+fi
+
+if [ "$SKIP_BUILD" = 1 ]; then
+    skip_step build "$BUILD_LOG" "SKIP_BUILD=1"
+else
+    run_step build "$BUILD_LOG" step_build
+fi
+
+if [ "${SKIP_TESTS:-0}" = 1 ] || [ "${SKIP_PYTEST:-0}" = 1 ]; then
+    skip_step pytest "$PYTEST_LOG" "SKIP_TESTS/SKIP_PYTEST=1"
+else
+    run_step pytest "$PYTEST_LOG" step_pytest
+fi
+
+if [ "${SKIP_TESTS:-0}" = 1 ] || [ "${SKIP_CTEST:-0}" = 1 ]; then
+    skip_step ctest "$CTEST_LOG" "SKIP_TESTS/SKIP_CTEST=1"
+else
+    run_step ctest "$CTEST_LOG" step_ctest
+fi
+
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+    skip_step bench "$BENCH_LOG" "SKIP_BENCH=1"
+else
+    run_step bench "$BENCH_LOG" step_bench
+fi
+
+# ------------------------------------------------------------------------------------------
+# Summary (last on stdout; also OUTDIR/summary.txt)
+# ------------------------------------------------------------------------------------------
+
+clip() { cut -c1-300; }
+
+note_for() {  # one line of detail for a step
+    case $1 in
+        env)
+            step_part env | { grep -m1 '^GPU ' | sed 's/ (UUID[^)]*)//'; } ;
+            step_part env | grep -m1 '^torch ' ;
+            step_part env | grep -m1 -o 'release [0-9.]*' | sed 's/^/nvcc /' ;;
+        wheels) step_part wheels | grep -m1 '^Version:' | sed 's/^Version:/nvidia-cutlass/' ;;
+        build) step_part build | grep -m1 -E '^build\+install took' ;;
+        pytest) step_part pytest | grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' | tail -n 1 ;;
+        ctest) step_part ctest | grep -m1 'GPU_CHECK_STAGE_FAILED' | sed 's/GPU_CHECK_STAGE_FAILED=/failed at: /' ;
+               step_part ctest | grep -E 'tests passed|No tests were found' | tail -n 1 ;;
+        bench) step_part bench | grep -E '^bench_decode: ' | tail -n 1 ;;
+    esac 2>/dev/null | paste -sd ';' - | sed 's/;/; /g'
+}
+
+details_for() {  # a few lines explaining a failure
+    local pat='(FAILED:|error:|Error [0-9]|CMake Error|ERROR:|Error:|Traceback|ModuleNotFoundError|ImportError)'
+    case $1 in
+        env|wheels)
+            step_part "$1" | grep -i -E '(error|fail|not found|no cuda|no devices|sees no|cannot)' \
+                | head -n 10
+            step_part "$1" | tail -n 2 ;;
+        build) step_part build | grep -E "$pat" | head -n 15; step_part build | tail -n 3 ;;
+        pytest) step_part pytest | grep -E '^(FAILED|ERROR) ' | head -n 20; step_part pytest | tail -n 1 ;;
+        ctest)
+            if step_part ctest | grep -q 'GPU_CHECK_STAGE_FAILED=ctest'; then
+                step_part ctest | sed -n '/The following tests FAILED/,$p' | head -n 20
+            else
+                step_part ctest | grep -E "$pat" | head -n 15; step_part ctest | tail -n 3
+            fi ;;
+        bench) step_part bench | grep -E '(FAIL|ERROR|Traceback|Error:)' | head -n 12
+               step_part bench | tail -n 3 ;;
+    esac
+}
+
+N_FAIL=0
+{
+    echo
+    echo "========================= GPU check summary ========================="
+    echo "repo $ROOT, out $OUTDIR, $(date -u +%Y-%m-%dT%H:%M:%SZ), total $(( $(date +%s) - START_TS )) s"
+    printf '%-7s %-12s %6s  %-11s %s\n' step status time log note
+    for name in "${STEP_NAMES[@]}"; do
+        printf '%-7s %-12s %5ss  %-11s %s\n' "$name" "${STATUS[$name]}" "${SECS[$name]}" \
+            "$(basename "${LOGOF[$name]}")" "$(note_for "$name" | clip)"
+    done
+    for name in "${STEP_NAMES[@]}"; do
+        case ${STATUS[$name]} in
+            PASS|SKIP*) ;;
+            *)
+                N_FAIL=$(( N_FAIL + 1 ))
+                echo "--- $name (${STATUS[$name]}), from $(basename "${LOGOF[$name]}"):"
+                details_for "$name" | clip
+                ;;
+        esac
+    done
+    n_files=$(find "$OUTDIR" -type f | wc -l)
+    [ "$n_files" -le 8 ] || echo "WARNING: $n_files files in $OUTDIR; the device tool returns at most 8"
+    if [ "$N_FAIL" -eq 0 ]; then
+        echo "overall: PASS (${#STEP_NAMES[@]} steps, none failed); $n_files files in $OUTDIR"
+    else
+        echo "overall: FAIL ($N_FAIL of ${#STEP_NAMES[@]} steps failed); $n_files files in $OUTDIR"
+    fi
+} >"$SUMMARY" 2>&1  # a { } group, not a subshell: N_FAIL keeps its count
+cat "$SUMMARY"
+[ "$N_FAIL" -eq 0 ]

@@ -1,0 +1,410 @@
+"""Argument checking of the public API, without a GPU (needs only the compiled module).
+
+Every check happens in flash_mla._C (or the Python wrapper) before any launch, and
+shape / dtype / stride / value checks come before the device check, so all of them can be
+exercised with CPU tensors. Conventions:
+
+* wrong dtype -> TypeError;
+* wrong rank / shape / stride / page size / head dims / h_q % h_kv / metadata shape /
+  softmax_scale / head_dim_v -> ValueError;
+* everything right but on the CPU -> ValueError mentioning CUDA;
+* each message names the offending argument.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import flash_mla
+from flash_mla import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
+
+D = 576
+DV = 512
+PAGE = 64
+PARTS = 4  # rows of the fake CPU metadata
+
+# "q" as a word of its own (also accepts "h_q" / "s_q" / "q.shape" / "'q'").
+Q = r"(?<![A-Za-z])q(?![A-Za-z])"
+CUDA = r"(?i)cuda"
+ORDER = ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v",
+         "tile_scheduler_metadata", "num_splits")
+
+
+def valid_args(b=2, s_q=1, h_q=16, h_kv=1, dtype=torch.bfloat16):
+    """Arguments that are right in every respect except the device (all on the CPU)."""
+    return dict(
+        q=torch.zeros((b, s_q, h_q, D), dtype=dtype),
+        k_cache=torch.zeros((4, PAGE, h_kv, D), dtype=dtype),
+        block_table=torch.zeros((b, 2), dtype=torch.int32),
+        cache_seqlens=torch.full((b,), 70, dtype=torch.int32),
+        head_dim_v=DV,
+        tile_scheduler_metadata=torch.zeros((PARTS, 8), dtype=torch.int32),
+        num_splits=torch.zeros((b + 1,), dtype=torch.int32),
+    )
+
+
+def call(args, **kwargs):
+    return flash_mla_with_kvcache(*(args[name] for name in ORDER), **kwargs)
+
+
+def last_dim_strided(t: torch.Tensor) -> torch.Tensor:
+    """Same shape and dtype as t, with stride(-1) == 2."""
+    wide = torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype)
+    out = wide[..., ::2]
+    assert out.shape == t.shape and out.stride(-1) == 2
+    return out
+
+
+def strided_1d(t: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros((2 * t.shape[0],), dtype=t.dtype)[::2]
+    assert out.shape == t.shape and out.stride(0) == 2
+    return out
+
+
+def with_(**changes):
+    """Mutation setting some arguments; callables receive the current args dict."""
+    def apply(args):
+        for name, value in changes.items():
+            args[name] = value(args) if callable(value) else value
+    return apply
+
+
+def _q(shape, dtype=torch.bfloat16):
+    return lambda a: torch.zeros(shape, dtype=dtype)
+
+
+def _k(shape, dtype=torch.bfloat16):
+    return lambda a: torch.zeros(shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# accepted argument sets: only the device check fails
+# ----------------------------------------------------------------------------------------------
+
+ACCEPTED = {
+    "bf16": dict(),
+    "fp16": dict(dtype=torch.float16),
+    "h_q3_s_q8": dict(h_q=3, s_q=8),
+    "h_q128_h_kv8": dict(h_q=128, h_kv=8),
+    "h_q20_h_kv2_s_q2": dict(h_q=20, h_kv=2, s_q=2),
+    "b1": dict(b=1),
+}
+
+
+@pytest.mark.parametrize("kwargs", list(ACCEPTED.values()), ids=list(ACCEPTED))
+def test_cpu_tensors_rejected_with_cuda_message(kwargs):
+    with pytest.raises(ValueError, match=CUDA):
+        call(valid_args(**kwargs))
+
+
+ACCEPTED_LAYOUTS = {
+    "q_head_slice": with_(q=lambda a: torch.zeros((2, 1, 20, D), dtype=torch.bfloat16)[:, :, 2:18]),
+    "q_bhsd_transposed": with_(q=lambda a: torch.zeros((2, 16, 3, D), dtype=torch.bfloat16)
+                               .transpose(1, 2)),
+    "k_cache_head_slice": with_(k_cache=lambda a: torch.zeros((4, PAGE, 3, D),
+                                                              dtype=torch.bfloat16)[:, :, 1:2]),
+    "block_table_row_slice": with_(block_table=lambda a: torch.zeros((2, 5),
+                                                                     dtype=torch.int32)[:, :2]),
+    "block_table_junk": with_(block_table=torch.tensor([[0, -1], [10 ** 9, -(2 ** 31)]],
+                                                       dtype=torch.int32)),
+    "seqlens_zero": with_(cache_seqlens=torch.zeros((2,), dtype=torch.int32)),
+}
+
+
+@pytest.mark.parametrize("mutate", list(ACCEPTED_LAYOUTS.values()), ids=list(ACCEPTED_LAYOUTS))
+def test_valid_layouts_reach_device_check(mutate):
+    args = valid_args()
+    mutate(args)
+    with pytest.raises(ValueError, match=CUDA):
+        call(args)
+
+
+@pytest.mark.parametrize("options", [
+    dict(softmax_scale=0.5), dict(causal=True), dict(kernel="auto"), dict(kernel="sm80_large"),
+    dict(kernel="sm80_small"), dict(softmax_scale=1e-3, causal=True, kernel="sm80_small"),
+], ids=["scale0.5", "causal", "kernel_auto", "kernel_sm80_large", "kernel_sm80_small", "combined"])
+def test_valid_options_reach_device_check(options):
+    with pytest.raises(ValueError, match=CUDA):
+        call(valid_args(), **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# rejected argument sets
+# ----------------------------------------------------------------------------------------------
+
+BF16, FP16, F32, I32, I64 = torch.bfloat16, torch.float16, torch.float32, torch.int32, torch.int64
+
+REJECTED = {
+    # dtypes -> TypeError
+    "q_float32_k_float32": (with_(q=_q((2, 1, 16, D), F32), k_cache=_k((4, PAGE, 1, D), F32)),
+                            TypeError, Q),
+    "q_float32": (with_(q=_q((2, 1, 16, D), F32)), TypeError, Q),
+    "q_float64": (with_(q=_q((2, 1, 16, D), torch.float64)), TypeError, Q),
+    "q_int16": (with_(q=_q((2, 1, 16, D), torch.int16)), TypeError, Q),
+    "k_cache_fp16_q_bf16": (with_(k_cache=_k((4, PAGE, 1, D), FP16)), TypeError, "k_cache"),
+    "k_cache_float32": (with_(k_cache=_k((4, PAGE, 1, D), F32)), TypeError, "k_cache"),
+    "block_table_int64": (with_(block_table=torch.zeros((2, 2), dtype=I64)), TypeError,
+                          "block_table"),
+    "block_table_float32": (with_(block_table=torch.zeros((2, 2), dtype=F32)), TypeError,
+                            "block_table"),
+    "cache_seqlens_int64": (with_(cache_seqlens=torch.zeros((2,), dtype=I64)), TypeError,
+                            "cache_seqlens"),
+    "cache_seqlens_float32": (with_(cache_seqlens=torch.zeros((2,), dtype=F32)), TypeError,
+                              "cache_seqlens"),
+    "metadata_int64": (with_(tile_scheduler_metadata=torch.zeros((PARTS, 8), dtype=I64)),
+                       TypeError, "tile_scheduler_metadata"),
+    "metadata_float32": (with_(tile_scheduler_metadata=torch.zeros((PARTS, 8), dtype=F32)),
+                         TypeError, "tile_scheduler_metadata"),
+    "num_splits_int64": (with_(num_splits=torch.zeros((3,), dtype=I64)), TypeError, "num_splits"),
+    # q shape
+    "q_rank3": (with_(q=_q((2, 16, D))), ValueError, Q),
+    "q_rank5": (with_(q=_q((1, 2, 1, 16, D))), ValueError, Q),
+    "q_d512": (with_(q=_q((2, 1, 16, 512))), ValueError, Q),
+    "q_d640": (with_(q=_q((2, 1, 16, 640))), ValueError, Q),
+    "q_s_q0": (with_(q=_q((2, 0, 16, D))), ValueError, Q),
+    "q_h_q0": (with_(q=_q((2, 1, 0, D))), ValueError, Q),
+    "q_last_dim_strided": (with_(q=lambda a: last_dim_strided(a["q"])), ValueError, Q),
+    # k_cache shape
+    "k_cache_rank3": (with_(k_cache=_k((4 * PAGE, 1, D))), ValueError, "k_cache"),
+    "k_cache_d512": (with_(k_cache=_k((4, PAGE, 1, 512))), ValueError, "k_cache"),
+    "k_cache_page32": (with_(k_cache=_k((8, 32, 1, D))), ValueError, "k_cache"),
+    "k_cache_page128": (with_(k_cache=_k((2, 128, 1, D))), ValueError, "k_cache"),
+    "k_cache_page1": (with_(k_cache=_k((256, 1, 1, D))), ValueError, "k_cache"),
+    "k_cache_h_kv0": (with_(k_cache=_k((4, PAGE, 0, D))), ValueError, "k_cache"),
+    "k_cache_last_dim_strided": (with_(k_cache=lambda a: last_dim_strided(a["k_cache"])),
+                                 ValueError, "k_cache"),
+    # head counts
+    "h_q3_h_kv2": (with_(q=_q((2, 1, 3, D)), k_cache=_k((4, PAGE, 2, D))), ValueError,
+                   r"h_kv|h_q|num_heads"),
+    "h_q16_h_kv3": (with_(k_cache=_k((4, PAGE, 3, D))), ValueError, r"h_kv|h_q|num_heads"),
+    # block_table
+    "block_table_rank1": (with_(block_table=torch.zeros((4,), dtype=I32)), ValueError,
+                          "block_table"),
+    "block_table_rank3": (with_(block_table=torch.zeros((2, 2, 1), dtype=I32)), ValueError,
+                          "block_table"),
+    "block_table_batch3": (with_(block_table=torch.zeros((3, 2), dtype=I32)), ValueError,
+                           "block_table"),
+    "block_table_batch1": (with_(block_table=torch.zeros((1, 2), dtype=I32)), ValueError,
+                           "block_table"),
+    "block_table_last_dim_strided": (with_(block_table=lambda a: last_dim_strided(a["block_table"])),
+                                     ValueError, "block_table"),
+    # cache_seqlens
+    "cache_seqlens_rank2": (with_(cache_seqlens=torch.zeros((2, 1), dtype=I32)), ValueError,
+                            "cache_seqlens"),
+    "cache_seqlens_rank0": (with_(cache_seqlens=torch.zeros((), dtype=I32)), ValueError,
+                            "cache_seqlens"),
+    "cache_seqlens_batch3": (with_(cache_seqlens=torch.zeros((3,), dtype=I32)), ValueError,
+                             "cache_seqlens"),
+    "cache_seqlens_strided": (with_(cache_seqlens=lambda a: strided_1d(a["cache_seqlens"])),
+                              ValueError, "cache_seqlens"),
+    # head_dim_v
+    "head_dim_v_576": (with_(head_dim_v=576), ValueError, "head_dim_v"),
+    "head_dim_v_256": (with_(head_dim_v=256), ValueError, "head_dim_v"),
+    "head_dim_v_0": (with_(head_dim_v=0), ValueError, "head_dim_v"),
+    "head_dim_v_neg": (with_(head_dim_v=-512), ValueError, "head_dim_v"),
+    # tile_scheduler_metadata
+    "metadata_7_ints": (with_(tile_scheduler_metadata=torch.zeros((PARTS, 7), dtype=I32)),
+                        ValueError, "tile_scheduler_metadata"),
+    "metadata_9_ints": (with_(tile_scheduler_metadata=torch.zeros((PARTS, 9), dtype=I32)),
+                        ValueError, "tile_scheduler_metadata"),
+    "metadata_rank1": (with_(tile_scheduler_metadata=torch.zeros((PARTS * 8,), dtype=I32)),
+                       ValueError, "tile_scheduler_metadata"),
+    "metadata_rank3": (with_(tile_scheduler_metadata=torch.zeros((PARTS, 8, 1), dtype=I32)),
+                       ValueError, "tile_scheduler_metadata"),
+    "metadata_transposed": (with_(tile_scheduler_metadata=torch.zeros((8, PARTS), dtype=I32).t()),
+                            ValueError, "tile_scheduler_metadata"),
+    # num_splits
+    "num_splits_len_b": (with_(num_splits=torch.zeros((2,), dtype=I32)), ValueError,
+                         "num_splits"),
+    "num_splits_len_b_plus_2": (with_(num_splits=torch.zeros((4,), dtype=I32)), ValueError,
+                                "num_splits"),
+    "num_splits_rank2": (with_(num_splits=torch.zeros((3, 1), dtype=I32)), ValueError,
+                         "num_splits"),
+    "num_splits_strided": (with_(num_splits=lambda a: strided_1d(a["num_splits"])), ValueError,
+                           "num_splits"),
+}
+
+
+@pytest.mark.parametrize("mutate, exc, match", list(REJECTED.values()), ids=list(REJECTED))
+def test_rejected_arguments(mutate, exc, match):
+    args = valid_args()
+    mutate(args)
+    with pytest.raises(exc, match=match) as info:
+        call(args)
+    # Shape / dtype checks come before the device check: a complaint about the device would
+    # mean the real problem went unnoticed (the device message may name the argument too).
+    assert not re.search(CUDA, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.0, -1.0, math.nan, math.inf, -math.inf],
+                         ids=["zero", "neg_zero", "negative", "nan", "inf", "neg_inf"])
+def test_bad_softmax_scale(scale):
+    with pytest.raises(ValueError, match="softmax_scale"):
+        call(valid_args(), softmax_scale=scale)
+
+
+@pytest.mark.parametrize("kernel", ["bogus", "", "SM80_LARGE", "sm90"])
+def test_unknown_kernel_choice(kernel):
+    with pytest.raises(ValueError, match="kernel"):
+        call(valid_args(), kernel=kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# keyword arguments of later FlashMLA releases
+# ----------------------------------------------------------------------------------------------
+
+UNSUPPORTED_SET = {
+    "is_fp8_kvcache": True,
+    "indices": torch.zeros((2, 1, 64), dtype=I32),
+    "attn_sink": torch.zeros((16,), dtype=F32),
+    "extra_k_cache": torch.zeros((4, PAGE, 1, D), dtype=BF16),
+    "extra_indices_in_kvcache": torch.zeros((2, 1, 64), dtype=I32),
+    "topk_length": torch.zeros((2,), dtype=I32),
+    "extra_topk_length": torch.zeros((2,), dtype=I32),
+}
+
+
+@pytest.mark.parametrize("form", ["seed", "sched"])
+@pytest.mark.parametrize("name", list(UNSUPPORTED_SET))
+def test_unsupported_feature_kwargs_raise_not_implemented(name, form):
+    args = valid_args()
+    if form == "sched":
+        sched, placeholder = get_mla_metadata()
+        args["tile_scheduler_metadata"], args["num_splits"] = sched, placeholder
+    with pytest.raises(NotImplementedError, match=name):
+        call(args, **{name: UNSUPPORTED_SET[name]})
+    if form == "sched":
+        assert sched.config is None
+
+
+@pytest.mark.parametrize("form", ["seed", "sched"])
+def test_default_valued_feature_kwargs_accepted(form):
+    args = valid_args()
+    if form == "sched":
+        args["tile_scheduler_metadata"], args["num_splits"] = get_mla_metadata()
+    with pytest.raises(ValueError, match=CUDA):
+        call(args, is_fp8_kvcache=False, indices=None, attn_sink=None, extra_k_cache=None,
+             extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None)
+
+
+def test_unknown_kwarg_raises_type_error():
+    with pytest.raises(TypeError, match="no_such_option"):
+        call(valid_args(), no_such_option=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the scheduler object on the CPU
+# ----------------------------------------------------------------------------------------------
+
+
+def test_get_mla_metadata_without_arguments():
+    sched, placeholder = get_mla_metadata()
+    assert isinstance(sched, FlashMLASchedMeta)
+    assert placeholder is None
+    assert sched.config is None and sched.tile_scheduler_metadata is None
+    assert sched.num_splits is None
+    assert "empty" in repr(sched)
+    other, _ = get_mla_metadata()
+    assert other is not sched
+
+
+def test_sched_with_cpu_tensors_raises_and_stays_empty():
+    args = valid_args()
+    sched, _ = get_mla_metadata()
+    args["tile_scheduler_metadata"], args["num_splits"] = sched, None
+    with pytest.raises(ValueError, match=CUDA):
+        call(args, causal=True)
+    assert sched.config is None and sched.tile_scheduler_metadata is None
+
+
+def test_sched_with_bad_head_ratio_raises():
+    args = valid_args()
+    args["q"] = torch.zeros((2, 1, 3, D), dtype=BF16)
+    args["k_cache"] = torch.zeros((4, PAGE, 2, D), dtype=BF16)
+    sched, _ = get_mla_metadata()
+    args["tile_scheduler_metadata"], args["num_splits"] = sched, None
+    with pytest.raises(ValueError, match=r"h_kv|h_q|num_heads"):
+        call(args)
+    assert sched.config is None
+
+
+def test_sched_with_float_seqlens_raises_type_error():
+    args = valid_args()
+    args["cache_seqlens"] = torch.zeros((2,), dtype=F32)
+    sched, _ = get_mla_metadata()
+    args["tile_scheduler_metadata"], args["num_splits"] = sched, None
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        call(args)
+    assert sched.config is None
+
+
+# ----------------------------------------------------------------------------------------------
+# get_mla_metadata (seed form)
+# ----------------------------------------------------------------------------------------------
+
+
+def seqlens(n=3, dtype=I32):
+    return torch.full((n,), 100, dtype=dtype)
+
+
+def test_get_mla_metadata_cpu_seqlens_mention_cuda():
+    with pytest.raises(ValueError, match=CUDA):
+        get_mla_metadata(seqlens(), 16, 1)
+
+
+@pytest.mark.parametrize("dtype", [F32, I64, torch.int16], ids=["float32", "int64", "int16"])
+def test_get_mla_metadata_wrong_dtype(dtype):
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        get_mla_metadata(seqlens(dtype=dtype), 16, 1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.zeros((3, 1), dtype=I32),
+    lambda: torch.zeros((), dtype=I32),
+    lambda: torch.zeros((6,), dtype=I32)[::2],
+], ids=["rank2", "rank0", "strided"])
+def test_get_mla_metadata_wrong_shape(make):
+    with pytest.raises(ValueError, match="cache_seqlens") as info:
+        get_mla_metadata(make(), 16, 1)
+    assert not re.search(CUDA, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("value", [0, -1], ids=["zero", "negative"])
+def test_get_mla_metadata_bad_num_heads_k(value):
+    with pytest.raises(ValueError, match="num_heads_k"):
+        get_mla_metadata(seqlens(), 16, value)
+
+
+@pytest.mark.parametrize("value", [0, -16], ids=["zero", "negative"])
+def test_get_mla_metadata_bad_num_heads_per_head_k(value):
+    with pytest.raises(ValueError, match="num_heads_per_head_k"):
+        get_mla_metadata(seqlens(), value, 1)
+
+
+def test_get_mla_metadata_missing_or_extra_arguments():
+    with pytest.raises(TypeError):
+        get_mla_metadata(seqlens(), 16)
+    with pytest.raises(TypeError):
+        get_mla_metadata(seqlens(), 16, 1, 5)
+
+
+def test_get_mla_metadata_kwargs():
+    with pytest.raises(NotImplementedError, match="is_fp8_kvcache"):
+        get_mla_metadata(seqlens(), 16, 1, is_fp8_kvcache=True)
+    with pytest.raises(NotImplementedError, match="is_fp8_kvcache"):
+        get_mla_metadata(is_fp8_kvcache=True)
+    with pytest.raises(TypeError, match="no_such_option"):
+        get_mla_metadata(seqlens(), 16, 1, no_such_option=3)
+    # Default-valued ones pass through to the (failing) device check.
+    with pytest.raises(ValueError, match=CUDA):
+        get_mla_metadata(seqlens(), 16, 1, is_fp8_kvcache=False)
+
+
+def test_package_exports():
+    for name in ("FlashMLASchedMeta", "flash_mla_with_kvcache", "get_mla_metadata", "host_plan",
+                 "kernel_for_device"):
+        assert callable(getattr(flash_mla, name)), name
