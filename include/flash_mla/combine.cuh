@@ -7,7 +7,7 @@
 #include <cmath>
 
 #include "params.hpp"
-#include "sm80/ptx.cuh"
+#include "common/numeric.cuh"
 
 namespace flash_mla {
 
@@ -62,8 +62,8 @@ __global__ void __launch_bounds__(kCombineRowsPerCta * 32) combine_kernel(const 
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     uint2 packed;
-    packed.x = sm80::pack2<Element>(acc[k].x, acc[k].y);
-    packed.y = sm80::pack2<Element>(acc[k].z, acc[k].w);
+    packed.x = pack2<Element>(acc[k].x, acc[k].y);
+    packed.y = pack2<Element>(acc[k].z, acc[k].w);
     *reinterpret_cast<uint2*>(dst + 4 * (lane + 32 * k)) = packed;
   }
   if (lane == 0) p.lse[(static_cast<int64_t>(req) * p.num_heads_q + h) * p.seqlen_q + t] = lse;

@@ -4,19 +4,11 @@
 // unused cache slots and junk in unused table entries cannot reach the math.
 #pragma once
 
+#include "../common/rows.cuh"
 #include "../params.hpp"
 #include "ptx.cuh"
 
 namespace flash_mla::sm80 {
-
-/// Where the packed query rows of one CTA live: row r = t * heads_per_kv + hh.
-struct RowMap {
-  int heads_per_kv;  // h_q / h_kv
-  int rows;          // s_q * heads_per_kv: valid packed rows per KV head
-  int kv_head;
-  __device__ int token(int r) const { return r / heads_per_kv; }
-  __device__ int head(int r) const { return kv_head * heads_per_kv + r % heads_per_kv; }
-};
 
 /// Copies rows [row0, row0 + kBlockM) of request `req` into the swizzled Q tile; rows past
 /// rows_map.rows are zero. q_vec16: q's base and strides allow 16-byte copies.

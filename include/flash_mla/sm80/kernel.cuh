@@ -6,11 +6,11 @@
 // shared-memory buffers: tile i + 1 is copied while tile i is multiplied.
 #pragma once
 
+#include "../common/epilogue.cuh"
+#include "../common/softmax.cuh"
 #include "../params.hpp"
-#include "epilogue.cuh"
 #include "gmem_loader.cuh"
 #include "ptx.cuh"
-#include "softmax.cuh"
 #include "traits.hpp"
 
 namespace flash_mla::sm80 {
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       row_sum[i] = sRowStat[local_row + 8 * i] + sRowStat[T::kBlockM + local_row + 8 * i];
     }
     const int split = req == begin_req ? meta[4] : 0;
-    store_segment<T, Element>(p, rows_map, req, split, row0 + local_row, half * T::kDvPerWarp, o, state.max,
+    store_segment<T::kOTiles, Element>(p, rows_map, req, split, row0 + local_row, half * T::kDvPerWarp, o, state.max,
                               row_sum);
   }
 }

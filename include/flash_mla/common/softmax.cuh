@@ -8,7 +8,7 @@
 
 #include <cmath>
 
-namespace flash_mla::sm80 {
+namespace flash_mla {
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -92,4 +92,4 @@ __device__ __forceinline__ void rescale_rows(float (&o)[kTiles][4], const float 
   }
 }
 
-}  // namespace flash_mla::sm80
+}  // namespace flash_mla

@@ -5,18 +5,18 @@
 #include <cmath>
 
 #include "../params.hpp"
-#include "gmem_loader.cuh"
-#include "ptx.cuh"
+#include "numeric.cuh"
+#include "rows.cuh"
 
-namespace flash_mla::sm80 {
+namespace flash_mla {
 
 /// o: this warp's 16 rows x 256 channels (channel offset dv0); row_sum: full softmax sums of the
 /// thread's two rows; row_max: their maxima in the log2 domain. lse of a row with no visible key:
 /// +inf in the final output, -inf in a partial (so that combine gives it weight 0).
-template <typename Traits, typename Element>
+template <int kOTiles, typename Element>
 __device__ __forceinline__ void store_segment(const DecodeParams& p, const RowMap& rows_map, int req,
                                               int split, int first_row, int dv0,
-                                              const float (&o)[Traits::kOTiles][4], const float (&row_max)[2],
+                                              const float (&o)[kOTiles][4], const float (&row_max)[2],
                                               const float (&row_sum)[2]) {
   const int tq = threadIdx.x % 4;
   const bool single_split = p.num_splits[req + 1] - p.num_splits[req] <= 1;
@@ -37,7 +37,7 @@ __device__ __forceinline__ void store_segment(const DecodeParams& p, const RowMa
       Element* dst = static_cast<Element*>(p.out) +
                      ((static_cast<int64_t>(req) * p.seqlen_q + t) * p.num_heads_q + h) * kHeadDimV + dv0;
 #pragma unroll
-      for (int j = 0; j < Traits::kOTiles; ++j) {
+      for (int j = 0; j < kOTiles; ++j) {
         *reinterpret_cast<uint32_t*>(dst + j * 8 + 2 * tq) = pack2<Element>(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
       }
       if (writes_lse) p.lse[(static_cast<int64_t>(req) * p.num_heads_q + h) * p.seqlen_q + t] = lse;
@@ -45,7 +45,7 @@ __device__ __forceinline__ void store_segment(const DecodeParams& p, const RowMa
       const int64_t row_idx = static_cast<int64_t>(split_idx) * rows_total + rows_map.kv_head * rows_map.rows + r;
       float* dst = p.o_accum + row_idx * kHeadDimV + dv0;
 #pragma unroll
-      for (int j = 0; j < Traits::kOTiles; ++j) {
+      for (int j = 0; j < kOTiles; ++j) {
         *reinterpret_cast<float2*>(dst + j * 8 + 2 * tq) = make_float2(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
       }
       if (writes_lse) p.lse_accum[row_idx] = lse;
@@ -53,4 +53,4 @@ __device__ __forceinline__ void store_segment(const DecodeParams& p, const RowMa
   }
 }
 
-}  // namespace flash_mla::sm80
+}  // namespace flash_mla
