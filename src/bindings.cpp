@@ -235,7 +235,7 @@ void raise_if_failed(const flash_mla::Status& st) {
 }
 
 flash_mla::KernelChoice kernel_choice(int kernel) {
-  if (kernel < 0 || kernel > static_cast<int>(flash_mla::KernelChoice::kSm80Small)) {
+  if (kernel < 0 || kernel > static_cast<int>(flash_mla::KernelChoice::kSm90)) {
     value_error("kernel: unknown kernel id " + std::to_string(kernel));
   }
   return static_cast<flash_mla::KernelChoice>(kernel);

@@ -1,5 +1,9 @@
-// Plain parameter structs a C++ caller fills. No CUDA device code, no allocation:
-// this header compiles with any C++17 host compiler.
+/// @file params.hpp
+/// Plain parameter structs a C++ caller fills. No CUDA device code, no allocation:
+/// this header compiles with any C++17 host compiler (with the CUDA runtime headers).
+///
+/// Conventions: every pointer is device memory of the current device; strides are in
+/// elements (not bytes); a stride of a dimension of size 1 may be anything >= 0.
 #pragma once
 
 #include <cstdint>
@@ -12,14 +16,18 @@
 namespace flash_mla {
 
 /// Element type of q, k_cache and out.
-enum class DType : int { kBF16 = 0, kFP16 = 1 };
+enum class DType : int {
+  kBF16 = 0,  ///< __nv_bfloat16
+  kFP16 = 1,  ///< __half
+};
 
 /// Which decode kernel to run. kAuto picks the best one for the device.
 /// The explicit values exist so tests can exercise every path on one GPU.
 enum class KernelChoice : int {
-  kAuto = 0,
+  kAuto = 0,  ///< the fastest kernel the device and the build support
   kSm80Large = 1,  ///< 64-row x 32-token tiles, ~149 KB shared memory (A100, H100, H200)
   kSm80Small = 2,  ///< 32-row x 16-token tiles, ~75 KB shared memory (any sm_80+, e.g. Ada)
+  kSm90 = 3,       ///< Hopper: TMA + wgmma, warp-specialised (sm_90a builds only)
 };
 
 /// Model constants fixed by the MLA contract.
@@ -32,54 +40,67 @@ constexpr int kRowsPerMBlock = 64;  ///< query rows per scheduler m-block
 /// Result of every entry point: ok() or an error message naming the argument.
 struct Status {
   std::string message;  ///< empty on success
+  /// True on success.
   bool ok() const { return message.empty(); }
+  /// A successful result.
   static Status success() { return {}; }
+  /// A failed result carrying `msg` (must not be empty).
   static Status error(std::string msg) { return Status{std::move(msg)}; }
 };
 
-/// Inputs/outputs of the tile scheduler (see scheduler/plan.hpp for the row format).
+/// Inputs/outputs of the tile scheduler, flash_mla::get_mla_metadata() (see
+/// scheduler/plan.hpp for the row format). All arrays are contiguous int32 device memory.
 struct MetadataParams {
-  const int32_t* cache_seqlens = nullptr;  ///< [batch] device pointer
-  int32_t* tile_scheduler_metadata = nullptr;  ///< [num_sm_parts, kMetaInts] device pointer
-  int32_t* num_splits = nullptr;  ///< [batch + 1] device pointer
-  int batch = 0;
-  int num_sm_parts = 0;
-  cudaStream_t stream = nullptr;
+  const int32_t* cache_seqlens = nullptr;  ///< in: [batch] KV length of each request (0 allowed)
+  int32_t* tile_scheduler_metadata = nullptr;  ///< out: [num_sm_parts, kMetaInts]
+  int32_t* num_splits = nullptr;  ///< out: [batch + 1] first split of each request (prefix sums)
+  int batch = 0;                  ///< requests (>= 0)
+  int num_sm_parts = 0;           ///< from get_num_sm_parts(), in [1, 65535]
+  cudaStream_t stream = nullptr;  ///< stream the metadata kernel runs on
 };
 
-/// One decode call. Strides are in elements. Query rows are packed per KV head as
-/// row = t * heads_per_kv + hh (t: query token, hh: head inside the KV head's group).
+/// One decode call, flash_mla::mla_decode(): attention of `seqlen_q` new query tokens of each
+/// of `batch` requests over a paged KV cache (spec: mla-decode.md). Token j of request i is
+/// k_cache[block_table[i * block_table_stride + j / 64], j % 64]; query head h reads KV head
+/// h / (h_q / h_kv). q, k_cache and out hold `dtype`; the last dim of q and k_cache is
+/// contiguous. Internally, query rows are packed per KV head as row = t * heads_per_kv + hh
+/// (t: query token, hh: head inside the KV head's group).
 struct DecodeParams {
-  DType dtype = DType::kBF16;
-  int batch = 0;
-  int seqlen_q = 0;        ///< s_q
-  int num_heads_q = 0;     ///< h_q
-  int num_heads_kv = 0;    ///< h_kv
-  int num_blocks = 0;      ///< pages in k_cache
-  int max_blocks_per_seq = 0;  ///< block_table columns
-  float softmax_scale = 0.f;
-  bool causal = false;
+  DType dtype = DType::kBF16;  ///< element type of q, k_cache and out
+  int batch = 0;               ///< b: requests (0: nothing to do)
+  int seqlen_q = 0;            ///< s_q: query tokens per request (>= 1)
+  int num_heads_q = 0;         ///< h_q: query heads (>= 1)
+  int num_heads_kv = 0;        ///< h_kv: KV heads (>= 1, divides h_q)
+  int num_blocks = 0;          ///< pages in k_cache (pages >= num_blocks read as zeros)
+  int max_blocks_per_seq = 0;  ///< block_table columns (logical pages past it read as zeros)
+  float softmax_scale = 0.f;   ///< multiplier of q.k, usually 1/sqrt(576); finite and > 0
+  bool causal = false;         ///< token t sees keys 0 .. L - s_q + t (matters for s_q > 1 only)
 
-  const void* q = nullptr;  ///< [batch, s_q, h_q, 576]
-  int64_t q_batch_stride = 0, q_seq_stride = 0, q_head_stride = 0;
-  const void* k_cache = nullptr;  ///< [num_blocks, 64, h_kv, 576]
-  int64_t k_block_stride = 0, k_token_stride = 0, k_head_stride = 0;
-  const int32_t* block_table = nullptr;  ///< [batch, max_blocks_per_seq]
-  int64_t block_table_stride = 0;
-  const int32_t* cache_seqlens = nullptr;  ///< [batch]
-  const int32_t* tile_scheduler_metadata = nullptr;  ///< [num_sm_parts, kMetaInts]
-  int num_sm_parts = 0;
-  const int32_t* num_splits = nullptr;  ///< [batch + 1]
+  const void* q = nullptr;  ///< [batch, s_q, h_q, 576] query, 2-byte aligned
+  int64_t q_batch_stride = 0,  ///< q stride of dim 0 (batch), elements
+      q_seq_stride = 0,        ///< q stride of dim 1 (s_q), elements
+      q_head_stride = 0;       ///< q stride of dim 2 (h_q), elements
+  const void* k_cache = nullptr;  ///< [num_blocks, 64, h_kv, 576] paged KV cache, 16-byte aligned
+  int64_t k_block_stride = 0,  ///< k_cache stride of dim 0 (page), a multiple of 8
+      k_token_stride = 0,      ///< k_cache stride of dim 1 (token in page), a multiple of 8
+      k_head_stride = 0;       ///< k_cache stride of dim 2 (KV head), a multiple of 8
+  const int32_t* block_table = nullptr;  ///< [batch, max_blocks_per_seq] physical page of each logical page
+  int64_t block_table_stride = 0;        ///< block_table row stride, elements
+  const int32_t* cache_seqlens = nullptr;  ///< [batch] KV length of each request, as given to get_mla_metadata
+  const int32_t* tile_scheduler_metadata = nullptr;  ///< [num_sm_parts, kMetaInts] from get_mla_metadata
+  int num_sm_parts = 0;                             ///< as given to get_mla_metadata
+  const int32_t* num_splits = nullptr;              ///< [batch + 1] from get_mla_metadata
 
-  void* out = nullptr;  ///< [batch, s_q, h_q, 512] contiguous
-  float* lse = nullptr;  ///< [batch, h_q, s_q] contiguous
-  float* o_accum = nullptr;    ///< [max_splits, s_q * h_q, 512] split workspace
+  void* out = nullptr;         ///< out: [batch, s_q, h_q, 512] contiguous, dtype, 16-byte aligned
+  float* lse = nullptr;        ///< out: [batch, h_q, s_q] contiguous, natural-log sum-exp (+inf: no key)
+  float* o_accum = nullptr;    ///< [max_splits, s_q * h_q, 512] split workspace, 16-byte aligned
   float* lse_accum = nullptr;  ///< [max_splits, s_q * h_q] split workspace
-  int max_splits = 0;          ///< splits the workspace holds, >= split_workspace_splits()
+  int max_splits = 0;          ///< splits the workspace holds, >= batch + num_sm_parts (get_split_workspace_size())
 
-  KernelChoice kernel = KernelChoice::kAuto;
-  cudaStream_t stream = nullptr;
+  KernelChoice kernel = KernelChoice::kAuto;  ///< kernel to run; kAuto unless testing a path
+  cudaStream_t stream = nullptr;              ///< stream the kernels run on
 
+  /// Query rows per KV head: s_q * h_q / h_kv.
   FLASH_MLA_HOST_DEVICE int rows_per_kv_head() const { return num_heads_kv > 0 ? seqlen_q * (num_heads_q / num_heads_kv) : 0; }
 };
 

@@ -18,7 +18,7 @@ HEAD_DIM = 576
 HEAD_DIM_V = 512
 META_INTS = 8
 
-_KERNELS = {"auto": 0, "sm80_large": 1, "sm80_small": 2}
+_KERNELS = {"auto": 0, "sm80_large": 1, "sm80_small": 2, "sm90": 3}
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,7 +149,8 @@ def flash_mla_with_kvcache(
         is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
             topk_length, extra_topk_length: later-FlashMLA features, not built yet: they
             raise NotImplementedError unless left at their defaults.
-        kernel (keyword only): "auto" (default), or "sm80_large" / "sm80_small" to force a path.
+        kernel (keyword only): "auto" (default: "sm90" on Hopper, else the portable kernel), or
+            "sm90" / "sm80_large" / "sm80_small" to force a path.
 
     Returns:
         out (batch, s_q, h_q, 512) in q's dtype and lse (batch, h_q, s_q) float32

@@ -1,0 +1,60 @@
+// The paged KV cache as a TMA tensor: (576 channels, h_kv, 64 tokens, num_blocks), boxes of
+// 64 channels x 1 head x 64 tokens x 1 page with 128-byte swizzle. A page index outside
+// [0, num_blocks) reads as zeros (TMA fills out-of-bounds boxes), never out of bounds.
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "../params.hpp"
+
+namespace flash_mla::sm90 {
+
+/// Builds the tensor map on the host (no device work, no sync); passed to the kernel by value.
+inline Status make_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr) return Status::error("cuTensorMapEncodeTiled is not available from the CUDA driver");
+
+  const int64_t elem = 2;
+  // Size-1 dims may carry any stride; give TMA a valid one.
+  const int64_t head = p.num_heads_kv > 1 ? p.k_head_stride : kHeadDim;
+  const int64_t token = p.k_token_stride;
+  const int64_t block = p.num_blocks > 1 ? p.k_block_stride : int64_t(kPageSize) * p.num_heads_kv * kHeadDim;
+  cuuint64_t dims[4] = {static_cast<cuuint64_t>(kHeadDim), static_cast<cuuint64_t>(p.num_heads_kv),
+                        static_cast<cuuint64_t>(kPageSize), static_cast<cuuint64_t>(p.num_blocks > 0 ? p.num_blocks : 1)};
+  cuuint64_t strides[3] = {static_cast<cuuint64_t>(head * elem), static_cast<cuuint64_t>(token * elem),
+                           static_cast<cuuint64_t>(block * elem)};
+  cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(kPageSize), 1};
+  cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type =
+      p.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult res = encode(map, type, 4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) return Status::error("cuTensorMapEncodeTiled failed for k_cache (error " + std::to_string(res) + ")");
+  return Status::success();
+}
+
+/// One 64-channel box of a KV page into shared memory, completing on `mbar`.
+__device__ __forceinline__ void tma_load_kv_box(void* smem_dst, const CUtensorMap* map, uint64_t* mbar, int channel0,
+                                                int kv_head, int page) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(mbar));
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(channel0), "r"(kv_head), "r"(0), "r"(page), "r"(bar)
+      : "memory");
+}
+
+}  // namespace flash_mla::sm90
