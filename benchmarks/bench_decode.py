@@ -54,7 +54,7 @@ import time
 D = 576
 DV = 512
 PAGE = 64
-KNOWN_KERNELS = ("auto", "sm80_large", "sm80_small")
+KNOWN_KERNELS = ("auto", "sm90", "sm80_large", "sm80_small")
 KINDS = ("compute", "memory", "imbalanced")
 
 # Rows of the reference table of docs/spec (mla-decode.md): upstream FlashMLA, one H200.

@@ -125,8 +125,10 @@ def test_valid_layouts_reach_device_check(mutate):
 
 @pytest.mark.parametrize("options", [
     dict(softmax_scale=0.5), dict(causal=True), dict(kernel="auto"), dict(kernel="sm80_large"),
-    dict(kernel="sm80_small"), dict(softmax_scale=1e-3, causal=True, kernel="sm80_small"),
-], ids=["scale0.5", "causal", "kernel_auto", "kernel_sm80_large", "kernel_sm80_small", "combined"])
+    dict(kernel="sm80_small"), dict(kernel="sm90"),
+    dict(softmax_scale=1e-3, causal=True, kernel="sm80_small"),
+], ids=["scale0.5", "causal", "kernel_auto", "kernel_sm80_large", "kernel_sm80_small",
+        "kernel_sm90", "combined"])
 def test_valid_options_reach_device_check(options):
     with pytest.raises(ValueError, match=CUDA):
         call(valid_args(), **options)
@@ -247,7 +249,7 @@ def test_bad_softmax_scale(scale):
         call(valid_args(), softmax_scale=scale)
 
 
-@pytest.mark.parametrize("kernel", ["bogus", "", "SM80_LARGE", "sm90"])
+@pytest.mark.parametrize("kernel", ["bogus", "", "SM80_LARGE", "sm80"])
 def test_unknown_kernel_choice(kernel):
     with pytest.raises(ValueError, match="kernel"):
         call(valid_args(), kernel=kernel)
@@ -389,7 +391,7 @@ def test_get_mla_metadata_missing_or_extra_arguments():
     with pytest.raises(TypeError):
         get_mla_metadata(seqlens(), 16)
     with pytest.raises(TypeError):
-        get_mla_metadata(seqlens(), 16, 1, 5)
+        get_mla_metadata(seqlens(), 16, 1, 16, False, None, 99)
 
 
 def test_get_mla_metadata_kwargs():
@@ -397,11 +399,54 @@ def test_get_mla_metadata_kwargs():
         get_mla_metadata(seqlens(), 16, 1, is_fp8_kvcache=True)
     with pytest.raises(NotImplementedError, match="is_fp8_kvcache"):
         get_mla_metadata(is_fp8_kvcache=True)
+    with pytest.raises(NotImplementedError, match="topk"):
+        get_mla_metadata(seqlens(), 16, 1, topk=2048)
     with pytest.raises(TypeError, match="no_such_option"):
         get_mla_metadata(seqlens(), 16, 1, no_such_option=3)
-    # Default-valued ones pass through to the (failing) device check.
+    with pytest.raises(TypeError):
+        get_mla_metadata(seqlens(), 16, 1, num_q_tokens_per_head_k=16)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(is_fp8_kvcache=False),
+    dict(topk=None),
+    dict(num_heads_q=16),
+], ids=["is_fp8_kvcache_false", "topk_none", "num_heads_q"])
+def test_get_mla_metadata_harmless_kwargs_reach_device_check(kwargs):
     with pytest.raises(ValueError, match=CUDA):
-        get_mla_metadata(seqlens(), 16, 1, is_fp8_kvcache=False)
+        get_mla_metadata(seqlens(), 16, 1, **kwargs)
+
+
+def test_get_mla_metadata_intermediate_release_spelling():
+    """FlashMLA releases between the seed and the scheduler-object API named the second
+    argument num_q_tokens_per_head_k and added num_heads_q."""
+    with pytest.raises(ValueError, match=CUDA):
+        get_mla_metadata(seqlens(), num_q_tokens_per_head_k=16, num_heads_k=1, num_heads_q=16)
+    with pytest.raises(ValueError, match="num_heads_per_head_k"):
+        get_mla_metadata(seqlens(), num_q_tokens_per_head_k=0, num_heads_k=1)
+
+
+def test_get_mla_metadata_without_seqlens_gives_scheduler_object():
+    """Later releases accept (and ignore) the old arguments when cache_seqlens is absent."""
+    sched, placeholder = get_mla_metadata(num_heads_per_head_k=16, num_heads_k=1)
+    assert isinstance(sched, FlashMLASchedMeta) and placeholder is None
+
+
+def test_tensor_metadata_needs_num_splits():
+    args = valid_args()
+    args["num_splits"] = None
+    with pytest.raises(ValueError, match="num_splits"):
+        call(args)
+
+
+def test_positional_later_release_arguments():
+    """Later releases take is_fp8_kvcache, indices, ... positionally after causal."""
+    args = valid_args()
+    positional = [args[name] for name in ORDER] + [None, False]
+    with pytest.raises(NotImplementedError, match="is_fp8_kvcache"):
+        flash_mla_with_kvcache(*positional, True)
+    with pytest.raises(ValueError, match=CUDA):
+        flash_mla_with_kvcache(*positional, False, None, None)
 
 
 def test_package_exports():

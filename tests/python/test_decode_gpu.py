@@ -10,6 +10,7 @@ The whole module is skipped without a CUDA GPU (checked before importing flash_m
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import NamedTuple, Sequence, Union
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.requires_gpu
 
 HEAD_DIM_V = 512
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-FORCED_KERNELS = ("sm80_large", "sm80_small")
+FORCED_KERNELS = ("sm80_large", "sm80_small", "sm90")
 ALL_KERNELS = ("auto",) + FORCED_KERNELS
 
 
@@ -50,17 +51,27 @@ def expected_parts(rows_per_kv_head: int, h_kv: int) -> int:
     return max(1, num_sms() // (h_kv * -(-rows_per_kv_head // 64)))
 
 
-def kernel_skip_reason(kernel: str):
-    """sm80_large needs ~149 KB of shared memory per block (A100 / H100 / H200 / B200)."""
-    if kernel != "sm80_large":
-        return None
+def smem_optin_bytes():
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     optin = getattr(props, "shared_memory_per_block_optin", None)
-    if optin is not None:
-        ok = optin >= 150 * 1024
-    else:
-        ok = (props.major, props.minor) in ((8, 0), (9, 0), (10, 0))
-    return None if ok else f"{kernel} needs >= 150 KB shared memory per block"
+    if optin is None:  # older torch: the known figures of the sm_80 / sm_90 / sm_100 parts
+        if props.major in (9, 10):
+            optin = 227 * 1024
+        elif (props.major, props.minor) == (8, 0):
+            optin = 163 * 1024
+        else:
+            optin = 99 * 1024
+    return optin
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_skip_reason(kernel: str):
+    """None if the library can run ``kernel`` on this GPU (its own answer), else why not."""
+    try:
+        flash_mla.kernel_for_device(kernel=kernel)
+    except (RuntimeError, ValueError) as err:
+        return f"kernel {kernel!r} does not run on this GPU / build: {err}"
+    return None
 
 
 def runnable_kernels(kernels=ALL_KERNELS):
@@ -148,18 +159,17 @@ def test_decode_matches_reference(shape, dtype, causal, make_case, check_decode,
     check_decode(out, lse, ref_out, ref_lse, dtype, what=case.describe())
 
 
-# Every forced path on a subset (bf16 / fp16 alternate, causal where it matters).
-FORCED_SUBSET = [MAIN_SHAPES[i] for i in (0, 2, 4, 5, 7, 8, 9, 11, 13, 14)]
-
-
+# Every forced path on every shape (bf16 / fp16 alternate; causal for s_q > 1, alternating
+# for s_q == 1).
 @pytest.mark.parametrize("kernel", FORCED_KERNELS)
-@pytest.mark.parametrize("shape", FORCED_SUBSET, ids=[s.name for s in FORCED_SUBSET])
+@pytest.mark.parametrize("shape", MAIN_SHAPES, ids=[s.name for s in MAIN_SHAPES])
 def test_forced_kernel_matches_reference(shape, kernel, make_case, check_decode, seed):
     reason = kernel_skip_reason(kernel)
     if reason:
         pytest.skip(reason)
-    dtype = torch.bfloat16 if FORCED_SUBSET.index(shape) % 2 == 0 else torch.float16
-    causal = shape.s_q > 1
+    index = MAIN_SHAPES.index(shape)
+    dtype = torch.bfloat16 if index % 2 == 0 else torch.float16
+    causal = shape.s_q > 1 or index % 4 == 1
     case = build(make_case, shape, dtype, seed)
     meta, splits = metadata(case)
     out, lse = decode(case, meta, splits, causal, kernel=kernel)
@@ -173,6 +183,10 @@ LARGE_CASES = [
                  torch.bfloat16, id="b128_sq1_h128_kv1_normal8192-bf16-causal"),
     pytest.param(Shape("b128_sq2_h16_kv1_normal4096", 128, 2, 16, 1, "normal:4096", "bhsd"),
                  torch.float16, id="b128_sq2_h16_kv1_normal4096-fp16-causal"),
+    pytest.param(Shape("b128_sq2_h128_kv1_normal8192", 128, 2, 128, 1, "normal:8192", "head_pad"),
+                 torch.bfloat16, id="b128_sq2_h128_kv1_normal8192-bf16-causal"),
+    pytest.param(Shape("b32_sq1_h128_kv1_normal32768", 32, 1, 128, 1, "normal:32768"),
+                 torch.float16, id="b32_sq1_h128_kv1_normal32768-fp16-causal"),
     pytest.param(Shape("b4_sq4_h16_kv1_imbalanced", 4, 4, 16, 1, [4641, 45118, 1730, 1696]),
                  torch.bfloat16, id="b4_sq4_h16_kv1_imbalanced-bf16-causal"),
 ]
@@ -540,10 +554,63 @@ def test_runs_on_current_stream(make_case, check_decode, seed):
 
 
 def test_kernel_for_device_names():
-    names = {k: flash_mla.kernel_for_device(kernel=k) for k in ALL_KERNELS}
+    names = {k: flash_mla.kernel_for_device(kernel=k) for k in runnable_kernels()}
     for kernel, name in names.items():
         assert isinstance(name, str) and name, kernel
-    if kernel_skip_reason("sm80_large") is None:
-        assert names["sm80_large"] != names["sm80_small"]
+    forced = {k: v for k, v in names.items() if k != "auto"}
+    assert len(set(forced.values())) == len(forced), f"forced kernels share names: {forced}"
+    assert names["auto"] in forced.values(), f"auto resolves to {names['auto']!r}, not in {forced}"
     assert flash_mla.kernel_for_device() == names["auto"]
-    assert flash_mla.kernel_for_device(torch.device("cuda", torch.cuda.current_device())) == names["auto"]
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert flash_mla.kernel_for_device(device) == names["auto"]
+
+
+def test_expected_kernels_run_here():
+    """The portable kernels run on every sm_80+ GPU (the large one where its ~149 KB of shared
+    memory fit), the Hopper kernel on sm_90, where it is also the automatic choice."""
+    major, _ = torch.cuda.get_device_capability()
+    assert kernel_skip_reason("sm80_small") is None
+    if smem_optin_bytes() >= 150 * 1024:
+        assert kernel_skip_reason("sm80_large") is None
+    if major == 9:
+        assert kernel_skip_reason("sm90") is None
+        assert flash_mla.kernel_for_device(kernel="auto") == flash_mla.kernel_for_device(kernel="sm90")
+    else:
+        assert kernel_skip_reason("sm90") is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# unaligned strides (kept last: a kernel fault here would poison the CUDA context)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["q", "k_cache"])
+def test_unaligned_strides_work_or_raise_clearly(which, make_case, check_decode, seed):
+    """Strides other than the last are arbitrary in the contract; ones that are not multiples
+    of 8 elements (16 bytes) may be refused, but only with an exception naming the argument,
+    never with a fault or a wrong result."""
+    case = make_case(3, 2, 16, 1, [100, 0, 700], torch.bfloat16, seed=seed)
+    q, k = case.q, case.k_cache
+    nan = float("nan")
+    if which == "q":
+        base = torch.full((case.b, case.s_q, case.h_q, 577), nan, dtype=q.dtype, device=q.device)
+        q = base[..., 1:]
+        q.copy_(case.q)
+    else:
+        base = torch.full((case.num_blocks, 64, case.h_kv, 577), nan, dtype=k.dtype,
+                          device=k.device)
+        k = base[..., 1:]
+        k.copy_(case.k_cache)
+    meta, splits = metadata(case)
+    ref_out, ref_lse = mla_decode_reference(q, k, case.block_table, case.cache_seqlens,
+                                            HEAD_DIM_V, None, True, accum_dtype=torch.float64)
+    for kernel in runnable_kernels():
+        try:
+            out, lse = flash_mla_with_kvcache(q, k, case.block_table, case.cache_seqlens,
+                                              HEAD_DIM_V, meta, splits, causal=True,
+                                              kernel=kernel)
+        except (ValueError, RuntimeError) as err:
+            assert which in str(err), f"{kernel}: the error does not name {which}: {err}"
+            continue
+        torch.cuda.synchronize()
+        check_decode(out, lse, ref_out, ref_lse, torch.bfloat16, what=f"{kernel} unaligned {which}")
