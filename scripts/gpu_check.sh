@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The "GPU round": environment, carried wheels, build + install, Python tests, C++ tests and the
-# decode benchmark, on a GPU machine without network. Run from the repository root:
+# The "GPU round": environment, carried wheels, build + install, Python tests, C++ tests, the
+# C++ package check (install + out-of-tree examples/cpp) and the decode benchmark, on a GPU
+# machine without network. Run from the repository root:
 #
 #     bash scripts/gpu_check.sh [OUTDIR]          # OUTDIR defaults to ${OUT:-./gpu_out}
 #
@@ -13,18 +14,21 @@
 # Exit status: 0 when no step failed or timed out, 1 otherwise (skipped steps don't count).
 #
 # Files in OUTDIR (7, all at its top level; the device tool brings back at most 8):
-#     setup.log (env + wheels), build.log, pytest.log, ctest.log, bench.log, bench.json,
-#     summary.txt
+#     setup.log (env + wheels), build.log, pytest.log, ctest.log (ctest + package), bench.log,
+#     bench.json, summary.txt
 #
 # Environment knobs:
 #     SKIP_BUILD=1      skip the pip build/install (and the wheels when none are carried)
-#     SKIP_TESTS=1      skip pytest and ctest       (SKIP_PYTEST=1 / SKIP_CTEST=1: one of them)
+#     SKIP_TESTS=1      skip pytest, ctest and package (SKIP_PYTEST=1 / SKIP_CTEST=1 /
+#                       SKIP_PACKAGE=1: one of them)
 #     SKIP_BENCH=1      skip the benchmark
 #     BENCH_ARGS="..."  extra arguments of benchmarks/bench_decode.py (e.g. "--kernel auto,sm80_small")
 #     PYTEST_ARGS="..." extra arguments of pytest (e.g. "-x -k decode")
 #     CMAKE_ARGS="..."  extra arguments of the cmake configure of the C++ tests
 #     CTEST_ARGS="..."  extra arguments of ctest
-#     BUILD_DIR=build-gpu   cmake build folder of the C++ tests
+#     BUILD_DIR=build-gpu   cmake build folder of the C++ tests (the package step installs it)
+#     EXAMPLE_CUDA_ARCHS="90a"  CMAKE_CUDA_ARCHITECTURES of the out-of-tree example
+#                       (default: the GPU's, 90a on Hopper, from nvidia-smi; else "80;90a")
 #     PYTHON=python3    the interpreter (the one holding torch)
 #     GPU_CHECK_BUDGET_S=N  wall-clock budget of the whole script in seconds: a step is killed
 #                       when it would run past it and later steps are skipped, so that the
@@ -174,13 +178,54 @@ step_ctest() {
         || { echo "GPU_CHECK_STAGE_FAILED=ctest"; return 13; }
 }
 
+step_package() {
+    # The C++ consumer check: cmake --install the C++ build to a temporary prefix, then build
+    # examples/cpp out of tree against it (find_package(flash_mla CONFIG REQUIRED)) and run it.
+    local tmp archs cc rc
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/flash_mla_pkg.XXXXXX") || return 1
+    if [ ! -f "$BUILD_DIR/CMakeCache.txt" ]; then
+        echo "+ cmake -S . -B $BUILD_DIR -G Ninja -DFLASH_MLA_BUILD_TESTS=OFF (not configured by ctest)"
+        cmake -S . -B "$BUILD_DIR" -G Ninja -DFLASH_MLA_BUILD_TESTS=OFF \
+            "-DPython3_EXECUTABLE=$(command -v "$PY")" || { echo "GPU_CHECK_STAGE_FAILED=configure"; return 11; }
+    fi
+    echo "+ cmake --install $BUILD_DIR --prefix $tmp/prefix"
+    cmake --install "$BUILD_DIR" --prefix "$tmp/prefix" >"$tmp/install.log" 2>&1 \
+        || { cat "$tmp/install.log"; echo "GPU_CHECK_STAGE_FAILED=install"; return 14; }
+    echo "installed $(grep -c 'Installing:' "$tmp/install.log") files; package files:"
+    ls "$tmp"/prefix/*/cmake/flash_mla/
+    archs=${EXAMPLE_CUDA_ARCHS:-}
+    if [ -z "$archs" ]; then
+        cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
+        case $cc in
+            90) archs=90a ;;
+            [0-9][0-9]|[0-9][0-9][0-9]) archs=$cc ;;
+            *) archs="80;90a" ;;
+        esac
+    fi
+    echo "+ cmake -S examples/cpp -B $tmp/build -DCMAKE_PREFIX_PATH=$tmp/prefix -DCMAKE_CUDA_ARCHITECTURES=$archs"
+    cmake -S examples/cpp -B "$tmp/build" -G Ninja "-DCMAKE_PREFIX_PATH=$tmp/prefix" \
+        "-DCMAKE_CUDA_ARCHITECTURES=$archs" "-DPython3_EXECUTABLE=$(command -v "$PY")" \
+        || { echo "GPU_CHECK_STAGE_FAILED=example-configure"; return 15; }
+    echo "+ cmake --build $tmp/build"
+    cmake --build "$tmp/build" || { echo "GPU_CHECK_STAGE_FAILED=example-build"; return 16; }
+    echo "+ $tmp/build/mla_decode_example"
+    "$tmp/build/mla_decode_example"
+    rc=$?
+    rm -rf "$tmp"
+    case $rc in
+        0) ;;
+        77) echo "GPU_CHECK_STAGE_FAILED=example-skipped (no usable GPU)"; return 17 ;;
+        *) echo "GPU_CHECK_STAGE_FAILED=example (rc=$rc)"; return 18 ;;
+    esac
+}
+
 step_bench() {
     echo "+ $PY benchmarks/bench_decode.py --json $BENCH_JSON $BENCH_ARGS"
     # shellcheck disable=SC2086
     "$PY" benchmarks/bench_decode.py --json "$BENCH_JSON" $BENCH_ARGS
 }
 
-export -f step_env step_wheels step_build step_pytest step_ctest step_bench
+export -f step_env step_wheels step_build step_pytest step_ctest step_package step_bench
 
 # ------------------------------------------------------------------------------------------
 # Runner
@@ -275,6 +320,12 @@ else
     run_step ctest "$CTEST_LOG" step_ctest
 fi
 
+if [ "${SKIP_TESTS:-0}" = 1 ] || [ "${SKIP_PACKAGE:-0}" = 1 ]; then
+    skip_step package "$CTEST_LOG" "SKIP_TESTS/SKIP_PACKAGE=1"
+else
+    run_step package "$CTEST_LOG" step_package
+fi
+
 if [ "${SKIP_BENCH:-0}" = 1 ]; then
     skip_step bench "$BENCH_LOG" "SKIP_BENCH=1"
 else
@@ -298,6 +349,8 @@ note_for() {  # one line of detail for a step
         pytest) step_part pytest | grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' | tail -n 1 ;;
         ctest) step_part ctest | grep -m1 'GPU_CHECK_STAGE_FAILED' | sed 's/GPU_CHECK_STAGE_FAILED=/failed at: /' ;
                step_part ctest | grep -E 'tests passed|No tests were found' | tail -n 1 ;;
+        package) step_part package | grep -m1 'GPU_CHECK_STAGE_FAILED' | sed 's/GPU_CHECK_STAGE_FAILED=/failed at: /' ;
+                 step_part package | grep -E '^mla_decode_example: ' | tail -n 1 ;;
         bench) step_part bench | grep -E '^bench_decode: ' | tail -n 1 ;;
     esac 2>/dev/null | paste -sd ';' - | sed 's/;/; /g'
 }
@@ -317,6 +370,8 @@ details_for() {  # a few lines explaining a failure
             else
                 step_part ctest | grep -E "$pat" | head -n 15; step_part ctest | tail -n 3
             fi ;;
+        package) step_part package | grep -E "($pat|^FAIL |mismatch)" | head -n 15
+                 step_part package | tail -n 3 ;;
         bench) step_part bench | grep -E '(FAIL|ERROR|Traceback|Error:)' | head -n 12
                step_part bench | tail -n 3 ;;
     esac

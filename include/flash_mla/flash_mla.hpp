@@ -1,10 +1,20 @@
-// C++ entry points of flash-mla. Include from a .cu file compiled by nvcc.
-//
-//   get_mla_metadata(MetadataParams)  plans the split-KV schedule on the GPU
-//   mla_decode(DecodeParams)          decode kernel (+ combine) on params.stream
-//
-// Every function checks its arguments and returns a Status instead of aborting; nothing here
-// allocates memory or synchronises with the host. Pointers must belong to the current device.
+/// @file flash_mla.hpp
+/// C++ entry points of flash-mla. Include from a .cu file compiled by nvcc (C++17,
+/// --expt-relaxed-constexpr; the CMake target flash_mla::flash_mla sets both).
+///
+/// One decoding step, for a batch of `batch` requests, `s_q` query tokens each:
+///   1. get_num_sm_parts(device, s_q, h_q, h_kv, &parts)        how finely to split the KV work
+///   2. allocate int32 tile_scheduler_metadata [parts, kMetaInts] and num_splits [batch + 1];
+///      get_mla_metadata(MetadataParams)                          plans the split-KV schedule on
+///      the GPU (once per step; reuse it for every layer of the step)
+///   3. get_split_workspace_size(batch, s_q, h_q, parts, &ws)   sizes o_accum and lse_accum;
+///      allocate them, out [batch, s_q, h_q, 512] and lse [batch, h_q, s_q]
+///   4. mla_decode(DecodeParams)                                 per layer: decode + combine
+///
+/// Every function checks its arguments and returns a Status instead of aborting; nothing here
+/// allocates memory or synchronises with the host, so the calls can be captured in a CUDA graph.
+/// Pointers must be device (or managed) memory of the current device: that cannot be checked
+/// without a driver call per pointer and is left to the caller.
 #pragma once
 
 #include <cmath>
@@ -17,24 +27,130 @@
 #include "scheduler/plan.hpp"
 #include "sm80/kernel.cuh"
 #include "sm80/traits.hpp"
+#include "sm90/kernel.cuh"
+#include "sm90/traits.hpp"
 
 namespace flash_mla {
 
-/// Number of SM parts get_mla_metadata plans for (rows 0 dim of tile_scheduler_metadata).
+/// Largest num_sm_parts (dim 0 of tile_scheduler_metadata): the decode grid has one z-slice per part.
+constexpr int kMaxSmParts = 65535;
+/// Largest s_q * h_q of one request: the combine kernel's grid has one y-slice per
+/// kCombineRowsPerCta of them.
+constexpr int64_t kMaxRowsPerRequest = int64_t(65535) * kCombineRowsPerCta;
+
+namespace detail {
+
+inline bool aligned_to(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+/// The shape checks shared by every entry point (flash_mla_with_kvcache checks the same in Python).
+inline Status check_heads(int64_t seqlen_q, int64_t num_heads_q, int64_t num_heads_kv) {
+  if (seqlen_q < 1) return Status::error("seqlen_q must be >= 1, got " + std::to_string(seqlen_q));
+  if (num_heads_q < 1 || num_heads_kv < 1) {
+    return Status::error("num_heads_q and num_heads_kv must be >= 1, got " + std::to_string(num_heads_q) + " and " +
+                         std::to_string(num_heads_kv));
+  }
+  if (num_heads_q % num_heads_kv != 0) {
+    return Status::error("num_heads_q must be a multiple of num_heads_kv, got h_q = " + std::to_string(num_heads_q) +
+                         ", h_kv = " + std::to_string(num_heads_kv));
+  }
+  if (num_heads_kv > 65535) return Status::error("num_heads_kv must be <= 65535");
+  if (seqlen_q * num_heads_q > kMaxRowsPerRequest) {
+    return Status::error("seqlen_q * num_heads_q must be <= " + std::to_string(kMaxRowsPerRequest));
+  }
+  return Status::success();
+}
+
+inline Status check_sm_parts(int64_t num_sm_parts) {
+  if (num_sm_parts < 1 || num_sm_parts > kMaxSmParts) {
+    return Status::error("num_sm_parts must be in [1, " + std::to_string(kMaxSmParts) + "], got " +
+                         std::to_string(num_sm_parts));
+  }
+  return Status::success();
+}
+
+}  // namespace detail
+
+/// Number of SM parts get_mla_metadata plans for (dim 0 of tile_scheduler_metadata), from the
+/// device's SM count. Unchecked (any input gives a result >= 1); get_num_sm_parts() is the
+/// checked form that queries the SM count itself.
+/// @param num_sms           multiprocessors of the device (cudaDevAttrMultiProcessorCount)
+/// @param rows_per_kv_head  s_q * h_q / h_kv: query rows per KV head
+/// @param num_heads_kv      h_kv
 inline int num_sm_parts(int num_sms, int rows_per_kv_head, int num_heads_kv) {
   return num_sm_parts_for(num_sms, rows_per_kv_head, num_heads_kv);
 }
 
-/// Splits the split workspace must hold: o_accum is [splits, s_q * h_q, 512] float and
-/// lse_accum [splits, s_q * h_q] float.
+/// Number of SM parts for a decode shape on `device`: the num_sm_parts of MetadataParams and
+/// DecodeParams, and the number of rows of tile_scheduler_metadata to allocate.
+/// @param device        CUDA device ordinal the decode will run on
+/// @param seqlen_q      s_q, query tokens per request (>= 1)
+/// @param num_heads_q   h_q (>= 1, a multiple of num_heads_kv)
+/// @param num_heads_kv  h_kv (>= 1)
+/// @param[out] parts    the number of SM parts
+inline Status get_num_sm_parts(int device, int seqlen_q, int num_heads_q, int num_heads_kv, int* parts) {
+  if (parts == nullptr) return Status::error("parts is null");
+  Status st = detail::check_heads(seqlen_q, num_heads_q, num_heads_kv);
+  if (!st.ok()) return st;
+  int num_sms = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) {
+    return Status::error("cannot query device " + std::to_string(device) + ": " + cudaGetErrorString(err));
+  }
+  const int n = num_sm_parts(num_sms, seqlen_q * (num_heads_q / num_heads_kv), num_heads_kv);
+  *parts = n < kMaxSmParts ? n : kMaxSmParts;
+  return Status::success();
+}
+
+/// Splits the split workspace must hold for `batch` requests planned over `num_sm_parts`
+/// parts (unchecked; see get_split_workspace_size()). o_accum is float [splits, s_q * h_q, 512]
+/// and lse_accum float [splits, s_q * h_q].
 inline int split_workspace_splits(int batch, int num_sm_parts) { return max_splits_of(batch, num_sm_parts); }
 
+/// Size of the split-KV workspace of DecodeParams (o_accum, lse_accum, max_splits).
+struct SplitWorkspaceSize {
+  int max_splits = 0;          ///< value for DecodeParams::max_splits
+  size_t o_accum_bytes = 0;    ///< float [max_splits, s_q * h_q, 512]; must be 16-byte aligned
+  size_t lse_accum_bytes = 0;  ///< float [max_splits, s_q * h_q]
+};
+
+/// Sizes the split-KV workspace of a decode step. The workspace depends only on the shape,
+/// not on the sequence lengths: allocate it once for the largest batch and reuse it.
+/// @param batch         requests (>= 0)
+/// @param seqlen_q      s_q (>= 1)
+/// @param num_heads_q   h_q (>= 1)
+/// @param num_sm_parts  the value given to get_mla_metadata (from get_num_sm_parts())
+/// @param[out] size     the sizes
+inline Status get_split_workspace_size(int batch, int seqlen_q, int num_heads_q, int num_sm_parts,
+                                       SplitWorkspaceSize* size) {
+  if (size == nullptr) return Status::error("size is null");
+  if (batch < 0) return Status::error("batch must be >= 0, got " + std::to_string(batch));
+  Status st = detail::check_heads(seqlen_q, num_heads_q, 1);
+  if (st.ok()) st = detail::check_sm_parts(num_sm_parts);
+  if (!st.ok()) return st;
+  const int64_t splits = int64_t(batch) + num_sm_parts;
+  if (splits > INT32_MAX) return Status::error("batch + num_sm_parts must fit in an int");
+  const size_t rows = size_t(seqlen_q) * size_t(num_heads_q);
+  size->max_splits = static_cast<int>(splits);
+  size->o_accum_bytes = size_t(splits) * rows * kHeadDimV * sizeof(float);
+  size->lse_accum_bytes = size_t(splits) * rows * sizeof(float);
+  return Status::success();
+}
+
+/// Plans the split-KV schedule of one decoding step on p.stream (one small kernel; no host
+/// sync). Writes p.tile_scheduler_metadata [p.num_sm_parts, kMetaInts] and
+/// p.num_splits [p.batch + 1]; both depend only on cache_seqlens and the shape, so compute them
+/// once per step and reuse them for every layer.
 inline Status get_mla_metadata(const MetadataParams& p) {
-  if (p.batch < 0) return Status::error("batch must be >= 0");
-  if (p.num_sm_parts < 1) return Status::error("num_sm_parts must be >= 1");
+  if (p.batch < 0) return Status::error("batch must be >= 0, got " + std::to_string(p.batch));
+  Status st = detail::check_sm_parts(p.num_sm_parts);
+  if (!st.ok()) return st;
   if (p.batch > 0 && p.cache_seqlens == nullptr) return Status::error("cache_seqlens is null");
   if (p.tile_scheduler_metadata == nullptr || p.num_splits == nullptr) {
     return Status::error("tile_scheduler_metadata and num_splits must be non-null");
+  }
+  if (!detail::aligned_to(p.cache_seqlens, 4) || !detail::aligned_to(p.tile_scheduler_metadata, 4) ||
+      !detail::aligned_to(p.num_splits, 4)) {
+    return Status::error("cache_seqlens, tile_scheduler_metadata and num_splits must be 4-byte aligned");
   }
   return launch_metadata(p);
 }
@@ -46,10 +162,24 @@ inline Status resolve_kernel(KernelChoice choice, int device, KernelChoice* reso
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return Status::error(std::string("cannot query device: ") + cudaGetErrorString(err));
   if (major < 8) return Status::error("flash-mla needs an sm_80 or newer GPU (compute capability >= 8.0)");
+  // The sm90 kernel exists only where this binary holds sm_90a code (its stub reports less).
+  cudaFuncAttributes sm90_attr{};
+  const bool sm90_built = cudaFuncGetAttributes(&sm90_attr, sm90::decode_kernel<__nv_bfloat16>) == cudaSuccess &&
+                          sm90_attr.binaryVersion == 90;
+  cudaGetLastError();  // a failed query must not leak into the launch check
   if (choice == KernelChoice::kAuto) {
-    choice = smem_optin >= sm80::LargeTraits::kSmemBytes ? KernelChoice::kSm80Large : KernelChoice::kSm80Small;
+    if (major == 9 && sm90_built) {
+      choice = KernelChoice::kSm90;
+    } else {
+      choice = smem_optin >= sm80::LargeTraits::kSmemBytes ? KernelChoice::kSm80Large : KernelChoice::kSm80Small;
+    }
   }
-  const int need = choice == KernelChoice::kSm80Large ? sm80::LargeTraits::kSmemBytes : sm80::SmallTraits::kSmemBytes;
+  if (choice == KernelChoice::kSm90 && (major != 9 || !sm90_built)) {
+    return Status::error("the sm90 kernel needs an sm_90 GPU and a build with FLASH_MLA_CUDA_ARCHS containing 90a");
+  }
+  const int need = choice == KernelChoice::kSm90        ? sm90::kSmemBytes
+                   : choice == KernelChoice::kSm80Large ? sm80::LargeTraits::kSmemBytes
+                                                        : sm80::SmallTraits::kSmemBytes;
   if (smem_optin < need) {
     return Status::error("kernel needs " + std::to_string(need) + " bytes of shared memory per block, device has " +
                          std::to_string(smem_optin));
@@ -58,39 +188,66 @@ inline Status resolve_kernel(KernelChoice choice, int device, KernelChoice* reso
   return Status::success();
 }
 
+/// Name of a kernel choice ("sm80_large", ...; "auto" for kAuto or an unknown value).
 inline const char* kernel_name(KernelChoice resolved) {
   switch (resolved) {
     case KernelChoice::kSm80Large: return "sm80_large";
     case KernelChoice::kSm80Small: return "sm80_small";
+    case KernelChoice::kSm90: return "sm90";
     default: return "auto";
   }
 }
 
-/// Checks the parts of DecodeParams that the kernels rely on.
+/// Checks a DecodeParams before any launch (mla_decode calls it first): everything the Python
+/// path checks that a params struct can show. Sizes: dtype, batch >= 0, s_q >= 1, h_q and
+/// h_kv >= 1 with h_q % h_kv == 0, h_kv <= 65535, s_q * h_q <= kMaxRowsPerRequest,
+/// num_sm_parts in [1, kMaxSmParts], max_splits >= batch + num_sm_parts (the workspace of
+/// get_split_workspace_size()), num_blocks and max_blocks_per_seq >= 0, softmax_scale finite
+/// and > 0. With batch > 0: no null pointer; q 2-byte aligned; k_cache, out and o_accum 16-byte
+/// aligned; lse, lse_accum and the int32 arrays 4-byte aligned; strides >= 0, those of k_cache
+/// multiples of 8 elements. What a struct cannot show (that pointers are device memory of the
+/// current device, buffer extents, the contents of cache_seqlens/block_table) is the caller's.
 inline Status validate(const DecodeParams& p) {
   if (p.dtype != DType::kBF16 && p.dtype != DType::kFP16) return Status::error("dtype must be bf16 or fp16");
-  if (p.batch < 0) return Status::error("batch must be >= 0");
-  if (p.seqlen_q < 1) return Status::error("seqlen_q must be >= 1");
-  if (p.num_heads_kv < 1 || p.num_heads_q < 1) return Status::error("num_heads_q and num_heads_kv must be >= 1");
-  if (p.num_heads_q % p.num_heads_kv != 0) return Status::error("num_heads_q must be a multiple of num_heads_kv");
-  if (p.num_heads_kv > 65535) return Status::error("num_heads_kv must be <= 65535");
-  if (p.num_sm_parts < 1 || p.num_sm_parts > 65535) return Status::error("num_sm_parts must be in [1, 65535]");
-  if (p.max_splits < p.batch + p.num_sm_parts) return Status::error("max_splits must be >= batch + num_sm_parts");
+  if (p.batch < 0) return Status::error("batch must be >= 0, got " + std::to_string(p.batch));
+  Status st = detail::check_heads(p.seqlen_q, p.num_heads_q, p.num_heads_kv);
+  if (st.ok()) st = detail::check_sm_parts(p.num_sm_parts);
+  if (!st.ok()) return st;
+  if (int64_t(p.max_splits) < int64_t(p.batch) + p.num_sm_parts) {
+    return Status::error("max_splits must be >= batch + num_sm_parts (get_split_workspace_size), got " +
+                         std::to_string(p.max_splits));
+  }
   if (p.num_blocks < 0 || p.max_blocks_per_seq < 0) return Status::error("num_blocks and max_blocks_per_seq must be >= 0");
   if (!(p.softmax_scale > 0.f) || !std::isfinite(p.softmax_scale)) return Status::error("softmax_scale must be finite and > 0");
   if (p.batch == 0) return Status::success();
-  if (!p.q || !p.k_cache || !p.block_table || !p.cache_seqlens || !p.tile_scheduler_metadata || !p.num_splits ||
-      !p.out || !p.lse || !p.o_accum || !p.lse_accum) {
-    return Status::error("a tensor pointer is null");
+  const struct {
+    const void* ptr;
+    const char* name;
+    uintptr_t align;
+  } pointers[] = {
+      {p.q, "q", 2},
+      {p.k_cache, "k_cache", 16},
+      {p.block_table, "block_table", 4},
+      {p.cache_seqlens, "cache_seqlens", 4},
+      {p.tile_scheduler_metadata, "tile_scheduler_metadata", 4},
+      {p.num_splits, "num_splits", 4},
+      {p.out, "out", 16},
+      {p.lse, "lse", 4},
+      {p.o_accum, "o_accum", 16},
+      {p.lse_accum, "lse_accum", 4},
+  };
+  for (const auto& arg : pointers) {
+    if (arg.ptr == nullptr) return Status::error(std::string(arg.name) + " is null");
+    if (!detail::aligned_to(arg.ptr, arg.align)) {
+      return Status::error(std::string(arg.name) + " must be " + std::to_string(arg.align) + "-byte aligned");
+    }
   }
-  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  if (!aligned16(p.k_cache) || p.k_block_stride % 8 || p.k_token_stride % 8 || p.k_head_stride % 8) {
-    return Status::error("k_cache must be 16-byte aligned with strides that are multiples of 8 elements");
-  }
-  if (!aligned16(p.out) || !aligned16(p.o_accum)) return Status::error("out and o_accum must be 16-byte aligned");
   if (p.k_block_stride < 0 || p.k_token_stride < 0 || p.k_head_stride < 0 || p.q_batch_stride < 0 ||
       p.q_seq_stride < 0 || p.q_head_stride < 0 || p.block_table_stride < 0) {
     return Status::error("strides must be >= 0");
+  }
+  if (p.k_block_stride % 8 || p.k_token_stride % 8 || p.k_head_stride % 8) {
+    return Status::error("k_cache strides must be multiples of 8 elements");
   }
   return Status::success();
 }
@@ -113,17 +270,40 @@ Status launch_sm80(const DecodeParams& p) {
 }
 
 template <typename Element>
+Status launch_sm90(const DecodeParams& p) {
+  CUtensorMap kv_map;
+  Status st = sm90::make_kv_tensor_map(p, &kv_map);
+  if (!st.ok()) return st;
+  const auto kernel = sm90::decode_kernel<Element>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes);
+  if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
+  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 && p.q_head_stride % 8 == 0;
+  const dim3 grid((p.rows_per_kv_head() + sm90::Traits::kBlockM - 1) / sm90::Traits::kBlockM, p.num_heads_kv,
+                  p.num_sm_parts);
+  kernel<<<grid, sm90::Traits::kThreads, sm90::kSmemBytes, p.stream>>>(p, kv_map, q_vec16);
+  launch_combine<Element>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::error(std::string("decode launch failed: ") + cudaGetErrorString(err));
+  return Status::success();
+}
+
+template <typename Element>
 Status launch_decode(const DecodeParams& p, KernelChoice kernel) {
   switch (kernel) {
     case KernelChoice::kSm80Large: return launch_sm80<sm80::LargeTraits, Element>(p);
     case KernelChoice::kSm80Small: return launch_sm80<sm80::SmallTraits, Element>(p);
+    case KernelChoice::kSm90: return launch_sm90<Element>(p);
     default: return Status::error("unknown kernel choice");
   }
 }
 
 }  // namespace detail
 
-/// Runs one decode step on p.stream: the split kernel, then the combine kernel.
+/// Runs one decode step (one layer) on p.stream: the split-KV decode kernel, then the combine
+/// kernel; asynchronous, no host sync, no allocation. Checks p with validate() first and
+/// resolves p.kernel for the current device (resolve_kernel()); batch == 0 is a no-op.
+/// Errors from the launches are returned; errors while the kernels run show up on the stream.
 inline Status mla_decode(const DecodeParams& p) {
   Status st = validate(p);
   if (!st.ok() || p.batch == 0) return st;

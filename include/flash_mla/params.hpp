@@ -104,4 +104,33 @@ struct DecodeParams {
   FLASH_MLA_HOST_DEVICE int rows_per_kv_head() const { return num_heads_kv > 0 ? seqlen_q * (num_heads_q / num_heads_kv) : 0; }
 };
 
+/// int64 words of the result buffer of check_paged_inputs() (input_check.cuh).
+constexpr int kInputCheckWords = 8;
+
+/// What check_paged_inputs() found (word 0 of its result buffer).
+enum class InputCheckCode : int64_t {
+  kOk = 0,           ///< every used entry is valid
+  kBadSeqlen = 1,    ///< cache_seqlens[request] outside [0, 64 * max_blocks_per_seq]
+  kBadPage = 2,      ///< block_table[request, column] outside [0, num_blocks), column < ceil(L / 64)
+};
+
+/// Opt-in validation of the paged-cache indices on the GPU, flash_mla::check_paged_inputs()
+/// (include/flash_mla/input_check.cuh). It reads the same entries mla_decode() would read and
+/// writes its verdict to `result` (device memory, kInputCheckWords int64, 8-byte aligned):
+///   [0] InputCheckCode of the first problem (lowest request, then lowest column; a bad length
+///       comes before the pages of its request), [1] its request, [2] its block_table column
+///       (-1 for a bad length), [3] the offending value, [4] how many problems were found,
+///       [5] scratch, [6..7] zero.
+/// Asynchronous on `stream`; the caller reads `result` back (that read is the host sync).
+struct InputCheckParams {
+  const int32_t* block_table = nullptr;    ///< [batch, max_blocks_per_seq]
+  int64_t block_table_stride = 0;          ///< block_table row stride, elements
+  const int32_t* cache_seqlens = nullptr;  ///< [batch]
+  int batch = 0;                           ///< requests (>= 0)
+  int max_blocks_per_seq = 0;              ///< block_table columns (>= 0)
+  int num_blocks = 0;                      ///< pages in k_cache (>= 0)
+  int64_t* result = nullptr;               ///< out: [kInputCheckWords]
+  cudaStream_t stream = nullptr;           ///< stream the check runs on
+};
+
 }  // namespace flash_mla
