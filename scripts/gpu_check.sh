@@ -13,15 +13,20 @@
 # device tool returns only the tail of stdout) and is also written to OUTDIR/summary.txt.
 # Exit status: 0 when no step failed or timed out, 1 otherwise (skipped steps don't count).
 #
-# Files in OUTDIR (7, all at its top level; the device tool brings back at most 8):
+# Files in OUTDIR (8, all at its top level; the device tool brings back at most 8):
 #     setup.log (env + wheels), build.log, pytest.log, ctest.log (ctest + package), bench.log,
-#     bench.json, summary.txt
+#     bench.json, sanitize.log, summary.txt
 #
 # Environment knobs:
 #     SKIP_BUILD=1      skip the pip build/install (and the wheels when none are carried)
 #     SKIP_TESTS=1      skip pytest, ctest and package (SKIP_PYTEST=1 / SKIP_CTEST=1 /
 #                       SKIP_PACKAGE=1: one of them)
 #     SKIP_BENCH=1      skip the benchmark
+#     SKIP_SANITIZE=1   skip the compute-sanitizer step (scripts/sanitize.sh: memcheck, racecheck,
+#                       synccheck on a small workload; last step, several minutes). Under a time
+#                       budget it runs only when SANITIZE_MIN_S (default 240) seconds are left,
+#                       else it is skipped (not failed): run it alone with
+#                       SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1 (SANITIZE_TOOLS=... picks tools)
 #     BENCH_ARGS="..."  extra arguments of benchmarks/bench_decode.py (e.g. "--kernel auto,sm80_small")
 #     PYTEST_ARGS="..." extra arguments of pytest (e.g. "-x -k decode")
 #     CMAKE_ARGS="..."  extra arguments of the cmake configure of the C++ tests
@@ -71,9 +76,10 @@ PYTEST_LOG=$OUTDIR/pytest.log
 CTEST_LOG=$OUTDIR/ctest.log
 BENCH_LOG=$OUTDIR/bench.log
 BENCH_JSON=$OUTDIR/bench.json
+SANITIZE_LOG=$OUTDIR/sanitize.log
 SUMMARY=$OUTDIR/summary.txt
 export BENCH_JSON
-for f in "$SETUP_LOG" "$BUILD_LOG" "$PYTEST_LOG" "$CTEST_LOG" "$BENCH_LOG" "$SUMMARY"; do
+for f in "$SETUP_LOG" "$BUILD_LOG" "$PYTEST_LOG" "$CTEST_LOG" "$BENCH_LOG" "$SANITIZE_LOG" "$SUMMARY"; do
     : >"$f"
 done
 rm -f "$BENCH_JSON" "$BENCH_JSON.tmp"
@@ -225,7 +231,11 @@ step_bench() {
     "$PY" benchmarks/bench_decode.py --json "$BENCH_JSON" $BENCH_ARGS
 }
 
-export -f step_env step_wheels step_build step_pytest step_ctest step_package step_bench
+step_sanitize() {
+    PYTHON="$PY" bash "$ROOT/scripts/sanitize.sh"
+}
+
+export -f step_env step_wheels step_build step_pytest step_ctest step_package step_bench step_sanitize
 
 # ------------------------------------------------------------------------------------------
 # Runner
@@ -332,6 +342,20 @@ else
     run_step bench "$BENCH_LOG" step_bench
 fi
 
+SANITIZE_MIN_S=${SANITIZE_MIN_S:-240}
+if [ "${SKIP_SANITIZE:-0}" = 1 ]; then
+    skip_step sanitize "$SANITIZE_LOG" "SKIP_SANITIZE=1"
+elif [ "$BUDGET_S" -gt 0 ] && \
+     [ $(( BUDGET_S - ($(date +%s) - START_TS) - RESERVE_S )) -lt "$SANITIZE_MIN_S" ]; then
+    skip_step sanitize "$SANITIZE_LOG" "less than ${SANITIZE_MIN_S}s of the time budget left; run it alone: SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1"
+else
+    # sanitize.sh fits its tools before this deadline (skipping, not failing, what cannot fit).
+    if [ "$BUDGET_S" -gt 0 ]; then
+        export SANITIZE_DEADLINE_TS=$(( START_TS + BUDGET_S - RESERVE_S - 5 ))
+    fi
+    run_step sanitize "$SANITIZE_LOG" step_sanitize
+fi
+
 # ------------------------------------------------------------------------------------------
 # Summary (last on stdout; also OUTDIR/summary.txt)
 # ------------------------------------------------------------------------------------------
@@ -352,6 +376,7 @@ note_for() {  # one line of detail for a step
         package) step_part package | grep -m1 'GPU_CHECK_STAGE_FAILED' | sed 's/GPU_CHECK_STAGE_FAILED=/failed at: /' ;
                  step_part package | grep -E '^mla_decode_example: ' | tail -n 1 ;;
         bench) step_part bench | grep -E '^bench_decode: ' | tail -n 1 ;;
+        sanitize) step_part sanitize | grep -E '^sanitize: [a-z]+=' | tail -n 1 ;;
     esac 2>/dev/null | paste -sd ';' - | sed 's/;/; /g'
 }
 
@@ -374,6 +399,9 @@ details_for() {  # a few lines explaining a failure
                  step_part package | tail -n 3 ;;
         bench) step_part bench | grep -E '(FAIL|ERROR|Traceback|Error:)' | head -n 12
                step_part bench | tail -n 3 ;;
+        sanitize) step_part sanitize | grep -E '(^=+ +(Invalid|Race|.*[Hh]azard|Barrier|Program hit|Error)|SUMMARY:|FAIL|Traceback|not found)' \
+                      | head -n 15
+                  step_part sanitize | tail -n 2 ;;
     esac
 }
 

@@ -22,6 +22,7 @@
 
 namespace nb = nanobind;
 using Array = nb::ndarray<>;
+using ReadOnlyArray = nb::ndarray<nb::ro>;
 using flash_mla::kHeadDim;
 using flash_mla::kHeadDimV;
 using flash_mla::kMetaInts;
@@ -36,12 +37,14 @@ constexpr nb::dlpack::dtype kBF16{static_cast<uint8_t>(nb::dlpack::dtype_code::B
 constexpr nb::dlpack::dtype kFP16{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 16, 1};
 constexpr nb::dlpack::dtype kFP32{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 32, 1};
 constexpr nb::dlpack::dtype kI32{static_cast<uint8_t>(nb::dlpack::dtype_code::Int), 32, 1};
+constexpr nb::dlpack::dtype kI64{static_cast<uint8_t>(nb::dlpack::dtype_code::Int), 64, 1};
 
 std::string dtype_name(nb::dlpack::dtype dt) {
   if (dt == kBF16) return "bfloat16";
   if (dt == kFP16) return "float16";
   if (dt == kFP32) return "float32";
   if (dt == kI32) return "int32";
+  if (dt == kI64) return "int64";
   static const char* codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
   const std::string code = dt.code < 7 ? codes[dt.code] : "code" + std::to_string(dt.code);
   return code + std::to_string(dt.bits);
@@ -58,11 +61,26 @@ struct Arg {
   const char* name;
   Array a;
 
-  Arg(const char* n, nb::handle h) : name(n) {
-    if (!nb::try_cast(h, a)) {
-      type_error(std::string(name) + ": expected a tensor or array supporting DLPack, got " +
-                 nb::type_name(h.type()).c_str());
+  /// Inputs are imported read-only (producers that flag their buffers read-only, such as
+  /// JAX, are accepted); `writable` arguments (outputs, workspace) must be writable.
+  Arg(const char* n, nb::handle h, bool writable = false) : name(n) {
+    ReadOnlyArray ro;
+    if (writable) {
+      if (nb::try_cast(h, a)) return;
+      if (nb::try_cast(h, ro)) {
+        type_error(prefix() + "the array is read-only; outputs and workspace must be writable buffers "
+                   "(JAX arrays are immutable: pass a CuPy or torch buffer and import the result into JAX "
+                   "with jax.dlpack.from_dlpack)");
+      }
+    } else if (nb::try_cast(h, ro)) {
+      a = Array(ro);
+      return;
     }
+    std::string hint;
+    if (nb::hasattr(h, "requires_grad") && nb::getattr(h, "requires_grad").equal(nb::bool_(true))) {
+      hint = " (it requires grad: pass .detach())";
+    }
+    type_error(prefix() + "expected a tensor or array supporting DLPack, got " + nb::type_name(h.type()).c_str() + hint);
   }
   std::string prefix() const { return std::string(name) + ": "; }
   void dtype_in(std::initializer_list<nb::dlpack::dtype> allowed, const char* expected) const {
@@ -95,7 +113,13 @@ struct Arg {
     }
   }
   int64_t stride(size_t i) const { return a.shape(i) > 1 ? a.stride(i) : 0; }
-  int size(size_t i) const { return static_cast<int>(a.shape(i)); }
+  int size(size_t i) const {
+    if (a.shape(i) > static_cast<size_t>(INT32_MAX)) {
+      value_error(prefix() + "dim " + std::to_string(i) + " is too large, got shape " + shape_str(a));
+    }
+    return static_cast<int>(a.shape(i));
+  }
+  bool aligned(uintptr_t bytes) const { return reinterpret_cast<uintptr_t>(a.data()) % bytes == 0; }
 };
 
 /// Device checks, after every shape and dtype check: all on one CUDA device. Returns its id.
@@ -148,8 +172,10 @@ struct DecodeInputs {
   flash_mla::DecodeParams params;
   int device = -1;
 
+  /// check_device = false leaves the device check (and `device`) to the caller, which checks
+  /// the outputs' shapes first and then the devices of all arrays together.
   DecodeInputs(nb::handle q_, nb::handle k_, nb::handle bt_, nb::handle sl_, int64_t head_dim_v, nb::handle meta_,
-               nb::handle splits_, double softmax_scale)
+               nb::handle splits_, double softmax_scale, bool check_device = true)
       : q("q", q_), k_cache("k_cache", k_), block_table("block_table", bt_), cache_seqlens("cache_seqlens", sl_),
         meta("tile_scheduler_metadata", meta_), splits("num_splits", splits_) {
     q.dtype_in({kBF16, kFP16}, "bfloat16 or float16");
@@ -186,7 +212,7 @@ struct DecodeInputs {
       value_error("softmax_scale: must be finite and > 0, got " + std::to_string(softmax_scale));
     }
 
-    device = common_cuda_device({&q, &k_cache, &block_table, &cache_seqlens, &meta, &splits});
+    if (check_device) device = common_cuda_device({&q, &k_cache, &block_table, &cache_seqlens, &meta, &splits});
 
     auto& p = params;
     p.dtype = q.a.dtype() == kBF16 ? flash_mla::DType::kBF16 : flash_mla::DType::kFP16;
@@ -261,7 +287,8 @@ NB_MODULE(_C, m) {
   }, nb::arg("cache_seqlens"), nb::arg("num_heads_per_head_k"), nb::arg("num_heads_k"));
 
   m.def("get_mla_metadata", [](nb::handle seqlens_h, nb::handle meta_h, nb::handle splits_h, uintptr_t stream) {
-    Arg seqlens("cache_seqlens", seqlens_h), meta("tile_scheduler_metadata", meta_h), splits("num_splits", splits_h);
+    Arg seqlens("cache_seqlens", seqlens_h), meta("tile_scheduler_metadata", meta_h, true),
+        splits("num_splits", splits_h, true);
     check_seqlens(seqlens);
     check_metadata_out(meta, splits, seqlens.size(0));
     const int device = common_cuda_device({&seqlens, &meta, &splits});
@@ -277,21 +304,24 @@ NB_MODULE(_C, m) {
   }, nb::arg("cache_seqlens"), nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"), nb::arg("stream"));
 
   m.def("check_decode_inputs", [](nb::handle q, nb::handle k, nb::handle bt, nb::handle sl, int64_t head_dim_v,
-                                  nb::handle meta, nb::handle splits, double softmax_scale) {
-    DecodeInputs in(q, k, bt, sl, head_dim_v, meta, splits, softmax_scale);
+                                  nb::handle meta, nb::handle splits, double softmax_scale, bool check_device) {
+    DecodeInputs in(q, k, bt, sl, head_dim_v, meta, splits, softmax_scale, check_device);
     const auto& p = in.params;
     return std::make_tuple(p.batch, p.seqlen_q, p.num_heads_q, p.num_heads_kv, in.workspace_splits());
   }, nb::arg("q"), nb::arg("k_cache"), nb::arg("block_table"), nb::arg("cache_seqlens"), nb::arg("head_dim_v"),
      nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"), nb::arg("softmax_scale"),
-     "Checks the inputs of a decode call; returns (batch, s_q, h_q, h_kv, workspace_splits).");
+     nb::arg("check_device") = true,
+     "Checks the inputs of a decode call; returns (batch, s_q, h_q, h_kv, workspace_splits).\n"
+     "check_device=False skips the device check (mla_decode checks devices after the outputs).");
 
   m.def("mla_decode", [](nb::handle q, nb::handle k, nb::handle bt, nb::handle sl, int64_t head_dim_v, nb::handle meta,
                          nb::handle splits, nb::handle out_h, nb::handle lse_h, nb::handle o_accum_h,
                          nb::handle lse_accum_h, double softmax_scale, bool causal, int kernel, uintptr_t stream) {
-    DecodeInputs in(q, k, bt, sl, head_dim_v, meta, splits, softmax_scale);
+    DecodeInputs in(q, k, bt, sl, head_dim_v, meta, splits, softmax_scale, /*check_device=*/false);
     auto& p = in.params;
-    Arg out("out", out_h), lse("lse", lse_h), o_accum("o_accum", o_accum_h), lse_accum("lse_accum", lse_accum_h);
-    const int rows = p.seqlen_q * p.num_heads_q;
+    Arg out("out", out_h, true), lse("lse", lse_h, true), o_accum("o_accum", o_accum_h, true),
+        lse_accum("lse_accum", lse_accum_h, true);
+    const int64_t rows = static_cast<int64_t>(p.seqlen_q) * p.num_heads_q;
     if (out.a.dtype() != in.q.a.dtype()) type_error("out: dtype must match q");
     out.ndim(4, "(batch, s_q, h_q, 512)");
     out.dim(0, p.batch, "batch");
@@ -318,8 +348,11 @@ NB_MODULE(_C, m) {
     lse_accum.dim(0, o_accum.size(0), "splits of o_accum");
     lse_accum.dim(1, rows, "s_q * h_q");
     lse_accum.contiguous();
-    const int device = common_cuda_device({&in.q, &out, &lse, &o_accum, &lse_accum});
-    if (device != in.device) value_error("out: must be on q's device");
+    if (!out.aligned(16)) value_error("out: must be 16-byte aligned");
+    if (!o_accum.aligned(16)) value_error("o_accum: must be 16-byte aligned");
+    if (!lse.aligned(4) || !lse_accum.aligned(4)) value_error("lse, lse_accum: must be 4-byte aligned");
+    const int device = common_cuda_device({&in.q, &in.k_cache, &in.block_table, &in.cache_seqlens, &in.meta,
+                                           &in.splits, &out, &lse, &o_accum, &lse_accum});
     p.out = out.a.data();
     p.lse = static_cast<float*>(lse.a.data());
     p.o_accum = static_cast<float*>(o_accum.a.data());
@@ -346,4 +379,62 @@ NB_MODULE(_C, m) {
     raise_if_failed(flash_mla_ext::kernel_name(device, kernel_choice(kernel), &name));
     return name;
   }, nb::arg("device"), nb::arg("kernel"));
+
+  // ---- opt-in input validation and helpers of the framework-neutral API (flash_mla.ops) ----
+
+  m.attr("INPUT_CHECK_WORDS") = flash_mla::kInputCheckWords;
+
+  m.def("check_paged_inputs", [](nb::handle bt_h, nb::handle sl_h, int64_t num_blocks, nb::handle result_h,
+                                 uintptr_t stream) {
+    Arg block_table("block_table", bt_h), seqlens("cache_seqlens", sl_h), result("result", result_h, true);
+    block_table.dtype_in({kI32}, "int32");
+    block_table.ndim(2, "(batch, max_blocks_per_seq)");
+    block_table.last_dim_contiguous();
+    check_seqlens(seqlens);
+    seqlens.dim(0, block_table.size(0), "batch (block_table rows)");
+    if (num_blocks < 0 || num_blocks > INT32_MAX) {
+      value_error("num_blocks: must be in [0, 2^31 - 1], got " + std::to_string(num_blocks));
+    }
+    result.dtype_in({kI64}, "int64");
+    result.ndim(1, "(8,)");
+    result.dim(0, flash_mla::kInputCheckWords, "length");
+    result.contiguous();
+    if (!result.aligned(8)) value_error("result: must be 8-byte aligned");
+    const int device = common_cuda_device({&block_table, &seqlens, &result});
+    flash_mla::InputCheckParams p;
+    p.block_table = static_cast<const int32_t*>(block_table.a.data());
+    p.block_table_stride = block_table.stride(0);
+    p.cache_seqlens = static_cast<const int32_t*>(seqlens.a.data());
+    p.batch = seqlens.size(0);
+    p.max_blocks_per_seq = block_table.size(1);
+    p.num_blocks = static_cast<int>(num_blocks);
+    p.result = static_cast<int64_t*>(result.a.data());
+    p.stream = reinterpret_cast<cudaStream_t>(stream);
+    DeviceGuard guard(device);
+    raise_if_failed(flash_mla_ext::run_input_check(p));
+  }, nb::arg("block_table"), nb::arg("cache_seqlens"), nb::arg("num_blocks"), nb::arg("result"), nb::arg("stream"),
+     "Launches the GPU check of the used block_table entries and cache_seqlens (see input_check.cuh);\n"
+     "the verdict lands in result (int64[8]) on the stream.");
+
+  m.def("workspace_splits", [](int64_t batch, int64_t num_sm_parts) {
+    if (batch < 0 || batch > (1 << 30)) value_error("batch: must be in [0, 2^30], got " + std::to_string(batch));
+    if (num_sm_parts < 1 || num_sm_parts > 65535) {
+      value_error("num_sm_parts: must be in [1, 65535], got " + std::to_string(num_sm_parts));
+    }
+    return flash_mla::max_splits_of(static_cast<int>(batch), static_cast<int>(num_sm_parts));
+  }, nb::arg("batch"), nb::arg("num_sm_parts"), "Splits (dim 0) the o_accum / lse_accum workspace needs.");
+
+  m.def("device_sm_count", [](int device) {
+    if (device < 0 && cudaGetDevice(&device) != cudaSuccess) {
+      cudaGetLastError();
+      throw std::runtime_error("flash_mla: no CUDA device available");
+    }
+    int count = 0;
+    const cudaError_t err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      value_error("device: cannot query cuda:" + std::to_string(device) + ": " + cudaGetErrorString(err));
+    }
+    return count;
+  }, nb::arg("device") = -1, "Number of SMs of a CUDA device (-1: the current device).");
 }

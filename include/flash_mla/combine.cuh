@@ -15,6 +15,10 @@ constexpr int kCombineRowsPerCta = 4;
 
 template <typename Element>
 __global__ void __launch_bounds__(kCombineRowsPerCta * 32) combine_kernel(const __grid_constant__ DecodeParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched early (programmatic dependent launch): wait until the decode kernel's writes land.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   const int req = blockIdx.x;
   const int lane = threadIdx.x % 32;
   const int rows = p.rows_per_kv_head();
@@ -38,9 +42,10 @@ __global__ void __launch_bounds__(kCombineRowsPerCta * 32) combine_kernel(const 
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     lse = lse_max + logf(sum);
+    // No branch on the weight: the loads of several splits can then be in flight at once.
+#pragma unroll 4
     for (int s = 0; s < n_splits; ++s) {
       const float w = expf(split_lse[static_cast<int64_t>(s) * rows_total] - lse);
-      if (w == 0.f) continue;
       const float4* src = reinterpret_cast<const float4*>(
           p.o_accum + (static_cast<int64_t>(first + s) * rows_total + row) * kHeadDimV);
 #pragma unroll
@@ -69,11 +74,21 @@ __global__ void __launch_bounds__(kCombineRowsPerCta * 32) combine_kernel(const 
   if (lane == 0) p.lse[(static_cast<int64_t>(req) * p.num_heads_q + h) * p.seqlen_q + t] = lse;
 }
 
+/// Launches the combine on p.stream. With `overlap` (sm_90+) it is a programmatic dependent
+/// launch: its CTAs are scheduled while the decode kernel drains and wait in griddepcontrol.
 template <typename Element>
-inline void launch_combine(const DecodeParams& p) {
+inline cudaError_t launch_combine(const DecodeParams& p, bool overlap) {
   const int rows_total = p.seqlen_q * p.num_heads_q;
-  const dim3 grid(p.batch, (rows_total + kCombineRowsPerCta - 1) / kCombineRowsPerCta);
-  combine_kernel<Element><<<grid, kCombineRowsPerCta * 32, 0, p.stream>>>(p);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(p.batch, (rows_total + kCombineRowsPerCta - 1) / kCombineRowsPerCta);
+  config.blockDim = dim3(kCombineRowsPerCta * 32);
+  config.stream = p.stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = overlap ? 1 : 0;
+  return cudaLaunchKernelEx(&config, combine_kernel<Element>, p);
 }
 
 }  // namespace flash_mla

@@ -6,23 +6,45 @@ The two entry points keep FlashMLA's API:
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
                                       meta, splits, softmax_scale=None, causal=False)
 
-``flash_mla.reference`` holds a plain-torch implementation of the same contract.
+``flash_mla.reference`` holds a plain-torch implementation of the same contract, and
+``flash_mla.ops`` a framework-neutral API (any DLPack arrays, caller-provided outputs) that
+does not need torch.
+
+torch is imported lazily: ``import flash_mla.ops`` works without it. The torch API (and the
+``torch.ops.flash_mla`` custom ops it registers) loads on first use of one of the names below,
+or right away when torch was imported before flash_mla.
 """
 
-from .interface import (
-    FlashMLASchedMeta,
-    flash_mla_with_kvcache,
-    get_mla_metadata,
-    host_plan,
-    kernel_for_device,
-)
+import importlib
+import sys
 
-__all__ = [
+_TORCH_API = (
     "FlashMLASchedMeta",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "host_plan",
     "kernel_for_device",
-]
+)
+
+__all__ = list(_TORCH_API)
+
+
+def __getattr__(name):
+    if name in _TORCH_API:
+        interface = importlib.import_module(".interface", __name__)
+        for api_name in _TORCH_API:
+            globals()[api_name] = getattr(interface, api_name)
+        return globals()[name]
+    if name in ("ops", "reference", "interface"):
+        return importlib.import_module("." + name, __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_TORCH_API) | {"ops", "reference", "interface"})
+
+
+if "torch" in sys.modules:  # torch users: register the custom ops now
+    __getattr__("flash_mla_with_kvcache")
 
 __version__ = "0.1.0"

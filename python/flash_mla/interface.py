@@ -1,7 +1,8 @@
 """torch-facing API: output and workspace allocation, streams, scheduler objects.
 
 All argument checking happens in the compiled module (``flash_mla._C``), once per call and
-before any launch; this file only allocates with torch and forwards.
+before any launch; this file only allocates with torch and forwards. Tensor calls go through
+the torch.library custom ops of ``_torch_ops`` (torch.compile / CUDA-graph friendly).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C
+from . import _torch_ops
 
 HEAD_DIM = 576
 HEAD_DIM_V = 512
@@ -87,8 +89,15 @@ def get_mla_metadata(
         return FlashMLASchedMeta(), None
     if num_heads_per_head_k is None or num_heads_k is None:
         raise TypeError("get_mla_metadata() needs cache_seqlens, num_heads_per_head_k and num_heads_k")
-    _C.check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
-    return _plan_into(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    _require_tensors(cache_seqlens=cache_seqlens)
+    return _torch_ops.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+
+
+def _require_tensors(**tensors) -> None:
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__} "
+                            "(flash_mla.ops takes arrays of any DLPack framework)")
 
 
 # Keyword arguments of later FlashMLA releases for features this library does not build yet,
@@ -110,7 +119,9 @@ def _reject_unsupported(kwargs: dict, what: str) -> None:
         if name not in _UNSUPPORTED_DEFAULTS:
             raise TypeError(f"{what}() got an unexpected keyword argument '{name}'")
         default = _UNSUPPORTED_DEFAULTS[name]
-        if value is not default and not (isinstance(value, bool) and value == default):
+        # False-like flags (0, numpy.False_) count as "off"; None-defaults must stay None.
+        off = value is None if default is None else not bool(value)
+        if not off:
             raise NotImplementedError(f"{what}(): {name}={value!r} is not supported by flash-mla yet")
 
 
@@ -133,6 +144,9 @@ def flash_mla_with_kvcache(
     extra_topk_length: Optional[torch.Tensor] = None,
     *,
     kernel: str = "auto",
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    check_inputs: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """MLA decoding attention over a paged KV cache.
 
@@ -151,6 +165,13 @@ def flash_mla_with_kvcache(
             raise NotImplementedError unless left at their defaults.
         kernel (keyword only): "auto" (default: "sm90" on Hopper, else the portable kernel), or
             "sm90" / "sm80_large" / "sm80_small" to force a path.
+        out, lse (keyword only): preallocated outputs, (batch, s_q, h_q, 512) in q's dtype and
+            (batch, h_q, s_q) float32, contiguous, on q's device (checked); returned as given.
+            Either may be given alone (the other is allocated).
+        check_inputs (keyword only): validate on the GPU that cache_seqlens are in
+            [0, 64 * max_blocks_per_seq] and the used block_table entries in [0, num_blocks)
+            and raise ValueError otherwise. Synchronises with the host: eager only (not during
+            CUDA-graph capture; a graph break under torch.compile). Off by default.
 
     Returns:
         out (batch, s_q, h_q, 512) in q's dtype and lse (batch, h_q, s_q) float32
@@ -164,40 +185,74 @@ def flash_mla_with_kvcache(
         raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
     if isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
         tile_scheduler_metadata, num_splits = _plan_sched(
-            tile_scheduler_metadata, q, k_cache, cache_seqlens, causal)
+            tile_scheduler_metadata, q, k_cache, block_table, cache_seqlens, head_dim_v,
+            _scale_of(softmax_scale), causal)
     elif num_splits is None:
         raise ValueError("num_splits: None is only valid with a FlashMLASchedMeta from get_mla_metadata(); "
                          "pass the num_splits returned together with tile_scheduler_metadata")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(HEAD_DIM)
-    shapes = _C.check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                                    tile_scheduler_metadata, num_splits, float(softmax_scale))
-    batch, seqlen_q, heads_q, heads_kv, workspace_splits = shapes
-    device = q.device
-    out = torch.empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=q.dtype, device=device)
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=device)
-    rows = seqlen_q * heads_q  # = h_kv * rows_per_kv_head
-    o_accum = torch.empty((workspace_splits, rows, HEAD_DIM_V), dtype=torch.float32, device=device)
-    lse_accum = torch.empty((workspace_splits, rows), dtype=torch.float32, device=device)
-    _C.mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                  num_splits, out, lse, o_accum, lse_accum, float(softmax_scale), bool(causal),
-                  _KERNELS[kernel], _stream_of(device))
+    _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+                     tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
+    softmax_scale, causal, kernel_id = _scale_of(softmax_scale), bool(causal), _KERNELS[kernel]
+    if check_inputs:
+        _torch_ops.check_inputs_on_device(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                                          tile_scheduler_metadata, num_splits, softmax_scale)
+    if out is None and lse is None:
+        return _torch_ops.mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                                     tile_scheduler_metadata, num_splits, softmax_scale, causal, kernel_id)
+    out, lse = _outputs_for(q, out, lse)
+    _torch_ops.mla_decode_out(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                              num_splits, out, lse, softmax_scale, causal, kernel_id)
     return out, lse
 
 
-def _plan_sched(sched: FlashMLASchedMeta, q, k_cache, cache_seqlens, causal):
-    if not (isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k_cache, torch.Tensor)
-            and k_cache.dim() == 4 and isinstance(cache_seqlens, torch.Tensor)):
-        raise ValueError("q and k_cache must be 4-D tensors and cache_seqlens a tensor")
+def _scale_of(softmax_scale) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(HEAD_DIM)
+    try:
+        return float(softmax_scale)
+    except OverflowError:
+        raise ValueError(f"softmax_scale: must be finite and > 0, got {softmax_scale!r}") from None
+
+
+def _outputs_for(q: torch.Tensor, out, lse):
+    """out= / lse= as given, the missing one allocated (their checks are in the compiled module)."""
+    if out is None or lse is None:
+        if q.dim() != 4:
+            raise ValueError(f"q: expected 4 dims (batch, s_q, h_q, 576), got shape {tuple(q.shape)}")
+        batch, seqlen_q, heads_q, _ = q.shape
+        if out is None:
+            out = torch.empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=q.dtype, device=q.device)
+        if lse is None:
+            lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    _require_tensors(out=out, lse=lse)
+    return out, lse
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    """Under torch.compile or FakeTensorMode: no data to hand to the compiled module."""
+    from torch._subclasses.fake_tensor import is_fake
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
+def _plan_sched(sched: FlashMLASchedMeta, q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                causal):
+    _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens)
+    if sched.config is None and not _is_traced(q):
+        # Every input check before the planning launch: placeholder metadata of the right shape.
+        # (Under torch.compile the custom ops' fake implementations check shapes instead.)
+        batch = q.shape[0] if q.dim() > 0 else 0
+        _C.check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                               torch.zeros((1, META_INTS), dtype=torch.int32),
+                               torch.zeros((batch + 1,), dtype=torch.int32), softmax_scale, check_device=False)
+        for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table)):
+            if t.device != cache_seqlens.device:
+                raise ValueError(f"{name}: must be on cache_seqlens' device ({cache_seqlens.device}), got {t.device}")
     batch, seqlen_q, heads_q, _ = q.shape
     page, heads_kv = k_cache.shape[1], k_cache.shape[2]
     config = (batch, seqlen_q, heads_q, page, heads_kv, bool(causal))
     if sched.config is None:
-        if heads_kv <= 0 or heads_q % heads_kv != 0:
-            raise ValueError(f"h_q ({heads_q}) must be a multiple of h_kv ({heads_kv})")
         rows = seqlen_q * heads_q // heads_kv
-        _C.check_metadata_args(cache_seqlens, rows, heads_kv)
-        sched.tile_scheduler_metadata, sched.num_splits = _plan_into(cache_seqlens, rows, heads_kv)
+        sched.tile_scheduler_metadata, sched.num_splits = _torch_ops.get_mla_metadata(cache_seqlens, rows, heads_kv)
         sched.config = config
     elif sched.config != config:
         names = ("batch", "s_q", "h_q", "page_block_size", "h_kv", "causal")
@@ -212,7 +267,7 @@ def host_plan(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int, num_sm
 
     Returns ``(tile_scheduler_metadata, num_splits)`` as lists of ints (rows of 8, and b + 1).
     """
-    seqlens = [int(x) for x in cache_seqlens]
+    seqlens = cache_seqlens.tolist() if hasattr(cache_seqlens, "tolist") else [int(x) for x in cache_seqlens]
     parts = _C.num_sm_parts(num_sms, num_heads_per_head_k, num_heads_k)
     return _C.host_plan(seqlens, parts)
 

@@ -29,7 +29,7 @@ constexpr int kSegmentFixedCost = 5;
 
 /// Pages holding `seqlen` tokens (negative lengths count as empty).
 FLASH_MLA_HOST_DEVICE int pages_of(int seqlen) {
-  return seqlen > 0 ? (seqlen + kPageSize - 1) / kPageSize : 0;
+  return seqlen > 0 ? static_cast<int>((static_cast<long long>(seqlen) + kPageSize - 1) / kPageSize) : 0;
 }
 
 /// Number of SM parts the plan balances over: one part per SM for each (KV head, m-block)

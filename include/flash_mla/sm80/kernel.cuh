@@ -7,6 +7,7 @@
 #pragma once
 
 #include "../common/epilogue.cuh"
+#include "../common/segment.cuh"
 #include "../common/softmax.cuh"
 #include "../params.hpp"
 #include "gmem_loader.cuh"
@@ -36,24 +37,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
 
   const int32_t* meta = p.tile_scheduler_metadata + blockIdx.z * kMetaInts;
-  const int begin_req = meta[0], begin_page = meta[1], end_req = meta[2], end_page = meta[3];
+  const int begin_req = meta[0], end_req = meta[2];
 
   // The clamps only matter for metadata planned for other inputs: stay in bounds.
   for (int req = max(begin_req, 0); req <= min(end_req, p.batch - 1); ++req) {
-    const int seqlen = max(p.cache_seqlens[req], 0);
-    const int page_lo = req == begin_req ? begin_page : 0;
-    const int page_hi = req == end_req ? end_page : (seqlen + kPageSize - 1) / kPageSize;
-    const int n_lo = page_lo * kPageSize;
-    const int n_hi = min(page_hi * kPageSize, seqlen);
-    const int n_tiles = n_hi > n_lo ? (n_hi - n_lo + T::kBlockN - 1) / T::kBlockN : 0;
+    const Segment seg = Segment::of<T::kBlockN>(p, meta, req);
+    const int seqlen = seg.seqlen, n_lo = seg.n_lo, n_tiles = seg.n_tiles;
 
-    // Last visible key of the thread's two rows (-1: none, also for padding rows).
-    int limit[2];
+    int limit[2];  // last visible key of the thread's two rows (-1: none, also for padding rows)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = row0 + local_row + 8 * i;
-      const int t = rows_map.token(r);
-      limit[i] = r >= rows_map.rows ? -1 : (p.causal && p.seqlen_q > 1 ? seqlen - p.seqlen_q + t : seqlen - 1);
+      limit[i] = seg.last_visible(p, r < rows_map.rows, rows_map.token(r));
     }
 
     __syncthreads();  // the previous segment is done with every shared buffer

@@ -9,6 +9,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "../common/epilogue.cuh"
+#include "../common/segment.cuh"
 #include "../common/softmax.cuh"
 #include "../params.hpp"
 #include "../sm80/ptx.cuh"
@@ -60,19 +61,6 @@ __device__ __forceinline__ void zero_tail_tokens(uint8_t* kv, int valid) {
   }
 }
 
-/// The pages [page_lo, page_hi) of request `req` that a segment decodes, as a token range.
-struct Segment {
-  int seqlen, n_lo, n_tiles;
-  __device__ Segment(const DecodeParams& p, const int32_t* meta, int req) {
-    seqlen = max(p.cache_seqlens[req], 0);
-    const int page_lo = req == meta[0] ? meta[1] : 0;
-    const int page_hi = req == meta[2] ? meta[3] : (seqlen + kPageSize - 1) / kPageSize;
-    n_lo = page_lo * kPageSize;
-    const int n_hi = min(page_hi * kPageSize, seqlen);
-    n_tiles = n_hi > n_lo ? (n_hi - n_lo + kPageSize - 1) / kPageSize : 0;
-  }
-};
-
 template <typename Element>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     decode_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kv_map, const bool q_vec16) {
@@ -101,7 +89,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (threadIdx.x != Traits::kConsumerThreads) return;
     auto state = cutlass::make_producer_start_state<Pipeline>();
     for (int req = first_req; req <= last_req; ++req) {
-      const Segment seg(p, meta, req);
+      const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
       for (int it = 0; it < seg.n_tiles; ++it) {
         const int logical_page = seg.n_lo / kPageSize + it;
         const int page = logical_page < p.max_blocks_per_seq
@@ -126,13 +114,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   cutlass::PipelineState<Traits::kStages> state;
 
   for (int req = first_req; req <= last_req; ++req) {
-    const Segment seg(p, meta, req);
+    const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
     int limit[2];  // last visible key of the thread's two rows (-1: none)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = row0 + local_row + 8 * i;
-      limit[i] = r >= rows_map.rows ? -1
-               : (p.causal && p.seqlen_q > 1 ? seg.seqlen - p.seqlen_q + rows_map.token(r) : seg.seqlen - 1);
+      limit[i] = seg.last_visible(p, r < rows_map.rows, rows_map.token(r));
     }
 
     consumers_sync();  // the previous segment is done with Q, P and the row statistics

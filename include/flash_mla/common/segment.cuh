@@ -1,0 +1,35 @@
+// The part of one request an SM part decodes: pages [page_lo, page_hi) of the plan row
+// (scheduler/plan.hpp), as a token range clipped to the request's length.
+#pragma once
+
+#include "../params.hpp"
+#include "../scheduler/plan.hpp"
+
+namespace flash_mla {
+
+struct Segment {
+  int seqlen;   // L of the request (negative lengths read as 0)
+  int n_lo;     // first token of the segment
+  int n_hi;     // one past its last token
+  int n_tiles;  // kTileTokens-token tiles covering [n_lo, n_hi)
+
+  template <int kTileTokens>
+  __device__ static Segment of(const DecodeParams& p, const int32_t* meta, int req) {
+    Segment seg;
+    seg.seqlen = max(p.cache_seqlens[req], 0);
+    const int page_lo = req == meta[0] ? meta[1] : 0;
+    const int page_hi = req == meta[2] ? meta[3] : pages_of(seg.seqlen);
+    seg.n_lo = static_cast<int>(min(static_cast<long long>(page_lo) * kPageSize, static_cast<long long>(seg.seqlen)));
+    seg.n_hi = static_cast<int>(min(static_cast<long long>(page_hi) * kPageSize, static_cast<long long>(seg.seqlen)));
+    seg.n_tiles = seg.n_hi > seg.n_lo ? (seg.n_hi - seg.n_lo + kTileTokens - 1) / kTileTokens : 0;
+    return seg;
+  }
+
+  /// Last key position visible to packed row r whose query token is t (-1: none).
+  __device__ int last_visible(const DecodeParams& p, bool row_valid, int t) const {
+    if (!row_valid) return -1;
+    return p.causal && p.seqlen_q > 1 ? seqlen - p.seqlen_q + t : seqlen - 1;
+  }
+};
+
+}  // namespace flash_mla

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""A small decode workload for compute-sanitizer (run by scripts/sanitize.sh).
+
+Python under compute-sanitizer is slow, so this driver keeps GPU work to flash-mla's own
+kernels: problems are built on the CPU (conftest.build_paged_case: NaN in unused cache slots
+and pages, junk past each request's pages in block_table, strided layouts) and copied to the
+GPU storage-for-storage (same strides and offsets, memcpy only); references are computed on the
+CPU. With PYTORCH_NO_CUDA_MEMORY_CACHING=1 (set by sanitize.sh) every tensor is its own
+cudaMalloc, so memcheck sees any access past a tensor's end.
+
+Cases (--cases, default all):
+  split    b=3, s_q=1, h_q=16, lengths 1/1300/0: a request split across SM parts (combine runs)
+  gqa      b=2, s_q=2, h_q=64, h_kv=2, causal, q stored (b, h, s, d)
+  wide     b=2, s_q=1, h_q=128: two m-blocks of 64 rows, a k_cache with padded rows
+  hostile  lengths past the block table and junk page indices among the used entries: results
+           are meaningless but nothing may be read out of bounds (memcheck), and
+           check_inputs=True must refuse the call
+Each case runs with get_mla_metadata and every kernel that runs here (--kernels), through the
+torch API once with check_inputs=True (the input-check kernels) and once into preallocated
+out= / lse=. With --num-sms N it goes through flash_mla.ops instead, planning for N SMs (N SM
+parts for 64 query rows: far fewer CTAs, which is what makes racecheck affordable), one
+ops.check_paged_inputs and one ops.mla_decode per kernel.
+
+Exit status 0 when every result matched the reference, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "python"))
+
+import torch  # noqa: E402
+
+import flash_mla  # noqa: E402
+from conftest import assert_decode_matches, build_paged_case  # noqa: E402
+from flash_mla import ops  # noqa: E402
+from flash_mla.reference import mla_decode_reference  # noqa: E402
+
+DV = 512
+KERNELS = ("auto", "sm80_large", "sm80_small", "sm90")
+CASES = {
+    # name: (b, s_q, h_q, h_kv, lengths, dtype, q_layout, k_layout, causal, table_width)
+    "split": (3, 1, 16, 1, [1, 1300, 0], torch.bfloat16, "head_pad", "row_pad", False, None),
+    "gqa": (2, 2, 64, 2, [65, 300], torch.float16, "bhsd", "contiguous", True, None),
+    "wide": (2, 1, 128, 1, [700, 64], torch.bfloat16, "contiguous", "row_pad", True, None),
+    "hostile": (3, 2, 16, 1, [100, 64, 10], torch.bfloat16, "contiguous", "head_pad", True, 3),
+}
+
+
+def to_gpu(t: torch.Tensor) -> torch.Tensor:
+    """The same view (shape, strides, offset) over a GPU copy of t's whole storage."""
+    storage = t.untyped_storage().cuda()
+    return torch.empty((0,), dtype=t.dtype, device="cuda").set_(storage, t.storage_offset(), t.size(), t.stride())
+
+
+def gpu_nan(shape, dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype).cuda()  # filled on the CPU: no fill kernel
+
+
+def runnable_kernels():
+    """Every kernel that runs here, once each ("auto" stands for the kernel it resolves to)."""
+    seen, kernels = set(), []
+    for kernel in KERNELS:
+        try:
+            resolved = flash_mla.kernel_for_device(kernel=kernel)
+        except (RuntimeError, ValueError):
+            continue
+        if resolved not in seen:
+            seen.add(resolved)
+            kernels.append(kernel)
+    return kernels
+
+
+def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
+    """The flash_mla.ops path with a plan for `num_sms` SMs (few CTAs)."""
+    b, s_q, h_q, h_kv, lengths, dtype, q_layout, k_layout, causal, width = CASES[name]
+    cpu = build_paged_case(b, s_q, h_q, h_kv, lengths, dtype, seed=1234 + len(name), device="cpu",
+                           q_layout=q_layout, k_layout=k_layout, table_width=width)
+    block_table_cpu, seqlens_cpu = cpu.block_table.clone(), cpu.cache_seqlens.clone()
+    if name == "hostile":
+        seqlens_cpu[0] = 300
+        block_table_cpu[1, 0] = 10 ** 9
+        block_table_cpu[2, 0] = -7
+    q, k_cache = to_gpu(cpu.q), to_gpu(cpu.k_cache)
+    block_table, cache_seqlens = block_table_cpu.cuda(), seqlens_cpu.cuda()
+    parts = ops.num_sm_parts(s_q, h_q, h_kv, num_sms=num_sms)
+    shapes = ops.workspace_shapes(b, s_q, h_q, h_kv, parts)
+    meta = torch.zeros(shapes["tile_scheduler_metadata"], dtype=torch.int32).cuda()
+    splits = torch.zeros(shapes["num_splits"], dtype=torch.int32).cuda()
+    stream = torch.cuda.current_stream()
+    ops.get_mla_metadata(cache_seqlens, meta, splits, stream=stream)
+    result = torch.zeros((ops.INPUT_CHECK_WORDS,), dtype=torch.int64).cuda()
+    ops.check_paged_inputs(block_table, cache_seqlens, cpu.num_blocks, result, stream=stream)
+    verdict = ops.input_check_error(result.tolist(), cpu.num_blocks, block_table.shape[1])
+    ok = (verdict is not None) == (name == "hostile")
+    log(f"  {name:8s} check_paged_inputs: {verdict or 'valid'}{'' if ok else '  <- FAIL'}")
+    if name != "hostile":
+        ref_out, ref_lse = mla_decode_reference(cpu.q, cpu.k_cache, cpu.block_table, cpu.cache_seqlens, DV,
+                                                None, causal)
+    for kernel in kernels:
+        t0 = time.time()
+        try:
+            out, lse = gpu_nan(shapes["out"], dtype), gpu_nan(shapes["lse"], torch.float32)
+            o_accum = gpu_nan(shapes["o_accum"], torch.float32)
+            lse_accum = gpu_nan(shapes["lse_accum"], torch.float32)
+            ops.mla_decode(q, k_cache, block_table, cache_seqlens, meta, splits, out, lse, o_accum, lse_accum,
+                           causal=causal, stream=stream, kernel=kernel)
+            torch.cuda.synchronize()
+            if name == "hostile":
+                log(f"  {name:8s} {kernel:11s} ran (results not checked)")
+                continue
+            assert_decode_matches(out.cpu(), lse.cpu(), ref_out, ref_lse, dtype, what=f"{name} {kernel} ops")
+            log(f"  {name:8s} {kernel:11s} ok, {parts} SM parts ({time.time() - t0:.1f} s)")
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next kernel
+            log(f"  {name:8s} {kernel:11s} FAIL: {type(exc).__name__}: {exc}")
+            ok = False
+    return ok
+
+
+def run_case(name: str, kernels, log) -> bool:
+    b, s_q, h_q, h_kv, lengths, dtype, q_layout, k_layout, causal, width = CASES[name]
+    cpu = build_paged_case(b, s_q, h_q, h_kv, lengths, dtype, seed=1234 + len(name), device="cpu",
+                           q_layout=q_layout, k_layout=k_layout, table_width=width)
+    block_table_cpu, seqlens_cpu = cpu.block_table.clone(), cpu.cache_seqlens.clone()
+    if name == "hostile":
+        # Request 0: 100 tokens but 300 claimed (3 columns hold 192): pages past the table.
+        # Request 1: junk in a used entry. Request 2: a negative page in its only entry.
+        seqlens_cpu[0] = 300
+        block_table_cpu[1, 0] = 10 ** 9
+        block_table_cpu[2, 0] = -7
+    q, k_cache = to_gpu(cpu.q), to_gpu(cpu.k_cache)
+    block_table, cache_seqlens = block_table_cpu.cuda(), seqlens_cpu.cuda()
+    ok = True
+    if name != "hostile":
+        ref_out, ref_lse = mla_decode_reference(cpu.q, cpu.k_cache, cpu.block_table, cpu.cache_seqlens, DV,
+                                                None, causal)
+    meta, splits = flash_mla.get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
+    for kernel in kernels:
+        t0 = time.time()
+        try:
+            if name == "hostile":
+                out, lse = flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, DV, meta, splits,
+                                                            causal=causal, kernel=kernel)
+                torch.cuda.synchronize()
+                finite = bool(torch.isfinite(out.cpu().float()).all())
+                log(f"  {name:8s} {kernel:11s} ran (results not checked), out finite: {finite}")
+                try:
+                    flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, DV, meta, splits,
+                                                     causal=causal, kernel=kernel, check_inputs=True)
+                except ValueError as exc:
+                    log(f"  {name:8s} {kernel:11s} check_inputs refused it: {str(exc)[:90]}")
+                else:
+                    log(f"  {name:8s} {kernel:11s} FAIL: check_inputs accepted invalid indices")
+                    ok = False
+                continue
+            out, lse = flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, DV, meta, splits,
+                                                        causal=causal, kernel=kernel, check_inputs=True)
+            assert_decode_matches(out.cpu(), lse.cpu(), ref_out, ref_lse, dtype, what=f"{name} {kernel}")
+            out_buf, lse_buf = gpu_nan(out.shape, dtype), gpu_nan(lse.shape, torch.float32)
+            flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, DV, meta, splits,
+                                             causal=causal, kernel=kernel, out=out_buf, lse=lse_buf)
+            assert_decode_matches(out_buf.cpu(), lse_buf.cpu(), ref_out, ref_lse, dtype, what=f"{name} {kernel} out=")
+            log(f"  {name:8s} {kernel:11s} ok ({time.time() - t0:.1f} s)")
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next kernel
+            log(f"  {name:8s} {kernel:11s} FAIL: {type(exc).__name__}: {exc}")
+            ok = False
+    return ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
+    parser.add_argument("--kernels", default="all", help="comma-separated kernel names, or 'all' (those that run)")
+    parser.add_argument("--num-sms", type=int, default=None,
+                        help="use flash_mla.ops with a plan for this many SMs (fewer CTAs) instead of the torch API")
+    args = parser.parse_args(argv)
+
+    def log(msg):
+        print(f"sanitize_driver: {msg}", flush=True)
+
+    if not torch.cuda.is_available():
+        log("no CUDA device")
+        return 2
+    kernels = runnable_kernels() if args.kernels == "all" else args.kernels.split(",")
+    log(f"device {torch.cuda.get_device_name()}, kernels {kernels}, caching allocator "
+        f"{'off' if os.environ.get('PYTORCH_NO_CUDA_MEMORY_CACHING') == '1' else 'ON'}")
+    ok = True
+    for name in args.cases.split(","):
+        if args.num_sms:
+            ok &= run_case_ops(name, kernels, args.num_sms, log)
+        else:
+            ok &= run_case(name, kernels, log)
+    torch.cuda.synchronize()
+    log("all cases passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
