@@ -565,3 +565,16 @@ def test_sched_object_with_reference_kernels(reference_kernels):
                                         None, causal=True)
     assert sched.tile_scheduler_metadata is meta
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+
+
+def test_compiled_module_before_torch_imports_cleanly():
+    """Importing flash_mla._C before torch once crashed torch's import (the module exported the
+    symbols of its static libstdc++/cudart): both orders must import and exit cleanly."""
+    import subprocess
+    import sys
+
+    for code in ("import flash_mla._C; import torch; print('ok')",
+                 "import flash_mla.ops; import torch; import flash_mla; flash_mla.get_mla_metadata(); print('ok')"):
+        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (code, proc.returncode, proc.stdout[-2000:])
