@@ -83,8 +83,6 @@ __device__ __forceinline__ void exponentiate(float (&s)[kTiles][4], const float 
 
 template <int kTiles>
 __device__ __forceinline__ void rescale_rows(float (&o)[kTiles][4], const float (&rescale)[2]) {
-  // Once the running maxima settle most tiles leave them unchanged: skip the multiplies then.
-  if (!__any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f)) return;
 #pragma unroll
   for (int j = 0; j < kTiles; ++j) {
     o[j][0] *= rescale[0];
