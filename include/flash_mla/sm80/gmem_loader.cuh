@@ -4,6 +4,7 @@
 // unused cache slots and junk in unused table entries cannot reach the math.
 #pragma once
 
+#include "../common/q_chunk.cuh"
 #include "../common/rows.cuh"
 #include "../params.hpp"
 #include "ptx.cuh"
@@ -15,24 +16,10 @@ namespace flash_mla::sm80 {
 template <typename Traits, typename Element>
 __device__ __forceinline__ void load_q_tile(Element* sQ, const DecodeParams& p, const RowMap& rows_map,
                                             int req, int row0, bool q_vec16) {
-  const Element* q = static_cast<const Element*>(p.q);
   for (int idx = threadIdx.x; idx < Traits::kBlockM * Traits::kChunksPerRow; idx += Traits::kThreads) {
     const int local_row = idx / Traits::kChunksPerRow;
     const int col = (idx % Traits::kChunksPerRow) * 8;
-    const int r = row0 + local_row;
-    const bool valid = r < rows_map.rows;
-    const Element* src = q;
-    if (valid) {
-      src = q + req * p.q_batch_stride + rows_map.token(r) * p.q_seq_stride +
-            static_cast<int64_t>(rows_map.head(r)) * p.q_head_stride + col;
-    }
-    Element* dst = sQ + Traits::swizzle(local_row, col);
-    if (q_vec16) {
-      cp_async_16(dst, src, valid);
-    } else {  // unaligned q view: element copies (Q is loaded once per request, so this is cheap)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = valid ? src[e] : Element(0.f);
-    }
+    copy_q_chunk(sQ + Traits::swizzle(local_row, col), p, rows_map, req, row0 + local_row, col, q_vec16);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "../common/epilogue.cuh"
+#include "../common/q_chunk.cuh"
 #include "../common/segment.cuh"
 #include "../common/softmax.cuh"
 #include "../params.hpp"
@@ -28,24 +29,10 @@ __device__ __forceinline__ void fence_to_async_proxy() { asm volatile("fence.pro
 template <typename Element>
 __device__ __forceinline__ void load_q(uint8_t* sq, const DecodeParams& p, const RowMap& rows_map, int req, int row0,
                                        bool q_vec16) {
-  const Element* q = static_cast<const Element*>(p.q);
   constexpr int kChunks = kHeadDim / 8;
   for (int idx = threadIdx.x; idx < Traits::kBlockM * kChunks; idx += Traits::kConsumerThreads) {
     const int row = idx / kChunks, col = (idx % kChunks) * 8;
-    const int r = row0 + row;
-    const bool valid = r < rows_map.rows;
-    const Element* src = q;
-    if (valid) {
-      src = q + req * p.q_batch_stride + rows_map.token(r) * p.q_seq_stride +
-            static_cast<int64_t>(rows_map.head(r)) * p.q_head_stride + col;
-    }
-    Element* dst = reinterpret_cast<Element*>(sq + Traits::offset(row, col));
-    if (q_vec16) {
-      sm80::cp_async_16(dst, src, valid);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = valid ? src[e] : Element(0.f);
-    }
+    copy_q_chunk(reinterpret_cast<Element*>(sq + Traits::offset(row, col)), p, rows_map, req, row0 + row, col, q_vec16);
   }
   sm80::cp_async_commit();
   sm80::cp_async_wait_all();
