@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "combine.cuh"
@@ -156,17 +157,54 @@ inline Status get_mla_metadata(const MetadataParams& p) {
 }
 
 /// Resolves kAuto to a concrete kernel for `device`; kAuto on a GPU older than sm_80 is an error.
-inline Status resolve_kernel(KernelChoice choice, int device, KernelChoice* resolved) {
-  int major = 0, smem_optin = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return Status::error(std::string("cannot query device: ") + cudaGetErrorString(err));
-  if (major < 8) return Status::error("flash-mla needs an sm_80 or newer GPU (compute capability >= 8.0)");
+namespace detail {
+
+/// What kernel selection needs to know about a device, queried once per device and process
+/// (the decode call is on every layer's path: no repeated driver queries there).
+struct DeviceInfo {
+  cudaError_t error = cudaSuccess;
+  int major = 0;
+  int smem_optin = 0;
+  bool sm90_built = false;  // this binary holds sm_90a code for the sm90 kernel
+};
+
+inline DeviceInfo query_device(int device) {
+  DeviceInfo info;
+  info.error = cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device);
+  if (info.error == cudaSuccess) {
+    info.error = cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
   // The sm90 kernel exists only where this binary holds sm_90a code (its stub reports less).
-  cudaFuncAttributes sm90_attr{};
-  const bool sm90_built = cudaFuncGetAttributes(&sm90_attr, sm90::decode_kernel<__nv_bfloat16>) == cudaSuccess &&
-                          sm90_attr.binaryVersion == 90;
+  cudaFuncAttributes attr{};
+  info.sm90_built = info.error == cudaSuccess &&
+                    cudaFuncGetAttributes(&attr, sm90::decode_kernel<__nv_bfloat16>) == cudaSuccess &&
+                    attr.binaryVersion == 90;
   cudaGetLastError();  // a failed query must not leak into the launch check
+  return info;
+}
+
+inline DeviceInfo device_info(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::mutex mutex;
+  static DeviceInfo cache[kMaxDevices];
+  static bool known[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) return query_device(device);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!known[device]) {
+    cache[device] = query_device(device);
+    known[device] = cache[device].error == cudaSuccess;  // retry failed queries
+  }
+  return cache[device];
+}
+
+}  // namespace detail
+
+inline Status resolve_kernel(KernelChoice choice, int device, KernelChoice* resolved) {
+  const detail::DeviceInfo info = detail::device_info(device);
+  if (info.error != cudaSuccess) return Status::error(std::string("cannot query device: ") + cudaGetErrorString(info.error));
+  const int major = info.major, smem_optin = info.smem_optin;
+  const bool sm90_built = info.sm90_built;
+  if (major < 8) return Status::error("flash-mla needs an sm_80 or newer GPU (compute capability >= 8.0)");
   if (choice == KernelChoice::kAuto) {
     if (major == 9 && sm90_built) {
       choice = KernelChoice::kSm90;
