@@ -33,18 +33,8 @@ def test_hostile_inputs_cpu(api):
     hostile.make_test(api, "cpu", CPU_EXAMPLES)()
 
 
-# Known open bug (issue 5): after the ops_decode examples every call has raised a clean exception
-# ("all passed"), but the interpreter then segfaults while garbage-collecting at exit. Example 10
-# of the derandomized run is the first one after which it happens; the same call made in a
-# standalone script raises the same ValueError and exits cleanly. strict: this test fails as soon
-# as the crash is fixed, so the mark cannot outlive the bug.
-_EXIT_CRASH = pytest.mark.xfail(strict=True, reason="segfault at interpreter exit after the ops_decode "
-                                "hostile examples (open bug, see docs/perf-notes.md 'Open bugs')")
-
-
 @pytest.mark.requires_gpu
-@pytest.mark.parametrize("api", [pytest.param(a, marks=_EXIT_CRASH) if a == "ops_decode" else a
-                                 for a in hostile.EXAMPLES])
+@pytest.mark.parametrize("api", list(hostile.EXAMPLES))
 def test_hostile_inputs_gpu_subprocess(api):
     """One subprocess per API, so a crash is charged to the API that caused it."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hostile.py")
