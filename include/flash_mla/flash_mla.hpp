@@ -35,9 +35,9 @@ namespace flash_mla {
 
 /// Largest num_sm_parts (dim 0 of tile_scheduler_metadata): the decode grid has one z-slice per part.
 constexpr int kMaxSmParts = 65535;
-/// Largest s_q * h_q of one request: the combine kernel's grid has one y-slice per
-/// kCombineRowsPerCta of them.
-constexpr int64_t kMaxRowsPerRequest = int64_t(65535) * kCombineRowsPerCta;
+/// Largest s_q * h_q of one request (far above any model's; keeps the per-row index arithmetic
+/// of the kernels comfortably inside 32 bits).
+constexpr int64_t kMaxRowsPerRequest = int64_t(65535) * 4;
 
 namespace detail {
 
