@@ -75,6 +75,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (threadIdx.x != Traits::kConsumerThreads) return;
     auto state = cutlass::make_producer_start_state<Pipeline>();
+    const uint64_t cache_policy = kv_cache_policy(gridDim.x == 1);
     for (int req = first_req; req <= last_req; ++req) {
       const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
       for (int it = 0; it < seg.n_tiles; ++it) {
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         uint8_t* dst = smem.kv[state.index()];
 #pragma unroll
         for (int b = 0; b < Traits::kColBlocks; ++b) {
-          tma_load_kv_box(dst + b * Traits::kColBlockBytes, &kv_map, bar, 64 * b, rows_map.kv_head, page);
+          tma_load_kv_box(dst + b * Traits::kColBlockBytes, &kv_map, bar, 64 * b, rows_map.kv_head, page, cache_policy);
         }
         ++state;
       }

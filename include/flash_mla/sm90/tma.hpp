@@ -46,14 +46,28 @@ inline Status make_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   return Status::success();
 }
 
+/// L2 policy for KV loads: evict-first when no other CTA reads the same page (a single
+/// m-block per KV head), so streamed KV does not push out what is reused; normal otherwise.
+__device__ __forceinline__ uint64_t kv_cache_policy(bool evict_first) {
+  uint64_t policy;
+  if (evict_first) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+  }
+  return policy;
+}
+
 /// One 64-channel box of a KV page into shared memory, completing on `mbar`.
 __device__ __forceinline__ void tma_load_kv_box(void* smem_dst, const CUtensorMap* map, uint64_t* mbar, int channel0,
-                                                int kv_head, int page) {
+                                                int kv_head, int page, uint64_t cache_policy) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
   const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(mbar));
   asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];"
-      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(channel0), "r"(kv_head), "r"(0), "r"(page), "r"(bar)
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(channel0), "r"(kv_head), "r"(0), "r"(page), "r"(bar),
+        "l"(cache_policy)
       : "memory");
 }
 
