@@ -154,6 +154,13 @@ except Exception as exc:  # informative only
 EOF
 }
 
+step_smoke() {
+    # A short, hard-timed decode check before the long steps: a kernel that hangs (a deadlock on
+    # a barrier) would otherwise eat the whole budget inside pytest.
+    timeout --kill-after=5 "${SMOKE_TIMEOUT_S:-150}" \
+        "$PY" -m pytest -x -q tests/python/test_decode_gpu.py -k "forced_kernel or all_lengths_zero"
+}
+
 step_pytest() {
     # shellcheck disable=SC2086 # PYTEST_ARGS is a word list on purpose
     "$PY" -m pytest -q tests/python $PYTEST_ARGS
@@ -235,7 +242,7 @@ step_sanitize() {
     PYTHON="$PY" bash "$ROOT/scripts/sanitize.sh"
 }
 
-export -f step_env step_wheels step_build step_pytest step_ctest step_package step_bench step_sanitize
+export -f step_env step_wheels step_build step_smoke step_pytest step_ctest step_package step_bench step_sanitize
 
 # ------------------------------------------------------------------------------------------
 # Runner
@@ -318,28 +325,40 @@ else
     run_step build "$BUILD_LOG" step_build
 fi
 
+SMOKE_OK=1
+if [ "${SKIP_TESTS:-0}" = 1 ] && [ "${SKIP_BENCH:-0}" = 1 ] && [ "${SKIP_SANITIZE:-0}" = 1 ]; then
+    skip_step smoke "$PYTEST_LOG" "nothing runs kernels"
+else
+    run_step smoke "$PYTEST_LOG" step_smoke
+    [ "${STATUS[smoke]}" = PASS ] || SMOKE_OK=0
+fi
+# After a failed smoke check the kernel steps are skipped (reported as failed: see below).
+gpu_step() {  # gpu_step NAME LOG FUNCTION
+    if [ "$SMOKE_OK" = 1 ]; then run_step "$@"; else skip_step "$1" "$2" "the smoke check failed"; fi
+}
+
 if [ "${SKIP_TESTS:-0}" = 1 ] || [ "${SKIP_PYTEST:-0}" = 1 ]; then
     skip_step pytest "$PYTEST_LOG" "SKIP_TESTS/SKIP_PYTEST=1"
 else
-    run_step pytest "$PYTEST_LOG" step_pytest
+    gpu_step pytest "$PYTEST_LOG" step_pytest
 fi
 
 if [ "${SKIP_TESTS:-0}" = 1 ] || [ "${SKIP_CTEST:-0}" = 1 ]; then
     skip_step ctest "$CTEST_LOG" "SKIP_TESTS/SKIP_CTEST=1"
 else
-    run_step ctest "$CTEST_LOG" step_ctest
+    gpu_step ctest "$CTEST_LOG" step_ctest
 fi
 
 if [ "${SKIP_TESTS:-0}" = 1 ] || [ "${SKIP_PACKAGE:-0}" = 1 ]; then
     skip_step package "$CTEST_LOG" "SKIP_TESTS/SKIP_PACKAGE=1"
 else
-    run_step package "$CTEST_LOG" step_package
+    gpu_step package "$CTEST_LOG" step_package
 fi
 
 if [ "${SKIP_BENCH:-0}" = 1 ]; then
     skip_step bench "$BENCH_LOG" "SKIP_BENCH=1"
 else
-    run_step bench "$BENCH_LOG" step_bench
+    gpu_step bench "$BENCH_LOG" step_bench
 fi
 
 SANITIZE_MIN_S=${SANITIZE_MIN_S:-240}
@@ -353,7 +372,7 @@ else
     if [ "$BUDGET_S" -gt 0 ]; then
         export SANITIZE_DEADLINE_TS=$(( START_TS + BUDGET_S - RESERVE_S - 5 ))
     fi
-    run_step sanitize "$SANITIZE_LOG" step_sanitize
+    gpu_step sanitize "$SANITIZE_LOG" step_sanitize
 fi
 
 # ------------------------------------------------------------------------------------------
@@ -370,7 +389,7 @@ note_for() {  # one line of detail for a step
             step_part env | grep -m1 -o 'release [0-9.]*' | sed 's/^/nvcc /' ;;
         wheels) step_part wheels | grep -m1 '^Version:' | sed 's/^Version:/nvidia-cutlass/' ;;
         build) step_part build | grep -m1 -E '^build\+install took' ;;
-        pytest) step_part pytest | grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' | tail -n 1 ;;
+        pytest|smoke) step_part "$1" | grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' | tail -n 1 ;;
         ctest) step_part ctest | grep -m1 'GPU_CHECK_STAGE_FAILED' | sed 's/GPU_CHECK_STAGE_FAILED=/failed at: /' ;
                step_part ctest | grep -E 'tests passed|No tests were found' | tail -n 1 ;;
         package) step_part package | grep -m1 'GPU_CHECK_STAGE_FAILED' | sed 's/GPU_CHECK_STAGE_FAILED=/failed at: /' ;
@@ -388,7 +407,7 @@ details_for() {  # a few lines explaining a failure
                 | head -n 10
             step_part "$1" | tail -n 2 ;;
         build) step_part build | grep -E "$pat" | head -n 15; step_part build | tail -n 3 ;;
-        pytest) step_part pytest | grep -E '^(FAILED|ERROR) ' | head -n 20; step_part pytest | tail -n 1 ;;
+        pytest|smoke) step_part "$1" | grep -E '^(FAILED|ERROR) ' | head -n 20; step_part "$1" | tail -n 1 ;;
         ctest)
             if step_part ctest | grep -q 'GPU_CHECK_STAGE_FAILED=ctest'; then
                 step_part ctest | sed -n '/The following tests FAILED/,$p' | head -n 20

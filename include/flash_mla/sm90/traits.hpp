@@ -1,42 +1,40 @@
 // Compile-time shape of the Hopper (sm_90a) decode kernel and its shared-memory layout.
 //
-// One CTA = 3 warpgroups: two consumers (math) and one producer (a single thread issues TMA).
-// A KV tile is one 64-token page; consumer warpgroup w
-//  - computes S[:, 32w : 32w + 32] = Q K^T  (wgmma m64n32k16, 36 k-steps),
-//  - then O[:, 256w : 256w + 256] += P V     (wgmma m64n256k16, 4 k-steps),
-// exchanging row maxima and P (bf16/fp16) through shared memory in between.
+// One CTA = 2 math warpgroups that take the KV pages of a segment in pairs ("seesaw"):
+// warpgroup 0 owns the even page of a pair (buffer kv[0]), warpgroup 1 the odd one (kv[1]).
+// Each computes the whole S = Q K^T of its own page (wgmma m64n64k16), so while one does its
+// softmax the other's matrix products keep the tensor cores busy. O is split by channels:
+// warpgroup w accumulates O[:, 256w : 256w + 256] from both pages of the pair, its own P from
+// registers and the other warpgroup's P through shared memory.
+//
 // Q, K and P live in shared memory in the 128-byte-swizzled layout that both TMA and wgmma
 // speak: each 64-column block of a tile is [rows][128 B], 16-byte chunk c of row r stored at
-// chunk c ^ (r % 8).
+// chunk c ^ (r % 8). Every 64-column block of a KV buffer has its own transaction barrier, so
+// S starts on the first block while the rest are in flight, and a block is refilled as soon as
+// its last reader is done (the two halves of V have different readers).
 #pragma once
 
 #include <cstdint>
-
-#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "../params.hpp"
 
 namespace flash_mla::sm90 {
 
 struct Traits {
-  static constexpr int kBlockM = 64;               // packed query rows per CTA
-  static constexpr int kBlockN = kPageSize;        // tokens per KV tile
+  static constexpr int kBlockM = 64;                // packed query rows per CTA
+  static constexpr int kBlockN = kPageSize;         // tokens per KV tile (one page)
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column swizzle blocks per row (9)
   static constexpr int kColBlockBytes = 64 * 128;   // one block of a 64-row tile
   static constexpr int kTileBytes = kColBlocks * kColBlockBytes;  // a 64 x 576 tile (72 KB)
-  static constexpr int kStages = 2;
+  static constexpr int kRopeBlock = kColBlocks - 1;               // channels 512..575: K only
 
-  static constexpr int kConsumerThreads = 256;
-  static constexpr int kThreads = kConsumerThreads + 128;
-  static constexpr int kTokensPerWarpgroup = kBlockN / 2;      // S columns per consumer warpgroup
-  static constexpr int kSTiles = kTokensPerWarpgroup / 8;      // 8-column accumulator tiles of S
-  static constexpr int kDvPerWarpgroup = kHeadDimV / 2;
-  static constexpr int kOTiles = kDvPerWarpgroup / 8;          // 8-column accumulator tiles of O
-  static constexpr int kQkSteps = kHeadDim / 16;
-  static constexpr int kPvSteps = kBlockN / 16;
-
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
+  static constexpr int kWarpgroupThreads = 128;
+  static constexpr int kThreads = 2 * kWarpgroupThreads;
+  static constexpr int kSTiles = kBlockN / 8;            // 8-column accumulator tiles of S
+  static constexpr int kDvPerWarpgroup = kHeadDimV / 2;  // O channels per warpgroup
+  static constexpr int kOTiles = kDvPerWarpgroup / 8;    // 8-column accumulator tiles of O
+  static constexpr int kVBlocksPerWarpgroup = kDvPerWarpgroup / 64;
+  static constexpr int kKSteps = 64 / 16;                // k16 steps per 64-column block
 
   /// Byte offset of element (row, col) in a swizzled tile of 576-wide rows.
   __host__ __device__ static constexpr uint32_t offset(int row, int col) {
@@ -44,17 +42,30 @@ struct Traits {
   }
 };
 
-using Pipeline = cutlass::PipelineTmaAsync<Traits::kStages>;
-
 struct alignas(1024) SharedStorage {
   alignas(1024) uint8_t q[Traits::kTileBytes];
-  alignas(1024) uint8_t kv[Traits::kStages][Traits::kTileBytes];
-  alignas(1024) uint8_t p[Traits::kBlockM * 128];  // P: 64 rows x 64 tokens, one swizzle block
-  float row_stat[2][Traits::kBlockM];                // per consumer warpgroup: row maxima, then sums
-  Pipeline::SharedStorage pipeline;
+  // kv[1]'s RoPE block doubles as warpgroup 1's P once S of the odd page is done: with Q and
+  // two pages resident there is room for one more 8 KB buffer only (p0).
+  alignas(1024) uint8_t kv[2][Traits::kTileBytes];
+  alignas(1024) uint8_t p0[Traits::kBlockM * 128];  // warpgroup 0's P: 64 rows x 64 tokens
+  float row_max[Traits::kBlockM];                     // running maxima (log2 domain), shared
+  float rescale[2][Traits::kBlockM];                  // per page of the pair: factor for older terms
+  float row_sum[2][Traits::kBlockM];                  // per warpgroup, at the end of a segment
+  uint64_t kv_bar[2][Traits::kColBlocks];             // TMA transaction barriers, one per block
 };
 
 constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
 static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory an sm_90 block may use");
+
+/// Hardware named barriers of the kernel (0 is __syncthreads). "Ready" barriers are arrived at by
+/// the producing warpgroup and waited on by the other, each once per page pair.
+enum Barrier : int {
+  kMax0Ready = 1,      // wg0 published the maxima / rescale factors after the even page
+  kMax1Ready = 2,      // wg1 published them after the odd page (S of the odd page is done)
+  kP0Ready = 3,        // wg0 stored its P (scaled to the pair's final maxima)
+  kP1Ready = 4,        // wg1 stored its P and issued its last read of the even page's P
+  kWarpgroup0 = 5,     // intra-warpgroup syncs
+  kWarpgroup1 = 6,
+};
 
 }  // namespace flash_mla::sm90

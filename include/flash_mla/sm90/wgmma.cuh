@@ -1,56 +1,92 @@
-// Warpgroup MMA on shared-memory operands: descriptors for the 128-byte-swizzled layout of
-// traits.hpp, and the two instruction shapes the kernel uses (through CuTe's atoms).
+// Warpgroup MMA: shared-memory descriptors for the 128-byte-swizzled layout of traits.hpp, the
+// A-operand register fragments, and the four instruction shapes the kernel issues (through
+// CuTe's atoms). Nothing here commits or waits: the caller owns the wgmma groups.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
+#include <cute/arch/mma_sm90_desc.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
 
+#include "../common/numeric.cuh"
 #include "traits.hpp"
 
 namespace flash_mla::sm90 {
 
 namespace GMMA = cute::SM90::GMMA;
+using GMMA::Major;
 
-/// Shared-memory matrix descriptor, 128-byte swizzle. Byte offsets: `leading` between 64-element
-/// blocks along MN (MN-major operands; ignored for K-major), `stride` between 8-row groups.
-__device__ __forceinline__ uint64_t smem_desc(const void* smem, uint32_t leading, uint32_t stride) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  uint64_t desc = (addr & 0x3FFFF) >> 4;
-  desc |= static_cast<uint64_t>((leading >> 4) & 0x3FFF) << 16;
-  desc |= static_cast<uint64_t>((stride >> 4) & 0x3FFF) << 32;
-  desc |= static_cast<uint64_t>(1) << 62;  // 128-byte swizzle
-  return desc;
+/// Shared-state-space address of a shared-memory pointer, opaque to the optimiser: descriptors
+/// derived from it are rebuilt where used (a few integer ops) instead of ~40 loop-invariant
+/// 64-bit descriptors being hoisted into registers the accumulators need.
+__device__ __forceinline__ uint32_t smem_addr(const void* smem) {
+  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("" : "+r"(addr));
+  return addr;
 }
 
-template <typename Element, int N, GMMA::Major MajorB>
-struct Gemm;
-
-template <int N, GMMA::Major MajorB>
-struct Gemm<__nv_bfloat16, N, MajorB> {
-  using Atom = std::conditional_t<N == 32, GMMA::MMA_64x32x16_F32BF16BF16_SS<GMMA::Major::K, MajorB>,
-                                  GMMA::MMA_64x256x16_F32BF16BF16_SS<GMMA::Major::K, MajorB>>;
-};
-
-template <int N, GMMA::Major MajorB>
-struct Gemm<__half, N, MajorB> {
-  using Atom = std::conditional_t<N == 32, GMMA::MMA_64x32x16_F32F16F16_SS<GMMA::Major::K, MajorB>,
-                                  GMMA::MMA_64x256x16_F32F16F16_SS<GMMA::Major::K, MajorB>>;
-};
-
-template <typename Atom, int kTiles, size_t... I>
-__device__ __forceinline__ void gmma_call(uint64_t a, uint64_t b, float (&acc)[kTiles][4], GMMA::ScaleOut scale,
-                                          std::index_sequence<I...>) {
-  Atom::fma(a, b, acc[I / 4][I % 4]..., scale);
+/// Shared-memory matrix descriptor, 128-byte swizzle. Byte offsets: `kLeading` between
+/// 64-element blocks along MN (MN-major operands; ignored for K-major), `kStride` between
+/// 8-row groups.
+template <uint32_t kLeading, uint32_t kStride>
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  constexpr uint64_t kFields = (static_cast<uint64_t>((kLeading >> 4) & 0x3FFF) << 16) |
+                               (static_cast<uint64_t>((kStride >> 4) & 0x3FFF) << 32) |
+                               (static_cast<uint64_t>(1) << 62);  // 128-byte swizzle
+  return kFields | ((addr & 0x3FFFF) >> 4);
 }
 
-/// acc (64 x 8*kTiles per warpgroup) = or += A (64 x 16) * B (16 x 8*kTiles), one instruction.
-template <typename Element, GMMA::Major MajorB, int kTiles>
-__device__ __forceinline__ void gmma(uint64_t a, uint64_t b, float (&acc)[kTiles][4], bool accumulate) {
-  using Atom = typename Gemm<Element, kTiles * 8, MajorB>::Atom;
-  gmma_call<Atom>(a, b, acc, accumulate ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero,
-                  std::make_index_sequence<kTiles * 4>{});
+/// A K-major operand of 64 rows starting `k0` columns into a swizzled block at `block` (k0 % 16 == 0).
+__device__ __forceinline__ uint64_t desc_k_major(uint32_t block, int k0) { return smem_desc<16, 1024>(block + k0 * 2); }
+
+/// V (tokens x channels, channel-contiguous) as the MN-major B operand: 16 tokens from `token0`,
+/// 256 channels starting at the swizzle block at `v_block`.
+__device__ __forceinline__ uint64_t desc_v(uint32_t v_block, int token0) {
+  return smem_desc<Traits::kColBlockBytes, 1024>(v_block + token0 * 128);
+}
+
+/// A-operand fragment of one k16 step of a 64-row wgmma, per thread: rows g and g + 8 of its warp's
+/// 16, columns 2tq.. and 2tq + 8.. (the mma.sync m16n8k16 layout).
+using AFrag = uint32_t[4];
+
+template <typename Element, int N, Major MajorB, bool kRegA>
+struct Atom;
+
+#define FLASH_MLA_GMMA_ATOMS(ELEM, TAG)                                                                        \
+  template <Major MajorB> struct Atom<ELEM, 64, MajorB, false> { using type = GMMA::MMA_64x64x16_F32##TAG##_SS<Major::K, MajorB>; };   \
+  template <Major MajorB> struct Atom<ELEM, 64, MajorB, true> { using type = GMMA::MMA_64x64x16_F32##TAG##_RS<Major::K, MajorB>; };    \
+  template <Major MajorB> struct Atom<ELEM, 256, MajorB, false> { using type = GMMA::MMA_64x256x16_F32##TAG##_SS<Major::K, MajorB>; }; \
+  template <Major MajorB> struct Atom<ELEM, 256, MajorB, true> { using type = GMMA::MMA_64x256x16_F32##TAG##_RS<Major::K, MajorB>; };
+FLASH_MLA_GMMA_ATOMS(__nv_bfloat16, BF16BF16)
+FLASH_MLA_GMMA_ATOMS(__half, F16F16)
+#undef FLASH_MLA_GMMA_ATOMS
+
+template <typename A, int kTiles, size_t... I>
+__device__ __forceinline__ void gmma_ss(uint64_t a, uint64_t b, float (&acc)[kTiles][4], GMMA::ScaleOut scale,
+                                        std::index_sequence<I...>) {
+  A::fma(a, b, acc[I / 4][I % 4]..., scale);
+}
+
+template <typename A, int kTiles, size_t... I>
+__device__ __forceinline__ void gmma_rs(const AFrag& a, uint64_t b, float (&acc)[kTiles][4], GMMA::ScaleOut scale,
+                                        std::index_sequence<I...>) {
+  A::fma(a[0], a[1], a[2], a[3], b, acc[I / 4][I % 4]..., scale);
+}
+
+/// acc (64 x 8*kTiles) = or += A (64 x 16, shared memory) * B (16 x 8*kTiles), one instruction.
+template <typename Element, Major MajorB, int kTiles>
+__device__ __forceinline__ void mma(uint64_t a, uint64_t b, float (&acc)[kTiles][4], bool accumulate) {
+  using A = typename Atom<Element, kTiles * 8, MajorB, false>::type;
+  gmma_ss<A>(a, b, acc, accumulate ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero, std::make_index_sequence<kTiles * 4>{});
+}
+
+/// The same with A from registers.
+template <typename Element, Major MajorB, int kTiles>
+__device__ __forceinline__ void mma(const AFrag& a, uint64_t b, float (&acc)[kTiles][4], bool accumulate) {
+  using A = typename Atom<Element, kTiles * 8, MajorB, true>::type;
+  gmma_rs<A>(a, b, acc, accumulate ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero, std::make_index_sequence<kTiles * 4>{});
 }
 
 template <int kTiles>
@@ -61,34 +97,38 @@ __device__ __forceinline__ void fence_accumulators(float (&acc)[kTiles][4]) {
     for (int e = 0; e < 4; ++e) cute::warpgroup_fence_operand(acc[j][e]);
 }
 
-/// S (64 x 32 tokens of this warpgroup) = Q K^T; Q and K are K-major, 9 swizzle blocks wide.
-template <typename Element>
-__device__ __forceinline__ void gemm_qk(const uint8_t* q, const uint8_t* k_tokens, float (&s)[Traits::kSTiles][4]) {
-  fence_accumulators(s);
-  cute::warpgroup_arrive();
+template <int kSteps>
+__device__ __forceinline__ void fence_fragments(AFrag (&a)[kSteps]) {
 #pragma unroll
-  for (int ks = 0; ks < Traits::kQkSteps; ++ks) {
-    const int offset = (ks / 4) * Traits::kColBlockBytes + (ks % 4) * 32;
-    gmma<Element, GMMA::Major::K>(smem_desc(q + offset, 16, 1024), smem_desc(k_tokens + offset, 16, 1024), s, ks > 0);
-  }
-  cute::warpgroup_commit_batch();
-  cute::warpgroup_wait<0>();
-  fence_accumulators(s);
+  for (int k = 0; k < kSteps; ++k)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) cute::warpgroup_fence_operand(a[k][e]);
 }
 
-/// O (64 x 256 channels of this warpgroup) += P V; P is K-major (one block), V MN-major.
+/// An accumulator of 64 columns (8 tiles) as the A fragments of the next product's 4 k16 steps.
 template <typename Element>
-__device__ __forceinline__ void gemm_pv(const uint8_t* p, const uint8_t* v_channels, float (&o)[Traits::kOTiles][4]) {
-  fence_accumulators(o);
-  cute::warpgroup_arrive();
+__device__ __forceinline__ void to_a_fragments(const float (&acc)[Traits::kSTiles][4], AFrag (&a)[Traits::kKSteps]) {
 #pragma unroll
-  for (int ks = 0; ks < Traits::kPvSteps; ++ks) {
-    gmma<Element, GMMA::Major::MN>(smem_desc(p + ks * 32, 16, 1024),
-                                   smem_desc(v_channels + ks * 16 * 128, Traits::kColBlockBytes, 1024), o, true);
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    a[k][0] = pack2<Element>(acc[2 * k][0], acc[2 * k][1]);
+    a[k][1] = pack2<Element>(acc[2 * k][2], acc[2 * k][3]);
+    a[k][2] = pack2<Element>(acc[2 * k + 1][0], acc[2 * k + 1][1]);
+    a[k][3] = pack2<Element>(acc[2 * k + 1][2], acc[2 * k + 1][3]);
   }
-  cute::warpgroup_commit_batch();
-  cute::warpgroup_wait<0>();
-  fence_accumulators(o);
+}
+
+/// Stores A fragments of 64 columns as a swizzled K-major 64 x 64 operand in shared memory;
+/// `row` is the thread's first row (g of its warp's 16).
+__device__ __forceinline__ void store_a_fragments(uint8_t* block, int row, const AFrag (&a)[Traits::kKSteps]) {
+  const int tq = threadIdx.x % 4;
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row + 8 * (e & 1), c = 16 * k + 8 * (e >> 1) + 2 * tq;
+      *reinterpret_cast<uint32_t*>(block + Traits::offset(r, c)) = a[k][e];
+    }
+  }
 }
 
 }  // namespace flash_mla::sm90

@@ -1,0 +1,244 @@
+// The seesaw main loop: one page pair per call, one function per warpgroup.
+//
+// Per pair (even page in kv[0], owned by wg0; odd page in kv[1], owned by wg1), with S of both
+// pages already in the owners' registers:
+//   wg0: fold S0 into the maxima, store P0              -> kP0Ready
+//        O_L = O_L * f0 + P0 V0_L  (P0 from registers)
+//        wait kMax1Ready; once V0_L is read, refill kv[0] blocks 0-3 with the next even page
+//        wait kP1Ready; O_L = O_L * f1 + P1 V1_L  (P1 from shared memory)
+//        S0 of the next pair: blocks 0-3, refill kv[1] blocks 0-3 and 8 once V1_L and P1 are
+//        read, blocks 4-8
+//   wg1: wait kP0Ready; O_R = O_R * f0 + P0 V0_R  (shared memory), in flight while it
+//        folds S1 into the maxima                        -> kMax1Ready
+//        stores P1 over kv[1]'s RoPE block (S1 no longer needs it)
+//        O_R = O_R * f1 + P1 V1_R  (registers)         -> kP1Ready
+//        refill kv[0] blocks 4-8 and kv[1] blocks 4-7 as the two products finish; S1 of the
+//        next pair
+// f0, f1: the factors by which the maxima of the even / odd page scale older terms. Each
+// warpgroup's softmax runs while the other's products keep the tensor cores busy. A pair past
+// the end of the segment (odd page count) has a zero page (TMA fills a box outside the cache
+// with zeros) whose keys are all masked: P1 = 0 and f1 = 1.
+#pragma once
+
+#include <cuda.h>
+
+#include <cutlass/arch/barrier.h>
+
+#include "../common/softmax.cuh"
+#include "softmax.cuh"
+#include "tma.hpp"
+#include "traits.hpp"
+#include "wgmma.cuh"
+
+namespace flash_mla::sm90 {
+
+using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+/// Generic-proxy shared-memory writes (st.shared, cp.async) become visible to wgmma.
+__device__ __forceinline__ void fence_to_async_proxy() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+/// Where the KV pages come from: issued by one thread, blocks [kFrom, kTo) of page `page` into
+/// a buffer, each block completing its own barrier.
+struct KvSource {
+  const CUtensorMap* map;
+  int kv_head;
+  uint64_t cache_policy;
+
+  template <int kFrom, int kTo>
+  __device__ __forceinline__ void load(uint8_t* kv, uint64_t* bars, int page) const {
+#pragma unroll
+    for (int b = kFrom; b < kTo; ++b) {
+      TxBarrier::arrive_and_expect_tx(&bars[b], Traits::kColBlockBytes);
+      tma_load_kv_box(kv + b * Traits::kColBlockBytes, map, &bars[b], 64 * b, kv_head, page, cache_policy);
+    }
+  }
+};
+
+/// What a pair step needs to know of its pages.
+struct PairInfo {
+  int n0;            // first token of the even page
+  int valid[2];      // tokens of each page inside the segment (<= 0: a zero page)
+  int next_page[2];  // pages of the next pair, if any (-1: a zero page)
+};
+
+/// S (+)= Q K^T over the 64-column blocks [kFrom, kTo) of a KV buffer, each issued as soon as its
+/// barrier completes.
+template <typename Element, int kFrom, int kTo, bool kZeroInit>
+__device__ __forceinline__ void issue_qk(uint32_t q, uint32_t kv, uint64_t* bars, uint32_t phase,
+                                         float (&s)[Traits::kSTiles][4]) {
+  if constexpr (kFrom < kTo) {
+    TxBarrier::wait(&bars[kFrom], phase);
+    cute::warpgroup_arrive();  // explicit after the wait loop, or ptxas serialises the wgmma chain
+#pragma unroll
+    for (int k = 0; k < Traits::kKSteps; ++k) {
+      mma<Element, Major::K>(desc_k_major(q + kFrom * Traits::kColBlockBytes, 16 * k),
+                             desc_k_major(kv + kFrom * Traits::kColBlockBytes, 16 * k), s, !(kZeroInit && k == 0));
+    }
+    issue_qk<Element, kFrom + 1, kTo, false>(q, kv, bars, phase, s);
+  }
+}
+
+/// Zeroes tokens [valid, 64) of V blocks [kFrom, kTo) of a landed page (slots past the length may
+/// hold NaN, and P = 0 times NaN is NaN), visible to this warpgroup's wgmma afterwards.
+template <int kFrom, int kTo>
+__device__ __forceinline__ void zero_tail(uint8_t* kv, int valid, int warpgroup_barrier) {
+  if (valid <= 0 || valid >= Traits::kBlockN) return;  // whole page, or a zero page
+  constexpr int kChunks = (kTo - kFrom) * 8;              // 16-byte chunks per token
+  for (int idx = threadIdx.x % Traits::kWarpgroupThreads; idx < (Traits::kBlockN - valid) * kChunks;
+       idx += Traits::kWarpgroupThreads) {
+    const int token = valid + idx / kChunks, c = idx % kChunks;
+    *reinterpret_cast<uint4*>(kv + (kFrom + c / 8) * Traits::kColBlockBytes + token * 128 + (c % 8) * 16) =
+        make_uint4(0, 0, 0, 0);
+  }
+  fence_to_async_proxy();
+  bar_sync(warpgroup_barrier, Traits::kWarpgroupThreads);
+}
+
+/// Per-thread state of a warpgroup across a segment.
+struct WarpgroupState {
+  float o[Traits::kOTiles][4];        // this warpgroup's 256 channels of O, rows row and row + 8
+  float s[Traits::kSTiles][4];        // S, then P, of the page this warpgroup owns
+  float sum[2];                       // this thread's share of the row sums
+  int limit[2];                       // last visible key of the two rows (clipped to the segment)
+  int row;                            // the thread's first local row
+};
+
+/// kHasNext: another pair follows in the segment (compile-time: a wgmma issued under a runtime
+/// condition makes ptxas serialise every wgmma of the kernel).
+template <typename Element, bool kHasNext>
+__device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo& pair,
+                                                    const KvSource& src, float scale_log2, uint32_t& phase) {
+  const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;
+  uint8_t* kv0 = smem.kv[0];
+  uint8_t* kv1 = smem.kv[1];
+  const uint8_t* p1 = kv1 + Traits::kRopeBlock * Traits::kColBlockBytes;
+
+  float tile_max[2], factor[2];
+  scale_mask_rowmax(st.s, scale_log2, pair.n0, st.limit, tile_max);
+  fold_page(smem, smem.rescale[0], st.row, st.s, tile_max, factor, st.sum);
+  AFrag p[Traits::kKSteps];
+  to_a_fragments<Element>(st.s, p);
+  store_a_fragments(smem.p0, st.row, p);
+  fence_to_async_proxy();
+  bar_arrive(kP0Ready, Traits::kThreads);
+
+  zero_tail<0, Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup0);
+  rescale_rows(st.o, factor);
+  fence_fragments(p);
+  fence_accumulators(st.o);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_v(smem_addr(kv0), 16 * k), st.o, true);
+  cute::warpgroup_commit_batch();
+
+  bar_sync(kMax1Ready, Traits::kThreads);  // S1 is done and f1 is published
+  zero_tail<0, Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup0);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) factor[i] = smem.rescale[1][st.row + 8 * i];
+  cute::warpgroup_wait<0>();
+  fence_accumulators(st.o);
+  fence_fragments(p);
+  if (kHasNext && leader) src.load<0, Traits::kVBlocksPerWarpgroup>(kv0, smem.kv_bar[0], pair.next_page[0]);
+  rescale_rows(st.o, factor);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) st.sum[i] *= factor[i];
+
+  bar_sync(kP1Ready, Traits::kThreads);
+  fence_accumulators(st.o);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    mma<Element, Major::MN>(desc_k_major(smem_addr(p1), 16 * k), desc_v(smem_addr(kv1), 16 * k), st.o, true);
+  }
+  cute::warpgroup_commit_batch();
+  if constexpr (kHasNext) issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, true>(smem_addr(smem.q), smem_addr(kv0), smem.kv_bar[0], phase, st.s);
+  cute::warpgroup_commit_batch();
+  cute::warpgroup_wait<1>();  // V1_L and P1 read: kv[1] blocks 0-3 and 8 may be refilled
+  if (kHasNext && leader) {
+    src.load<0, Traits::kVBlocksPerWarpgroup>(kv1, smem.kv_bar[1], pair.next_page[1]);
+    src.load<Traits::kRopeBlock, Traits::kColBlocks>(kv1, smem.kv_bar[1], pair.next_page[1]);
+  }
+  if constexpr (kHasNext) {
+    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kColBlocks, false>(smem_addr(smem.q), smem_addr(kv0), smem.kv_bar[0], phase, st.s);
+  }
+  cute::warpgroup_commit_batch();
+  cute::warpgroup_wait<0>();
+  fence_accumulators(st.o);
+  fence_accumulators(st.s);
+  if constexpr (kHasNext) phase ^= 1;
+}
+
+template <typename Element, bool kHasNext>
+__device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo& pair,
+                                                   const KvSource& src, float scale_log2, uint32_t& phase) {
+  const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;
+  uint8_t* kv0 = smem.kv[0];
+  uint8_t* kv1 = smem.kv[1];
+  uint8_t* v0 = kv0 + Traits::kVBlocksPerWarpgroup * Traits::kColBlockBytes;  // V0_R
+  uint8_t* v1 = kv1 + Traits::kVBlocksPerWarpgroup * Traits::kColBlockBytes;  // V1_R
+  uint8_t* p1 = kv1 + Traits::kRopeBlock * Traits::kColBlockBytes;
+
+  float tile_max[2], factor[2];
+  scale_mask_rowmax(st.s, scale_log2, pair.n0 + Traits::kBlockN, st.limit, tile_max);
+  bar_sync(kP0Ready, Traits::kThreads);  // S0 done, P0 stored, f0 published
+  zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup1);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    factor[i] = smem.rescale[0][st.row + 8 * i];
+    st.sum[i] *= factor[i];
+  }
+  rescale_rows(st.o, factor);
+  fence_accumulators(st.o);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    mma<Element, Major::MN>(desc_k_major(smem_addr(smem.p0), 16 * k), desc_v(smem_addr(v0), 16 * k), st.o, true);
+  }
+  cute::warpgroup_commit_batch();
+
+  fold_page(smem, smem.rescale[1], st.row, st.s, tile_max, factor, st.sum);
+  bar_arrive(kMax1Ready, Traits::kThreads);
+  AFrag p[Traits::kKSteps];
+  to_a_fragments<Element>(st.s, p);
+  store_a_fragments(p1, st.row, p);
+  fence_to_async_proxy();  // P1 is read by wg0's wgmma after kP1Ready
+  zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup1);
+
+  cute::warpgroup_wait<0>();  // V0_R and P0 read
+  fence_accumulators(st.o);
+  if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_page[0]);
+  rescale_rows(st.o, factor);
+  fence_fragments(p);
+  fence_accumulators(st.o);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_v(smem_addr(v1), 16 * k), st.o, true);
+  cute::warpgroup_commit_batch();
+  bar_arrive(kP1Ready, Traits::kThreads);
+
+  cute::warpgroup_wait<0>();  // V1_R read: kv[1] blocks 4-7 may be refilled (8 holds P1 until wg0 read it)
+  fence_accumulators(st.o);
+  fence_fragments(p);
+  if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_page[1]);
+  fence_accumulators(st.s);
+  cute::warpgroup_arrive();
+  if constexpr (kHasNext) {
+    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock, true>(smem_addr(smem.q), smem_addr(kv1), smem.kv_bar[1], phase, st.s);
+    issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, false>(smem_addr(smem.q), smem_addr(kv1), smem.kv_bar[1], phase, st.s);
+    issue_qk<Element, Traits::kRopeBlock, Traits::kColBlocks, false>(smem_addr(smem.q), smem_addr(kv1), smem.kv_bar[1], phase, st.s);
+  }
+  cute::warpgroup_commit_batch();
+  cute::warpgroup_wait<0>();
+  fence_accumulators(st.o);
+  fence_accumulators(st.s);
+  if constexpr (kHasNext) phase ^= 1;
+}
+
+}  // namespace flash_mla::sm90
