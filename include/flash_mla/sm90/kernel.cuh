@@ -84,7 +84,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       if (threadIdx.x == 0) {
         src.load<0, Traits::kColBlocks>(smem.kv[0], smem.kv_bar[0], segment_page(p, seg, req, 0));
         src.load<0, Traits::kColBlocks>(smem.kv[1], smem.kv_bar[1], segment_page(p, seg, req, 1));
-        for (int b = 2; b < 2 * kPrefetchPairs; ++b) src.prefetch(segment_page(p, seg, req, b));
       }
       if (threadIdx.x < Traits::kBlockM) smem.row_max[threadIdx.x] = -INFINITY;
       load_q<Element>(smem.q, p, rows_map, req, row0, q_vec16);
@@ -107,9 +106,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           pair.valid[i] = min(seg.n_hi - (pair.n0 + i * Traits::kBlockN), Traits::kBlockN);
-          const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;
-          pair.next_page[i] = leader ? segment_page(p, seg, req, 2 * pair_idx + 2 + i) : -1;
-          pair.prefetch_page[i] = leader && kPrefetchPairs > 0 ? segment_page(p, seg, req, 2 * (pair_idx + kPrefetchPairs) + i) : -1;
+          pair.next_page[i] = threadIdx.x % Traits::kWarpgroupThreads == 0 ? segment_page(p, seg, req, 2 * pair_idx + 2 + i) : -1;
         }
         return pair;
       };

@@ -59,29 +59,13 @@ struct KvSource {
       tma_load_kv_box(kv + b * Traits::kColBlockBytes, map, &bars[b], 64 * b, kv_head, page, cache_policy);
     }
   }
-
-  /// The whole page into L2 (nothing for a zero page).
-  __device__ __forceinline__ void prefetch(int page) const {
-    if (page < 0) return;
-#pragma unroll
-    for (int b = 0; b < Traits::kColBlocks; ++b) tma_prefetch_kv_box(map, 64 * b, kv_head, page);
-  }
 };
-
-/// How many pairs ahead pages are prefetched into L2. Two buffers leave one page in flight
-/// into shared memory, too little to cover DRAM latency at this SM's share of the bandwidth;
-/// L2 prefetches keep more in flight (~4 pages x 72 KB per CTA at 2).
-#ifndef FLASH_MLA_SM90_PREFETCH_PAIRS
-#define FLASH_MLA_SM90_PREFETCH_PAIRS 2
-#endif
-constexpr int kPrefetchPairs = FLASH_MLA_SM90_PREFETCH_PAIRS;
 
 /// What a pair step needs to know of its pages.
 struct PairInfo {
   int n0;            // first token of the even page
   int valid[2];      // tokens of each page inside the segment (<= 0: a zero page)
-  int next_page[2];      // pages of the next pair, if any (-1: a zero page)
-  int prefetch_page[2];  // pages of the pair kPrefetchPairs ahead (-1: none)
+  int next_page[2];  // pages of the next pair, if any (-1: a zero page)
 };
 
 /// S (+)= Q K^T over the 64-column blocks [kFrom, kTo) of a KV buffer, each issued as soon as its
@@ -136,7 +120,6 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   uint8_t* kv1 = smem.kv[1];
   const uint8_t* p1 = kv1 + Traits::kRopeBlock * Traits::kColBlockBytes;
 
-  if (leader) src.prefetch(pair.prefetch_page[0]);
   float tile_max[2], factor[2];
   scale_mask_rowmax(st.s, scale_log2, pair.n0, st.limit, tile_max);
   fold_page(smem, smem.rescale[0], st.row, st.s, tile_max, factor, st.sum);
@@ -202,7 +185,6 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   uint8_t* v1 = kv1 + Traits::kVBlocksPerWarpgroup * Traits::kColBlockBytes;  // V1_R
   uint8_t* p1 = kv1 + Traits::kRopeBlock * Traits::kColBlockBytes;
 
-  if (leader) src.prefetch(pair.prefetch_page[1]);
   float tile_max[2], factor[2];
   scale_mask_rowmax(st.s, scale_log2, pair.n0 + Traits::kBlockN, st.limit, tile_max);
   bar_sync(kP0Ready, Traits::kThreads);  // S0 done, P0 stored, f0 published

@@ -71,12 +71,4 @@ __device__ __forceinline__ void tma_load_kv_box(void* smem_dst, const CUtensorMa
       : "memory");
 }
 
-/// Starts pulling one 64-channel box of a KV page into L2 (no shared memory, no barrier), so that
-/// its later load into shared memory waits for L2 instead of DRAM.
-__device__ __forceinline__ void tma_prefetch_kv_box(const CUtensorMap* map, int channel0, int kv_head, int page) {
-  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global [%0, {%1, %2, %3, %4}];"
-               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(channel0), "r"(kv_head), "r"(0), "r"(page)
-               : "memory");
-}
-
 }  // namespace flash_mla::sm90
