@@ -2,22 +2,24 @@
 //
 // Per pair (even page in kv[0], owned by wg0; odd page in kv[1], owned by wg1), with S of both
 // pages already in the owners' registers:
-//   wg0: fold S0 into the maxima, store P0              -> kP0Ready
+//   wg0: fold S0 into the maxima                        -> kMax0Ready
 //        O_L = O_L * f0 + P0 V0_L  (P0 from registers)
 //        wait kMax1Ready; once V0_L is read, refill kv[0] blocks 0-3 with the next even page
+//        store P0 * f1                                   -> kP0Ready
 //        wait kP1Ready; O_L = O_L * f1 + P1 V1_L  (P1 from shared memory)
 //        S0 of the next pair: blocks 0-3, refill kv[1] blocks 0-3 and 8 once V1_L and P1 are
 //        read, blocks 4-8
-//   wg1: wait kP0Ready; O_R = O_R * f0 + P0 V0_R  (shared memory), in flight while it
-//        folds S1 into the maxima                        -> kMax1Ready
-//        stores P1 over kv[1]'s RoPE block (S1 no longer needs it)
-//        O_R = O_R * f1 + P1 V1_R  (registers)         -> kP1Ready
-//        refill kv[0] blocks 4-8 and kv[1] blocks 4-7 as the two products finish; S1 of the
+//   wg1: wait kMax0Ready; fold S1 into the maxima        -> kMax1Ready
+//        store P1 over kv[1]'s RoPE block (S1 no longer needs it)  -> kP1Ready
+//        O_R = O_R * f0 * f1 + P1 V1_R  (registers)
+//        wait kP0Ready; O_R += (P0 * f1) V0_R  (shared memory)
+//        refill kv[1] blocks 4-7 and kv[0] blocks 4-8 as the two products finish; S1 of the
 //        next pair
 // f0, f1: the factors by which the maxima of the even / odd page scale older terms. Each
-// warpgroup's softmax runs while the other's products keep the tensor cores busy. A pair past
-// the end of the segment (odd page count) has a zero page (TMA fills a box outside the cache
-// with zeros) whose keys are all masked: P1 = 0 and f1 = 1.
+// warpgroup's softmax runs while the other's products keep the tensor cores busy, and the odd
+// page's V_R is read first so that its refill starts early. A pair past the end of the segment
+// (odd page count) has a zero page (TMA fills a box outside the cache with zeros) whose keys are
+// all masked: P1 = 0 and f1 = 1.
 #pragma once
 
 #include <cuda.h>
@@ -123,14 +125,12 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   float tile_max[2], factor[2];
   scale_mask_rowmax(st.s, scale_log2, pair.n0, st.limit, tile_max);
   fold_page(smem, smem.rescale[0], st.row, st.s, tile_max, factor, st.sum);
+  bar_arrive(kMax0Ready, Traits::kThreads);
+  rescale_rows(st.o, factor);
+
   AFrag p[Traits::kKSteps];
   to_a_fragments<Element>(st.s, p);
-  store_a_fragments(smem.p0, st.row, p);
-  fence_to_async_proxy();
-  bar_arrive(kP0Ready, Traits::kThreads);
-
   zero_tail<0, Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup0);
-  rescale_rows(st.o, factor);
   fence_fragments(p);
   fence_accumulators(st.o);
   cute::warpgroup_arrive();
@@ -142,6 +142,10 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   zero_tail<0, Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup0);
 #pragma unroll
   for (int i = 0; i < 2; ++i) factor[i] = smem.rescale[1][st.row + 8 * i];
+  rescale_rows(st.s, factor);
+  store_a_operand<Element>(smem.p0, st.row, st.s);
+  fence_to_async_proxy();
+  bar_arrive(kP0Ready, Traits::kThreads);
   cute::warpgroup_wait<0>();
   fence_accumulators(st.o);
   fence_fragments(p);
@@ -152,6 +156,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
 
   bar_sync(kP1Ready, Traits::kThreads);
   fence_accumulators(st.o);
+  fence_accumulators(st.s);
   cute::warpgroup_arrive();
 #pragma unroll
   for (int k = 0; k < Traits::kKSteps; ++k) {
@@ -185,48 +190,47 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   uint8_t* v1 = kv1 + Traits::kVBlocksPerWarpgroup * Traits::kColBlockBytes;  // V1_R
   uint8_t* p1 = kv1 + Traits::kRopeBlock * Traits::kColBlockBytes;
 
-  float tile_max[2], factor[2];
+  float tile_max[2], factor[2], f0[2];
   scale_mask_rowmax(st.s, scale_log2, pair.n0 + Traits::kBlockN, st.limit, tile_max);
-  bar_sync(kP0Ready, Traits::kThreads);  // S0 done, P0 stored, f0 published
-  zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup1);
+  bar_sync(kMax0Ready, Traits::kThreads);  // S0 done, f0 and the maxima after the even page published
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    factor[i] = smem.rescale[0][st.row + 8 * i];
-    st.sum[i] *= factor[i];
+    f0[i] = smem.rescale[0][st.row + 8 * i];
+    st.sum[i] *= f0[i];
   }
-  rescale_rows(st.o, factor);
-  fence_accumulators(st.o);
-  cute::warpgroup_arrive();
-#pragma unroll
-  for (int k = 0; k < Traits::kKSteps; ++k) {
-    mma<Element, Major::MN>(desc_k_major(smem_addr(smem.p0), 16 * k), desc_v(smem_addr(v0), 16 * k), st.o, true);
-  }
-  cute::warpgroup_commit_batch();
-
   fold_page(smem, smem.rescale[1], st.row, st.s, tile_max, factor, st.sum);
   bar_arrive(kMax1Ready, Traits::kThreads);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) f0[i] *= factor[i];
+  rescale_rows(st.o, f0);
+
   AFrag p[Traits::kKSteps];
   to_a_fragments<Element>(st.s, p);
   store_a_fragments(p1, st.row, p);
   fence_to_async_proxy();  // P1 is read by wg0's wgmma after kP1Ready
+  bar_arrive(kP1Ready, Traits::kThreads);
   zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup1);
-
-  cute::warpgroup_wait<0>();  // V0_R and P0 read
-  fence_accumulators(st.o);
-  if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_page[0]);
-  rescale_rows(st.o, factor);
+  zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup1);
   fence_fragments(p);
   fence_accumulators(st.o);
   cute::warpgroup_arrive();
 #pragma unroll
   for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_v(smem_addr(v1), 16 * k), st.o, true);
   cute::warpgroup_commit_batch();
-  bar_arrive(kP1Ready, Traits::kThreads);
 
-  cute::warpgroup_wait<0>();  // V1_R read: kv[1] blocks 4-7 may be refilled (8 holds P1 until wg0 read it)
-  fence_accumulators(st.o);
+  bar_sync(kP0Ready, Traits::kThreads);
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    mma<Element, Major::MN>(desc_k_major(smem_addr(smem.p0), 16 * k), desc_v(smem_addr(v0), 16 * k), st.o, true);
+  }
+  cute::warpgroup_commit_batch();
+
+  cute::warpgroup_wait<1>();  // V1_R read: kv[1] blocks 4-7 may be refilled (8 holds P1 until wg0 read it)
   fence_fragments(p);
   if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_page[1]);
+  cute::warpgroup_wait<0>();  // V0_R and P0 read
+  fence_accumulators(st.o);
+  if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_page[0]);
   fence_accumulators(st.s);
   cute::warpgroup_arrive();
   if constexpr (kHasNext) {

@@ -60,10 +60,10 @@ static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory an sm_9
 /// Hardware named barriers of the kernel (0 is __syncthreads). "Ready" barriers are arrived at by
 /// the producing warpgroup and waited on by the other, each once per page pair.
 enum Barrier : int {
-  kMax0Ready = 1,      // wg0 published the maxima / rescale factors after the even page
-  kMax1Ready = 2,      // wg1 published them after the odd page (S of the odd page is done)
-  kP0Ready = 3,        // wg0 stored its P (scaled to the pair's final maxima)
-  kP1Ready = 4,        // wg1 stored its P and issued its last read of the even page's P
+  kMax0Ready = 1,      // wg0 published the maxima / rescale factor after the even page (S0 done)
+  kMax1Ready = 2,      // wg1 published them after the odd page (S1 done)
+  kP0Ready = 3,        // wg0 stored its P, scaled to the pair's final maxima
+  kP1Ready = 4,        // wg1 stored its P
   kWarpgroup0 = 5,     // intra-warpgroup syncs
   kWarpgroup1 = 6,
 };

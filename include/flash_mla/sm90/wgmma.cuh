@@ -131,4 +131,16 @@ __device__ __forceinline__ void store_a_fragments(uint8_t* block, int row, const
   }
 }
 
+/// Stores an fp32 accumulator of 64 columns as a swizzled K-major 64 x 64 operand.
+template <typename Element>
+__device__ __forceinline__ void store_a_operand(uint8_t* block, int row, const float (&acc)[Traits::kSTiles][4]) {
+  const int tq = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < Traits::kSTiles; ++j) {
+    const int col = j * 8 + 2 * tq;
+    *reinterpret_cast<uint32_t*>(block + Traits::offset(row, col)) = pack2<Element>(acc[j][0], acc[j][1]);
+    *reinterpret_cast<uint32_t*>(block + Traits::offset(row + 8, col)) = pack2<Element>(acc[j][2], acc[j][3]);
+  }
+}
+
 }  // namespace flash_mla::sm90
