@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       uint8_t* kv = smem.kv[warpgroup];
       fence_accumulators(st.s);
       cute::warpgroup_arrive();
-      issue_qk<Element, 0, Traits::kColBlocks, true>(smem_addr(smem.q), smem_addr(kv), smem.kv_bar[warpgroup], phase, st.s);
+      issue_qk<Element, 0, Traits::kColBlocks, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv)), smem.kv_bar[warpgroup], phase, st.s);
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
       fence_accumulators(st.s);

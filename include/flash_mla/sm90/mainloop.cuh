@@ -73,15 +73,15 @@ struct PairInfo {
 /// S (+)= Q K^T over the 64-column blocks [kFrom, kTo) of a KV buffer, each issued as soon as its
 /// barrier completes.
 template <typename Element, int kFrom, int kTo, bool kZeroInit>
-__device__ __forceinline__ void issue_qk(uint32_t q, uint32_t kv, uint64_t* bars, uint32_t phase,
+__device__ __forceinline__ void issue_qk(uint64_t q, uint64_t kv, uint64_t* bars, uint32_t phase,
                                          float (&s)[Traits::kSTiles][4]) {
   if constexpr (kFrom < kTo) {
     TxBarrier::wait(&bars[kFrom], phase);
     cute::warpgroup_arrive();  // explicit after the wait loop, or ptxas serialises the wgmma chain
 #pragma unroll
     for (int k = 0; k < Traits::kKSteps; ++k) {
-      mma<Element, Major::K>(desc_k_major(q + kFrom * Traits::kColBlockBytes, 16 * k),
-                             desc_k_major(kv + kFrom * Traits::kColBlockBytes, 16 * k), s, !(kZeroInit && k == 0));
+      const uint32_t offset = kFrom * Traits::kColBlockBytes + kmajor_step(k);
+      mma<Element, Major::K>(desc_at(q, offset), desc_at(kv, offset), s, !(kZeroInit && k == 0));
     }
     issue_qk<Element, kFrom + 1, kTo, false>(q, kv, bars, phase, s);
   }
@@ -135,7 +135,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   fence_accumulators(st.o);
   cute::warpgroup_arrive();
 #pragma unroll
-  for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_v(smem_addr(kv0), 16 * k), st.o, true);
+  for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(kv0)), v_step(k)), st.o, true);
   cute::warpgroup_commit_batch();
 
   bar_sync(kMax1Ready, Traits::kThreads);  // S1 is done and f1 is published
@@ -160,10 +160,10 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   cute::warpgroup_arrive();
 #pragma unroll
   for (int k = 0; k < Traits::kKSteps; ++k) {
-    mma<Element, Major::MN>(desc_k_major(smem_addr(p1), 16 * k), desc_v(smem_addr(kv1), 16 * k), st.o, true);
+    mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(p1)), kmajor_step(k)), desc_at(desc_v(smem_addr(kv1)), v_step(k)), st.o, true);
   }
   cute::warpgroup_commit_batch();
-  if constexpr (kHasNext) issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, true>(smem_addr(smem.q), smem_addr(kv0), smem.kv_bar[0], phase, st.s);
+  if constexpr (kHasNext) issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv0)), smem.kv_bar[0], phase, st.s);
   cute::warpgroup_commit_batch();
   cute::warpgroup_wait<1>();  // V1_L and P1 read: kv[1] blocks 0-3 and 8 may be refilled
   if (kHasNext && leader) {
@@ -171,7 +171,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
     src.load<Traits::kRopeBlock, Traits::kColBlocks>(kv1, smem.kv_bar[1], pair.next_page[1]);
   }
   if constexpr (kHasNext) {
-    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kColBlocks, false>(smem_addr(smem.q), smem_addr(kv0), smem.kv_bar[0], phase, st.s);
+    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kColBlocks, false>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv0)), smem.kv_bar[0], phase, st.s);
   }
   cute::warpgroup_commit_batch();
   cute::warpgroup_wait<0>();
@@ -215,13 +215,13 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   fence_accumulators(st.o);
   cute::warpgroup_arrive();
 #pragma unroll
-  for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_v(smem_addr(v1), 16 * k), st.o, true);
+  for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(v1)), v_step(k)), st.o, true);
   cute::warpgroup_commit_batch();
 
   bar_sync(kP0Ready, Traits::kThreads);
 #pragma unroll
   for (int k = 0; k < Traits::kKSteps; ++k) {
-    mma<Element, Major::MN>(desc_k_major(smem_addr(smem.p0), 16 * k), desc_v(smem_addr(v0), 16 * k), st.o, true);
+    mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(smem.p0)), kmajor_step(k)), desc_at(desc_v(smem_addr(v0)), v_step(k)), st.o, true);
   }
   cute::warpgroup_commit_batch();
 
@@ -234,9 +234,9 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   fence_accumulators(st.s);
   cute::warpgroup_arrive();
   if constexpr (kHasNext) {
-    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock, true>(smem_addr(smem.q), smem_addr(kv1), smem.kv_bar[1], phase, st.s);
-    issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, false>(smem_addr(smem.q), smem_addr(kv1), smem.kv_bar[1], phase, st.s);
-    issue_qk<Element, Traits::kRopeBlock, Traits::kColBlocks, false>(smem_addr(smem.q), smem_addr(kv1), smem.kv_bar[1], phase, st.s);
+    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv1)), smem.kv_bar[1], phase, st.s);
+    issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, false>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv1)), smem.kv_bar[1], phase, st.s);
+    issue_qk<Element, Traits::kRopeBlock, Traits::kColBlocks, false>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv1)), smem.kv_bar[1], phase, st.s);
   }
   cute::warpgroup_commit_batch();
   cute::warpgroup_wait<0>();

@@ -38,14 +38,20 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
   return kFields | ((addr & 0x3FFFF) >> 4);
 }
 
-/// A K-major operand of 64 rows starting `k0` columns into a swizzled block at `block` (k0 % 16 == 0).
-__device__ __forceinline__ uint64_t desc_k_major(uint32_t block, int k0) { return smem_desc<16, 1024>(block + k0 * 2); }
+/// Descriptor of a K-major operand of 64 rows at the swizzled block `block`.
+__device__ __forceinline__ uint64_t desc_k_major(uint32_t block) { return smem_desc<16, 1024>(block); }
 
-/// V (tokens x channels, channel-contiguous) as the MN-major B operand: 16 tokens from `token0`,
-/// 256 channels starting at the swizzle block at `v_block`.
-__device__ __forceinline__ uint64_t desc_v(uint32_t v_block, int token0) {
-  return smem_desc<Traits::kColBlockBytes, 1024>(v_block + token0 * 128);
-}
+/// Descriptor of V (tokens x channels, channel-contiguous) as the MN-major B operand: 256
+/// channels starting at the swizzle block `v_block`.
+__device__ __forceinline__ uint64_t desc_v(uint32_t v_block) { return smem_desc<Traits::kColBlockBytes, 1024>(v_block); }
+
+/// The same descriptor `bytes` further on (a multiple of 16; stays inside shared memory): one
+/// add, so a chain of wgmma is issued from one base descriptor.
+__device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+/// Byte offsets of k16 step k: along K in a K-major 64-column block, along tokens in V.
+constexpr uint32_t kmajor_step(int k) { return 32u * k; }
+constexpr uint32_t v_step(int k) { return 16u * 128u * k; }
 
 /// A-operand fragment of one k16 step of a 64-row wgmma, per thread: rows g and g + 8 of its warp's
 /// 16, columns 2tq.. and 2tq + 8.. (the mma.sync m16n8k16 layout).
