@@ -90,16 +90,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       fence_to_async_proxy();
       __syncthreads();
 
-      // S of the first pair, the even page's first (as in the loop: see kS0Done).
       uint8_t* kv = smem.kv[warpgroup];
-      if (warpgroup == 1) bar_sync(kS0Done, Traits::kThreads);
       fence_accumulators(st.s);
       cute::warpgroup_arrive();
       issue_qk<Element, 0, Traits::kColBlocks, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv)), smem.kv_bar[warpgroup], phase, st.s);
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
       fence_accumulators(st.s);
-      if (warpgroup == 0) bar_arrive(kS0Done, Traits::kThreads);
       phase ^= 1;
 
       const int n_pairs = (seg.n_tiles + 1) / 2;

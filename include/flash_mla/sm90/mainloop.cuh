@@ -14,7 +14,7 @@
 //        O_R = O_R * f0 * f1 + P1 V1_R  (registers)
 //        wait kP0Ready; O_R += (P0 * f1) V0_R  (shared memory)
 //        refill kv[1] blocks 4-7 and kv[0] blocks 4-8 as the two products finish; S1 of the
-//        next pair once wg0's S0 is done (kS0Done), so that wg0's softmax runs beside S1
+//        next pair
 // f0, f1: the factors by which the maxima of the even / odd page scale older terms. Each
 // warpgroup's softmax runs while the other's products keep the tensor cores busy, and the odd
 // page's V_R is read first so that its refill starts early. A pair past the end of the segment
@@ -177,10 +177,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   cute::warpgroup_wait<0>();
   fence_accumulators(st.o);
   fence_accumulators(st.s);
-  if constexpr (kHasNext) {
-    bar_arrive(kS0Done, Traits::kThreads);
-    phase ^= 1;
-  }
+  if constexpr (kHasNext) phase ^= 1;
 }
 
 template <typename Element, bool kHasNext>
@@ -237,7 +234,6 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   fence_accumulators(st.s);
   cute::warpgroup_arrive();
   if constexpr (kHasNext) {
-    bar_sync(kS0Done, Traits::kThreads);
     issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv1)), smem.kv_bar[1], phase, st.s);
     issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, false>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv1)), smem.kv_bar[1], phase, st.s);
     issue_qk<Element, Traits::kRopeBlock, Traits::kColBlocks, false>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv1)), smem.kv_bar[1], phase, st.s);

@@ -66,8 +66,6 @@ enum Barrier : int {
   kP1Ready = 4,        // wg1 stored its P
   kWarpgroup0 = 5,     // intra-warpgroup syncs
   kWarpgroup1 = 6,
-  kS0Done = 7,         // S of the even page is done: wg1 may start S of the odd page (the two S
-                       // run one after the other, so that wg0's softmax overlaps wg1's S)
 };
 
 }  // namespace flash_mla::sm90
