@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int32_t* meta = p.tile_scheduler_metadata + blockIdx.z * kMetaInts;
   // The clamps only matter for metadata planned for other inputs: stay in bounds.
   const int first_req = max(meta[0], 0), last_req = min(meta[2], p.batch - 1);
-  const KvSource src{&kv_map, rows_map.kv_head, kv_cache_policy(gridDim.x == 1)};
+  const KvSource src{&kv_map, rows_map.kv_head, kv_cache_policy()};
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
 
   WarpgroupState st;
