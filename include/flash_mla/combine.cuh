@@ -11,31 +11,23 @@
 
 namespace flash_mla {
 
-/// Warps of a combine CTA. A CTA merges one packed row: its threads derive the row's LSE
-/// together, then each warp takes every kCombineWarps-th split with several loads in flight, so a
-/// request decoded by ~100 SM parts (the imbalanced spec case) costs a few round trips per row.
-constexpr int kCombineWarps = 8;
-constexpr int kCombineThreads = kCombineWarps * 32;
+/// Shape of a combine CTA. A CTA merges one packed row; each warp derives the row's LSE itself
+/// (no barrier) and then takes every kWarps-th split, kUnroll of them in flight. Two shapes:
+/// many rows (large batches: a few splits per row, occupancy matters) take the light one; few
+/// rows with many splits each (one long request decoded by ~100 SM parts, the imbalanced spec
+/// case) take the wide one, whose 32 loads in flight per row cut the round trips per row.
+template <int kWarps_, int kUnroll_, int kMinBlocks_>
+struct CombineShape {
+  static constexpr int kWarps = kWarps_, kUnroll = kUnroll_, kMinBlocks = kMinBlocks_;
+  static constexpr int kThreads = kWarps * 32;
+};
+using CombineLight = CombineShape<4, 2, 8>;
+using CombineWide = CombineShape<8, 4, 2>;
+/// Rows (request x query token x head) from which the light shape is used.
+constexpr long long kCombineLightRows = 1024;
 
-/// Block-wide reduction (max or sum) of one float per thread; every thread gets the result.
-template <bool kMax>
-__device__ __forceinline__ float block_reduce(float v, float* scratch) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    const float o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = kMax ? fmaxf(v, o) : v + o;
-  }
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  v = scratch[0];
-#pragma unroll
-  for (int w = 1; w < kCombineWarps; ++w) v = kMax ? fmaxf(v, scratch[w]) : v + scratch[w];
-  __syncthreads();  // scratch is reused
-  return v;
-}
-
-template <typename Element>
-__global__ void __launch_bounds__(kCombineThreads, 2) combine_kernel(const __grid_constant__ DecodeParams p) {
+template <typename Element, typename Shape>
+__global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) combine_kernel(const __grid_constant__ DecodeParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched early (programmatic dependent launch): wait until the decode kernel's writes land.
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -47,28 +39,27 @@ __global__ void __launch_bounds__(kCombineThreads, 2) combine_kernel(const __gri
   const int first = p.num_splits[req];
   const int n_splits = min(p.num_splits[req + 1], p.max_splits) - first;  // min: foreign metadata
   if (n_splits <= 1 || first < 0) return;
-  __shared__ float4 partial[kCombineWarps][kHeadDimV / 4];
-  __shared__ float scratch[kCombineWarps];
+  __shared__ float4 partial[Shape::kWarps][kHeadDimV / 4];
 
   for (int row = blockIdx.y; row < rows_total; row += gridDim.y) {  // kv_head * rows + r
     const float* split_lse = p.lse_accum + static_cast<int64_t>(first) * rows_total + row;
+    // Every warp derives the row's LSE itself (n_splits reads): no barrier needed for it.
     float lse_max = -INFINITY;
-    for (int s = threadIdx.x; s < n_splits; s += kCombineThreads) {
-      lse_max = fmaxf(lse_max, split_lse[static_cast<int64_t>(s) * rows_total]);
-    }
-    lse_max = block_reduce<true>(lse_max, scratch);
+    for (int s = lane; s < n_splits; s += 32) lse_max = fmaxf(lse_max, split_lse[static_cast<int64_t>(s) * rows_total]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, off));
 
     float lse = INFINITY;  // no split saw a visible key: out = 0, lse = +inf
     float4 acc[4] = {};
     if (lse_max != -INFINITY) {
       float sum = 0.f;
-      for (int s = threadIdx.x; s < n_splits; s += kCombineThreads) {
-        sum += expf(split_lse[static_cast<int64_t>(s) * rows_total] - lse_max);
-      }
-      lse = lse_max + logf(block_reduce<false>(sum, scratch));
+      for (int s = lane; s < n_splits; s += 32) sum += expf(split_lse[static_cast<int64_t>(s) * rows_total] - lse_max);
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      lse = lse_max + logf(sum);
       // No branch on the weight: the loads of several splits can then be in flight at once.
-#pragma unroll 4
-      for (int s = warp; s < n_splits; s += kCombineWarps) {
+#pragma unroll Shape::kUnroll
+      for (int s = warp; s < n_splits; s += Shape::kWarps) {
         const float w = expf(split_lse[static_cast<int64_t>(s) * rows_total] - lse);
         const float4* src = reinterpret_cast<const float4*>(
             p.o_accum + (static_cast<int64_t>(first + s) * rows_total + row) * kHeadDimV);
@@ -94,7 +85,7 @@ __global__ void __launch_bounds__(kCombineThreads, 2) combine_kernel(const __gri
       const int h = (row / rows) * heads_per_kv + r % heads_per_kv;
       float4 total = partial[0][threadIdx.x];
 #pragma unroll
-      for (int w = 1; w < kCombineWarps; ++w) {
+      for (int w = 1; w < Shape::kWarps; ++w) {
         const float4 v = partial[w][threadIdx.x];
         total.x += v.x;
         total.y += v.y;
@@ -113,21 +104,28 @@ __global__ void __launch_bounds__(kCombineThreads, 2) combine_kernel(const __gri
   }
 }
 
-/// Launches the combine on p.stream. With `overlap` (sm_90+) it is a programmatic dependent
-/// launch: its CTAs are scheduled while the decode kernel drains and wait in griddepcontrol.
-template <typename Element>
-inline cudaError_t launch_combine(const DecodeParams& p, bool overlap) {
+template <typename Element, typename Shape>
+inline cudaError_t launch_combine_shape(const DecodeParams& p, bool overlap) {
   const int rows_total = p.seqlen_q * p.num_heads_q;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(p.batch, rows_total < 65535 ? rows_total : 65535);
-  config.blockDim = dim3(kCombineThreads);
+  config.blockDim = dim3(Shape::kThreads);
   config.stream = p.stream;
   cudaLaunchAttribute attribute;
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &attribute;
   config.numAttrs = overlap ? 1 : 0;
-  return cudaLaunchKernelEx(&config, combine_kernel<Element>, p);
+  return cudaLaunchKernelEx(&config, combine_kernel<Element, Shape>, p);
+}
+
+/// Launches the combine on p.stream. With `overlap` (sm_90+) it is a programmatic dependent
+/// launch: its CTAs are scheduled while the decode kernel drains and wait in griddepcontrol.
+template <typename Element>
+inline cudaError_t launch_combine(const DecodeParams& p, bool overlap) {
+  const long long rows = static_cast<long long>(p.batch) * p.seqlen_q * p.num_heads_q;
+  return rows >= kCombineLightRows ? launch_combine_shape<Element, CombineLight>(p, overlap)
+                                   : launch_combine_shape<Element, CombineWide>(p, overlap);
 }
 
 }  // namespace flash_mla
