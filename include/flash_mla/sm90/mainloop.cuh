@@ -211,49 +211,27 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   bar_arrive(kP1Ready, Traits::kThreads);
   zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup1);
   zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup1);
-#ifndef FLASH_MLA_WG1_REMOTE_FIRST
-#define FLASH_MLA_WG1_REMOTE_FIRST 0
-#endif
   fence_fragments(p);
   fence_accumulators(st.o);
-  if constexpr (FLASH_MLA_WG1_REMOTE_FIRST) {
-    bar_sync(kP0Ready, Traits::kThreads);
-    cute::warpgroup_arrive();
+  cute::warpgroup_arrive();
 #pragma unroll
-    for (int k = 0; k < Traits::kKSteps; ++k) {
-      mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(smem.p0)), kmajor_step(k)), desc_at(desc_v(smem_addr(v0)), v_step(k)), st.o, true);
-    }
-    cute::warpgroup_commit_batch();
+  for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(v1)), v_step(k)), st.o, true);
+  cute::warpgroup_commit_batch();
+
+  bar_sync(kP0Ready, Traits::kThreads);
 #pragma unroll
-    for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(v1)), v_step(k)), st.o, true);
-    cute::warpgroup_commit_batch();
-    cute::warpgroup_wait<1>();  // V0_R and P0 read
-    if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_page[0]);
-    cute::warpgroup_wait<0>();  // V1_R read
-    fence_accumulators(st.o);
-    fence_fragments(p);
-    if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_page[1]);
-  } else {
-    cute::warpgroup_arrive();
-  #pragma unroll
-    for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(v1)), v_step(k)), st.o, true);
-    cute::warpgroup_commit_batch();
-
-    bar_sync(kP0Ready, Traits::kThreads);
-  #pragma unroll
-    for (int k = 0; k < Traits::kKSteps; ++k) {
-      mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(smem.p0)), kmajor_step(k)), desc_at(desc_v(smem_addr(v0)), v_step(k)), st.o, true);
-    }
-    cute::warpgroup_commit_batch();
-
-    cute::warpgroup_wait<1>();  // V1_R read: kv[1] blocks 4-7 may be refilled (8 holds P1 until wg0 read it)
-    fence_fragments(p);
-    if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_page[1]);
-    cute::warpgroup_wait<0>();  // V0_R and P0 read
-    fence_accumulators(st.o);
-    if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_page[0]);
-
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(smem.p0)), kmajor_step(k)), desc_at(desc_v(smem_addr(v0)), v_step(k)), st.o, true);
   }
+  cute::warpgroup_commit_batch();
+
+  cute::warpgroup_wait<1>();  // V1_R read: kv[1] blocks 4-7 may be refilled (8 holds P1 until wg0 read it)
+  fence_fragments(p);
+  if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_page[1]);
+  cute::warpgroup_wait<0>();  // V0_R and P0 read
+  fence_accumulators(st.o);
+  if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_page[0]);
+
   fence_accumulators(st.s);
   cute::warpgroup_arrive();
   if constexpr (kHasNext) {
