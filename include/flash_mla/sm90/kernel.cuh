@@ -90,10 +90,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       fence_to_async_proxy();
       __syncthreads();
 
+      // S of the first pair: each warpgroup its own page.
       uint8_t* kv = smem.kv[warpgroup];
       fence_accumulators(st.s);
       cute::warpgroup_arrive();
-      issue_qk<Element, 0, Traits::kColBlocks, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv)), smem.kv_bar[warpgroup], phase, st.s);
+      issue_qk<Element, 0, Traits::kColBlocks, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv)),
+                                                     smem.kv_bar[warpgroup], phase, st.s);
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
       fence_accumulators(st.s);
@@ -106,7 +108,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           pair.valid[i] = min(seg.n_hi - (pair.n0 + i * Traits::kBlockN), Traits::kBlockN);
-          pair.next_page[i] = threadIdx.x % Traits::kWarpgroupThreads == 0 ? segment_page(p, seg, req, 2 * pair_idx + 2 + i) : -1;
+          const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;  // the thread that issues TMA
+          pair.next_page[i] = leader ? segment_page(p, seg, req, 2 * pair_idx + 2 + i) : -1;
         }
         return pair;
       };

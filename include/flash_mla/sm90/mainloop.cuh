@@ -112,6 +112,16 @@ struct WarpgroupState {
   int row;                            // the thread's first local row
 };
 
+/// Closes a pair: waits for the warpgroup's last wgmma group (the next pair's S, if any).
+template <bool kHasNext>
+__device__ __forceinline__ void finish_pair(WarpgroupState& st, uint32_t& phase) {
+  cute::warpgroup_commit_batch();
+  cute::warpgroup_wait<0>();
+  fence_accumulators(st.o);
+  fence_accumulators(st.s);
+  if constexpr (kHasNext) phase ^= 1;  // the buffer's barriers completed one more phase
+}
+
 /// kHasNext: another pair follows in the segment (compile-time: a wgmma issued under a runtime
 /// condition makes ptxas serialise every wgmma of the kernel).
 template <typename Element, bool kHasNext>
@@ -135,7 +145,9 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   fence_accumulators(st.o);
   cute::warpgroup_arrive();
 #pragma unroll
-  for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(kv0)), v_step(k)), st.o, true);
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(kv0)), v_step(k)), st.o, true);
+  }
   cute::warpgroup_commit_batch();
 
   bar_sync(kMax1Ready, Traits::kThreads);  // S1 is done and f1 is published
@@ -160,10 +172,14 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   cute::warpgroup_arrive();
 #pragma unroll
   for (int k = 0; k < Traits::kKSteps; ++k) {
-    mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(p1)), kmajor_step(k)), desc_at(desc_v(smem_addr(kv1)), v_step(k)), st.o, true);
+    mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(p1)), kmajor_step(k)), desc_at(desc_v(smem_addr(kv1)), v_step(k)),
+                            st.o, true);
   }
   cute::warpgroup_commit_batch();
-  if constexpr (kHasNext) issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv0)), smem.kv_bar[0], phase, st.s);
+  const uint64_t q_desc = desc_k_major(smem_addr(smem.q)), k_desc = desc_k_major(smem_addr(kv0));
+  if constexpr (kHasNext) {
+    issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, true>(q_desc, k_desc, smem.kv_bar[0], phase, st.s);
+  }
   cute::warpgroup_commit_batch();
   cute::warpgroup_wait<1>();  // V1_L and P1 read: kv[1] blocks 0-3 and 8 may be refilled
   if (kHasNext && leader) {
@@ -171,13 +187,9 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
     src.load<Traits::kRopeBlock, Traits::kColBlocks>(kv1, smem.kv_bar[1], pair.next_page[1]);
   }
   if constexpr (kHasNext) {
-    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kColBlocks, false>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv0)), smem.kv_bar[0], phase, st.s);
+    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kColBlocks, false>(q_desc, k_desc, smem.kv_bar[0], phase, st.s);
   }
-  cute::warpgroup_commit_batch();
-  cute::warpgroup_wait<0>();
-  fence_accumulators(st.o);
-  fence_accumulators(st.s);
-  if constexpr (kHasNext) phase ^= 1;
+  finish_pair<kHasNext>(st, phase);
 }
 
 template <typename Element, bool kHasNext>
@@ -215,35 +227,41 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   fence_accumulators(st.o);
   cute::warpgroup_arrive();
 #pragma unroll
-  for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(v1)), v_step(k)), st.o, true);
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(v1)), v_step(k)), st.o, true);
+  }
   cute::warpgroup_commit_batch();
 
   bar_sync(kP0Ready, Traits::kThreads);
 #pragma unroll
   for (int k = 0; k < Traits::kKSteps; ++k) {
-    mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(smem.p0)), kmajor_step(k)), desc_at(desc_v(smem_addr(v0)), v_step(k)), st.o, true);
+    mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(smem.p0)), kmajor_step(k)),
+                            desc_at(desc_v(smem_addr(v0)), v_step(k)), st.o, true);
   }
   cute::warpgroup_commit_batch();
 
   cute::warpgroup_wait<1>();  // V1_R read: kv[1] blocks 4-7 may be refilled (8 holds P1 until wg0 read it)
   fence_fragments(p);
-  if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_page[1]);
+  if (kHasNext && leader) {
+    src.load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_page[1]);
+  }
   cute::warpgroup_wait<0>();  // V0_R and P0 read
   fence_accumulators(st.o);
-  if (kHasNext && leader) src.load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_page[0]);
+  if (kHasNext && leader) {
+    src.load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_page[0]);
+  }
 
   fence_accumulators(st.s);
   cute::warpgroup_arrive();
   if constexpr (kHasNext) {
-    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv1)), smem.kv_bar[1], phase, st.s);
-    issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, false>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv1)), smem.kv_bar[1], phase, st.s);
-    issue_qk<Element, Traits::kRopeBlock, Traits::kColBlocks, false>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv1)), smem.kv_bar[1], phase, st.s);
+    // Blocks in the order their refills were issued: 4-7 here, 0-3 and 8 by wg0.
+    const uint64_t q_desc = desc_k_major(smem_addr(smem.q)), k_desc = desc_k_major(smem_addr(kv1));
+    uint64_t* bars = smem.kv_bar[1];
+    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock, true>(q_desc, k_desc, bars, phase, st.s);
+    issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, false>(q_desc, k_desc, bars, phase, st.s);
+    issue_qk<Element, Traits::kRopeBlock, Traits::kColBlocks, false>(q_desc, k_desc, bars, phase, st.s);
   }
-  cute::warpgroup_commit_batch();
-  cute::warpgroup_wait<0>();
-  fence_accumulators(st.o);
-  fence_accumulators(st.s);
-  if constexpr (kHasNext) phase ^= 1;
+  finish_pair<kHasNext>(st, phase);
 }
 
 }  // namespace flash_mla::sm90
