@@ -52,6 +52,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       TxBarrier::init(&smem.kv_bar[0][b], 1);
       TxBarrier::init(&smem.kv_bar[1][b], 1);
     }
+#pragma unroll
+    for (int h = 0; h < kHandoffs; ++h) cutlass::arch::ClusterBarrier::init(&smem.handoff[h], Traits::kWarpgroupThreads);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
@@ -66,7 +68,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   WarpgroupState st;
   st.row = 16 * ((threadIdx.x / 32) % 4) + lane / 4;
-  uint32_t phase = 0;  // of this warpgroup's KV buffer barriers
+  uint32_t phase = 0;       // of this warpgroup's KV buffer barriers
+  uint32_t pairs_done = 0;  // page pairs of all segments so far: the hand-offs' phase parity
 
   for (int req = first_req; req <= last_req; ++req) {
     const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
@@ -104,6 +107,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const int n_pairs = (seg.n_tiles + 1) / 2;
       const auto pair_info = [&](int pair_idx) {
         PairInfo pair;
+        pair.parity = (pairs_done + pair_idx) & 1;
         pair.n0 = seg.n_lo + 2 * pair_idx * Traits::kBlockN;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -124,6 +128,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         }
         odd_warpgroup_pair<Element, false>(smem, st, pair_info(n_pairs - 1), src, scale_log2, phase);
       }
+      pairs_done += n_pairs;
     }
 
     // Full row sums: reduce over the quad, then add the other warpgroup's share.

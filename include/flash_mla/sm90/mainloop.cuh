@@ -39,8 +39,17 @@ using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 __device__ __forceinline__ void bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
-__device__ __forceinline__ void bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+/// Producer side of a hand-off: every thread of the warpgroup arrives (release).
+__device__ __forceinline__ void handoff_arrive(SharedStorage& smem, Handoff h) {
+  cutlass::arch::ClusterBarrier::arrive(&smem.handoff[h]);
+}
+
+/// Consumer side: waits until the hand-off of this pair (phase parity `parity`) completed. The
+/// wgmma fence after the wait loop keeps ptxas from inserting its own in a divergent path (which
+/// serialises every wgmma of the kernel, warning C7520).
+__device__ __forceinline__ void handoff_wait(SharedStorage& smem, Handoff h, uint32_t parity) {
+  cutlass::arch::ClusterBarrier::wait(&smem.handoff[h], parity);
+  cute::warpgroup_arrive();
 }
 
 /// Generic-proxy shared-memory writes (st.shared, cp.async) become visible to wgmma.
@@ -68,6 +77,7 @@ struct PairInfo {
   int n0;            // first token of the even page
   int valid[2];      // tokens of each page inside the segment (<= 0: a zero page)
   int next_page[2];  // pages of the next pair, if any (-1: a zero page)
+  uint32_t parity;   // phase parity of this pair's hand-offs
 };
 
 /// S (+)= Q K^T over the 64-column blocks [kFrom, kTo) of a KV buffer, each issued as soon as its
@@ -135,7 +145,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   float tile_max[2], factor[2];
   scale_mask_rowmax(st.s, scale_log2, pair.n0, st.limit, tile_max);
   fold_page(smem, smem.rescale[0], st.row, st.s, tile_max, factor, st.sum);
-  bar_arrive(kMax0Ready, Traits::kThreads);
+  handoff_arrive(smem, kMax0Ready);
   rescale_rows(st.o, factor);
 
   AFrag p[Traits::kKSteps];
@@ -150,14 +160,14 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   }
   cute::warpgroup_commit_batch();
 
-  bar_sync(kMax1Ready, Traits::kThreads);  // S1 is done and f1 is published
+  handoff_wait(smem, kMax1Ready, pair.parity);  // S1 is done and f1 is published
   zero_tail<0, Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup0);
 #pragma unroll
   for (int i = 0; i < 2; ++i) factor[i] = smem.rescale[1][st.row + 8 * i];
   rescale_rows(st.s, factor);
   store_a_operand<Element>(smem.p0, st.row, st.s);
   fence_to_async_proxy();
-  bar_arrive(kP0Ready, Traits::kThreads);
+  handoff_arrive(smem, kP0Ready);
   cute::warpgroup_wait<0>();
   fence_accumulators(st.o);
   fence_fragments(p);
@@ -166,7 +176,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
 #pragma unroll
   for (int i = 0; i < 2; ++i) st.sum[i] *= factor[i];
 
-  bar_sync(kP1Ready, Traits::kThreads);
+  handoff_wait(smem, kP1Ready, pair.parity);
   fence_accumulators(st.o);
   fence_accumulators(st.s);
   cute::warpgroup_arrive();
@@ -204,14 +214,14 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
 
   float tile_max[2], factor[2], f0[2];
   scale_mask_rowmax(st.s, scale_log2, pair.n0 + Traits::kBlockN, st.limit, tile_max);
-  bar_sync(kMax0Ready, Traits::kThreads);  // S0 done, f0 and the maxima after the even page published
+  handoff_wait(smem, kMax0Ready, pair.parity);  // S0 done, f0 and the maxima after the even page
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     f0[i] = smem.rescale[0][st.row + 8 * i];
     st.sum[i] *= f0[i];
   }
   fold_page(smem, smem.rescale[1], st.row, st.s, tile_max, factor, st.sum);
-  bar_arrive(kMax1Ready, Traits::kThreads);
+  handoff_arrive(smem, kMax1Ready);
 #pragma unroll
   for (int i = 0; i < 2; ++i) f0[i] *= factor[i];
   rescale_rows(st.o, f0);
@@ -220,7 +230,7 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   to_a_fragments<Element>(st.s, p);
   store_a_fragments(p1, st.row, p);
   fence_to_async_proxy();  // P1 is read by wg0's wgmma after kP1Ready
-  bar_arrive(kP1Ready, Traits::kThreads);
+  handoff_arrive(smem, kP1Ready);
   zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup1);
   zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup1);
   fence_fragments(p);
@@ -232,7 +242,7 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   }
   cute::warpgroup_commit_batch();
 
-  bar_sync(kP0Ready, Traits::kThreads);
+  handoff_wait(smem, kP0Ready, pair.parity);
 #pragma unroll
   for (int k = 0; k < Traits::kKSteps; ++k) {
     mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(smem.p0)), kmajor_step(k)),

@@ -42,6 +42,24 @@ struct Traits {
   }
 };
 
+/// Hand-offs between the two warpgroups, once per page pair each: the producing warpgroup's 128
+/// threads arrive on a shared-memory barrier (release), the other warpgroup waits on its phase
+/// (acquire). (Named-barrier arrive/sync pairs made compute-sanitizer's racecheck report
+/// hazards, even across __syncthreads; mbarriers are what it models.)
+enum Handoff : int {
+  kMax0Ready = 0,  // wg0 published the maxima / rescale factor after the even page (S0 done)
+  kMax1Ready = 1,  // wg1 published them after the odd page (S1 done)
+  kP0Ready = 2,    // wg0 stored its P, scaled to the pair's final maxima
+  kP1Ready = 3,    // wg1 stored its P
+  kHandoffs = 4,
+};
+
+/// Hardware named barriers of a single warpgroup (0 is __syncthreads).
+enum Barrier : int {
+  kWarpgroup0 = 1,
+  kWarpgroup1 = 2,
+};
+
 struct alignas(1024) SharedStorage {
   alignas(1024) uint8_t q[Traits::kTileBytes];
   // kv[1]'s RoPE block doubles as warpgroup 1's P once S of the odd page is done: with Q and
@@ -52,20 +70,10 @@ struct alignas(1024) SharedStorage {
   float rescale[2][Traits::kBlockM];                  // per page of the pair: factor for older terms
   float row_sum[2][Traits::kBlockM];                  // per warpgroup, at the end of a segment
   uint64_t kv_bar[2][Traits::kColBlocks];             // TMA transaction barriers, one per block
+  uint64_t handoff[kHandoffs];                        // see Handoff
 };
 
 constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
 static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory an sm_90 block may use");
-
-/// Hardware named barriers of the kernel (0 is __syncthreads). "Ready" barriers are arrived at by
-/// the producing warpgroup and waited on by the other, each once per page pair.
-enum Barrier : int {
-  kMax0Ready = 1,      // wg0 published the maxima / rescale factor after the even page (S0 done)
-  kMax1Ready = 2,      // wg1 published them after the odd page (S1 done)
-  kP0Ready = 3,        // wg0 stored its P, scaled to the pair's final maxima
-  kP1Ready = 4,        // wg1 stored its P
-  kWarpgroup0 = 5,     // intra-warpgroup syncs
-  kWarpgroup1 = 6,
-};
 
 }  // namespace flash_mla::sm90
