@@ -11,23 +11,18 @@
 
 namespace flash_mla {
 
-/// Shape of a combine CTA. A CTA merges 512 / kChannelSplit channels of one packed row; each
-/// warp derives the row's LSE itself (no barrier) and then takes every kWarps-th split, kUnroll
-/// of them in flight. Two shapes: many rows (large batches: a few splits per row, occupancy
-/// matters) take the light one; few rows with many splits each (one long request decoded by
-/// ~100 SM parts, the imbalanced spec case) take the wide one: 4 CTAs per row so that every SM
-/// has work, 32 loads in flight per CTA.
-template <int kWarps_, int kUnroll_, int kMinBlocks_, int kChannelSplit_>
+/// Shape of a combine CTA. A CTA merges one packed row; each warp derives the row's LSE itself
+/// (no barrier) and then takes every kWarps-th split, kUnroll of them in flight. Two shapes:
+/// many rows (large batches: a few splits per row, occupancy matters) take the light one; few
+/// rows with many splits each (one long request decoded by ~100 SM parts, the imbalanced spec
+/// case) take the wide one, whose 32 loads in flight per row cut the round trips per row.
+template <int kWarps_, int kUnroll_, int kMinBlocks_>
 struct CombineShape {
   static constexpr int kWarps = kWarps_, kUnroll = kUnroll_, kMinBlocks = kMinBlocks_;
-  static constexpr int kChannelSplit = kChannelSplit_;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kVecs = kHeadDimV / 4 / kChannelSplit;  // float4 per CTA row slice
-  static constexpr int kVecsPerLane = kVecs / 32;
-  static_assert(kVecsPerLane >= 1 && kVecs % 32 == 0, "a warp covers the CTA's channels");
 };
-using CombineLight = CombineShape<4, 2, 8, 1>;
-using CombineWide = CombineShape<8, 4, 4, 4>;
+using CombineLight = CombineShape<4, 2, 8>;
+using CombineWide = CombineShape<8, 4, 2>;
 /// Rows (request x query token x head) from which the light shape is used.
 constexpr long long kCombineLightRows = 1024;
 
@@ -44,8 +39,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) combine_ke
   const int first = p.num_splits[req];
   const int n_splits = min(p.num_splits[req + 1], p.max_splits) - first;  // min: foreign metadata
   if (n_splits <= 1 || first < 0) return;
-  __shared__ float4 partial[Shape::kWarps][Shape::kVecs];
-  const int c0 = blockIdx.z * Shape::kVecs;  // first float4 of this CTA's channels
+  __shared__ float4 partial[Shape::kWarps][kHeadDimV / 4];
 
   for (int row = blockIdx.y; row < rows_total; row += gridDim.y) {  // kv_head * rows + r
     const float* split_lse = p.lse_accum + static_cast<int64_t>(first) * rows_total + row;
@@ -56,7 +50,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) combine_ke
     for (int off = 16; off > 0; off /= 2) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, off));
 
     float lse = INFINITY;  // no split saw a visible key: out = 0, lse = +inf
-    float4 acc[Shape::kVecsPerLane] = {};
+    float4 acc[4] = {};
     if (lse_max != -INFINITY) {
       float sum = 0.f;
       for (int s = lane; s < n_splits; s += 32) sum += expf(split_lse[static_cast<int64_t>(s) * rows_total] - lse_max);
@@ -68,9 +62,9 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) combine_ke
       for (int s = warp; s < n_splits; s += Shape::kWarps) {
         const float w = expf(split_lse[static_cast<int64_t>(s) * rows_total] - lse);
         const float4* src = reinterpret_cast<const float4*>(
-            p.o_accum + (static_cast<int64_t>(first + s) * rows_total + row) * kHeadDimV) + c0;
+            p.o_accum + (static_cast<int64_t>(first + s) * rows_total + row) * kHeadDimV);
 #pragma unroll
-        for (int k = 0; k < Shape::kVecsPerLane; ++k) {
+        for (int k = 0; k < 4; ++k) {
           const float4 v = src[lane + 32 * k];
           acc[k].x += w * v.x;
           acc[k].y += w * v.y;
@@ -80,11 +74,11 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) combine_ke
       }
     }
 #pragma unroll
-    for (int k = 0; k < Shape::kVecsPerLane; ++k) partial[warp][lane + 32 * k] = acc[k];
+    for (int k = 0; k < 4; ++k) partial[warp][lane + 32 * k] = acc[k];
     __syncthreads();
 
-    // Thread t < kVecs sums the warps' shares of the slice's channels 4t .. 4t + 3, stores them.
-    if (threadIdx.x < Shape::kVecs) {
+    // Thread t < 128 sums the warps' shares of channels 4t .. 4t + 3 and stores them.
+    if (threadIdx.x < kHeadDimV / 4) {
       const int heads_per_kv = p.num_heads_q / p.num_heads_kv;
       const int r = row % rows;
       const int t = r / heads_per_kv;
@@ -103,8 +97,8 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) combine_ke
       uint2 packed;
       packed.x = pack2<Element>(total.x, total.y);
       packed.y = pack2<Element>(total.z, total.w);
-      *reinterpret_cast<uint2*>(dst + 4 * (c0 + threadIdx.x)) = packed;
-      if (threadIdx.x == 0 && blockIdx.z == 0) p.lse[(static_cast<int64_t>(req) * p.num_heads_q + h) * p.seqlen_q + t] = lse;
+      *reinterpret_cast<uint2*>(dst + 4 * threadIdx.x) = packed;
+      if (threadIdx.x == 0) p.lse[(static_cast<int64_t>(req) * p.num_heads_q + h) * p.seqlen_q + t] = lse;
     }
     __syncthreads();  // `partial` is reused by the next row
   }
@@ -114,7 +108,7 @@ template <typename Element, typename Shape>
 inline cudaError_t launch_combine_shape(const DecodeParams& p, bool overlap) {
   const int rows_total = p.seqlen_q * p.num_heads_q;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.batch, rows_total < 65535 ? rows_total : 65535, Shape::kChannelSplit);
+  config.gridDim = dim3(p.batch, rows_total < 65535 ? rows_total : 65535);
   config.blockDim = dim3(Shape::kThreads);
   config.stream = p.stream;
   cudaLaunchAttribute attribute;
