@@ -99,10 +99,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cute::warpgroup_arrive();
       issue_qk<Element, 0, Traits::kColBlocks, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv)),
                                                      smem.kv_bar[warpgroup], phase, st.s);
-      cute::warpgroup_commit_batch();
-      cute::warpgroup_wait<0>();
-      fence_accumulators(st.s);
-      phase ^= 1;
+      finish_pair<true>(st, phase);
 
       const int n_pairs = (seg.n_tiles + 1) / 2;
       const auto pair_info = [&](int pair_idx) {
