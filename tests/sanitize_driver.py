@@ -76,8 +76,11 @@ def runnable_kernels():
     return kernels
 
 
-def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
-    """The flash_mla.ops path with a plan for `num_sms` SMs (few CTAs)."""
+def case_inputs(name: str):
+    """The case built on the CPU (the reference's inputs) and its GPU inputs (q, k_cache,
+    block_table, cache_seqlens); the "hostile" case's table and lengths are then broken:
+    request 0 claims 300 tokens (3 columns hold 192: pages past the table), request 1 has junk
+    in a used entry, request 2 a negative page in its only entry."""
     b, s_q, h_q, h_kv, lengths, dtype, q_layout, k_layout, causal, width = CASES[name]
     cpu = build_paged_case(b, s_q, h_q, h_kv, lengths, dtype, seed=1234 + len(name), device="cpu",
                            q_layout=q_layout, k_layout=k_layout, table_width=width)
@@ -86,8 +89,13 @@ def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
         seqlens_cpu[0] = 300
         block_table_cpu[1, 0] = 10 ** 9
         block_table_cpu[2, 0] = -7
-    q, k_cache = to_gpu(cpu.q), to_gpu(cpu.k_cache)
-    block_table, cache_seqlens = block_table_cpu.cuda(), seqlens_cpu.cuda()
+    return cpu, (to_gpu(cpu.q), to_gpu(cpu.k_cache), block_table_cpu.cuda(), seqlens_cpu.cuda())
+
+
+def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
+    """The flash_mla.ops path with a plan for `num_sms` SMs (few CTAs)."""
+    cpu, (q, k_cache, block_table, cache_seqlens) = case_inputs(name)
+    b, s_q, h_q, h_kv, _, dtype, _, _, causal, _ = CASES[name]
     parts = ops.num_sm_parts(s_q, h_q, h_kv, num_sms=num_sms)
     shapes = ops.workspace_shapes(b, s_q, h_q, h_kv, parts)
     meta = torch.zeros(shapes["tile_scheduler_metadata"], dtype=torch.int32).cuda()
@@ -123,18 +131,8 @@ def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
 
 
 def run_case(name: str, kernels, log) -> bool:
-    b, s_q, h_q, h_kv, lengths, dtype, q_layout, k_layout, causal, width = CASES[name]
-    cpu = build_paged_case(b, s_q, h_q, h_kv, lengths, dtype, seed=1234 + len(name), device="cpu",
-                           q_layout=q_layout, k_layout=k_layout, table_width=width)
-    block_table_cpu, seqlens_cpu = cpu.block_table.clone(), cpu.cache_seqlens.clone()
-    if name == "hostile":
-        # Request 0: 100 tokens but 300 claimed (3 columns hold 192): pages past the table.
-        # Request 1: junk in a used entry. Request 2: a negative page in its only entry.
-        seqlens_cpu[0] = 300
-        block_table_cpu[1, 0] = 10 ** 9
-        block_table_cpu[2, 0] = -7
-    q, k_cache = to_gpu(cpu.q), to_gpu(cpu.k_cache)
-    block_table, cache_seqlens = block_table_cpu.cuda(), seqlens_cpu.cuda()
+    cpu, (q, k_cache, block_table, cache_seqlens) = case_inputs(name)
+    _, s_q, h_q, h_kv, _, dtype, _, _, causal, _ = CASES[name]
     ok = True
     if name != "hostile":
         ref_out, ref_lse = mla_decode_reference(cpu.q, cpu.k_cache, cpu.block_table, cpu.cache_seqlens, DV,

@@ -10,6 +10,9 @@
 * ``make_seqlens`` fixture: ``seqlens_for(...)``, length patterns with the edge values.
 * ``check_decode`` fixture: ``assert_decode_matches(...)``, the comparison of a kernel result
   with the reference (tolerances documented there).
+* Plain helpers the test modules import (``from conftest import ...``): ``cpu_decode_args``
+  (well-formed decode arguments, all on the CPU) and ``capture_graph`` (warm up, then capture a
+  call in a CUDA graph).
 
 This file imports only torch: the compiled module is imported by the test modules themselves.
 """
@@ -447,3 +450,37 @@ def assert_decode_matches(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.T
 @pytest.fixture
 def check_decode():
     return assert_decode_matches
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain helpers for the test modules
+# ----------------------------------------------------------------------------------------------
+
+CPU_PARTS = 4  # rows of the fake CPU metadata of cpu_decode_args
+
+
+def cpu_decode_args(b=2, s_q=1, h_q=16, h_kv=1, dtype=torch.bfloat16, parts=CPU_PARTS):
+    """Decode arguments that are right in every respect except the device (all on the CPU)."""
+    return dict(
+        q=torch.zeros((b, s_q, h_q, HEAD_DIM), dtype=dtype),
+        k_cache=torch.zeros((4, PAGE, h_kv, HEAD_DIM), dtype=dtype),
+        block_table=torch.zeros((b, 2), dtype=torch.int32),
+        cache_seqlens=torch.full((b,), 70, dtype=torch.int32),
+        head_dim_v=HEAD_DIM_V,
+        tile_scheduler_metadata=torch.zeros((parts, 8), dtype=torch.int32),
+        num_splits=torch.zeros((b + 1,), dtype=torch.int32),
+    )
+
+
+def capture_graph(fn):
+    """Warm up fn on a side stream, then capture it in a CUDA graph; returns (graph, result)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    torch.cuda.synchronize()
+    return graph, result

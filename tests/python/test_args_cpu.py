@@ -22,29 +22,17 @@ import torch
 import flash_mla
 from flash_mla import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
 
+from conftest import CPU_PARTS, cpu_decode_args  # noqa: E402  (tests/python is on sys.path)
+
 D = 576
 DV = 512
 PAGE = 64
-PARTS = 4  # rows of the fake CPU metadata
 
 # "q" as a word of its own (also accepts "h_q" / "s_q" / "q.shape" / "'q'").
 Q = r"(?<![A-Za-z])q(?![A-Za-z])"
 CUDA = r"(?i)cuda"
 ORDER = ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v",
          "tile_scheduler_metadata", "num_splits")
-
-
-def valid_args(b=2, s_q=1, h_q=16, h_kv=1, dtype=torch.bfloat16):
-    """Arguments that are right in every respect except the device (all on the CPU)."""
-    return dict(
-        q=torch.zeros((b, s_q, h_q, D), dtype=dtype),
-        k_cache=torch.zeros((4, PAGE, h_kv, D), dtype=dtype),
-        block_table=torch.zeros((b, 2), dtype=torch.int32),
-        cache_seqlens=torch.full((b,), 70, dtype=torch.int32),
-        head_dim_v=DV,
-        tile_scheduler_metadata=torch.zeros((PARTS, 8), dtype=torch.int32),
-        num_splits=torch.zeros((b + 1,), dtype=torch.int32),
-    )
 
 
 def call(args, **kwargs):
@@ -98,7 +86,7 @@ ACCEPTED = {
 @pytest.mark.parametrize("kwargs", list(ACCEPTED.values()), ids=list(ACCEPTED))
 def test_cpu_tensors_rejected_with_cuda_message(kwargs):
     with pytest.raises(ValueError, match=CUDA):
-        call(valid_args(**kwargs))
+        call(cpu_decode_args(**kwargs))
 
 
 ACCEPTED_LAYOUTS = {
@@ -117,7 +105,7 @@ ACCEPTED_LAYOUTS = {
 
 @pytest.mark.parametrize("mutate", list(ACCEPTED_LAYOUTS.values()), ids=list(ACCEPTED_LAYOUTS))
 def test_valid_layouts_reach_device_check(mutate):
-    args = valid_args()
+    args = cpu_decode_args()
     mutate(args)
     with pytest.raises(ValueError, match=CUDA):
         call(args)
@@ -131,7 +119,7 @@ def test_valid_layouts_reach_device_check(mutate):
         "kernel_sm90", "combined"])
 def test_valid_options_reach_device_check(options):
     with pytest.raises(ValueError, match=CUDA):
-        call(valid_args(), **options)
+        call(cpu_decode_args(), **options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,9 +145,9 @@ REJECTED = {
                             "cache_seqlens"),
     "cache_seqlens_float32": (with_(cache_seqlens=torch.zeros((2,), dtype=F32)), TypeError,
                               "cache_seqlens"),
-    "metadata_int64": (with_(tile_scheduler_metadata=torch.zeros((PARTS, 8), dtype=I64)),
+    "metadata_int64": (with_(tile_scheduler_metadata=torch.zeros((CPU_PARTS, 8), dtype=I64)),
                        TypeError, "tile_scheduler_metadata"),
-    "metadata_float32": (with_(tile_scheduler_metadata=torch.zeros((PARTS, 8), dtype=F32)),
+    "metadata_float32": (with_(tile_scheduler_metadata=torch.zeros((CPU_PARTS, 8), dtype=F32)),
                          TypeError, "tile_scheduler_metadata"),
     "num_splits_int64": (with_(num_splits=torch.zeros((3,), dtype=I64)), TypeError, "num_splits"),
     # q shape
@@ -209,15 +197,15 @@ REJECTED = {
     "head_dim_v_0": (with_(head_dim_v=0), ValueError, "head_dim_v"),
     "head_dim_v_neg": (with_(head_dim_v=-512), ValueError, "head_dim_v"),
     # tile_scheduler_metadata
-    "metadata_7_ints": (with_(tile_scheduler_metadata=torch.zeros((PARTS, 7), dtype=I32)),
+    "metadata_7_ints": (with_(tile_scheduler_metadata=torch.zeros((CPU_PARTS, 7), dtype=I32)),
                         ValueError, "tile_scheduler_metadata"),
-    "metadata_9_ints": (with_(tile_scheduler_metadata=torch.zeros((PARTS, 9), dtype=I32)),
+    "metadata_9_ints": (with_(tile_scheduler_metadata=torch.zeros((CPU_PARTS, 9), dtype=I32)),
                         ValueError, "tile_scheduler_metadata"),
-    "metadata_rank1": (with_(tile_scheduler_metadata=torch.zeros((PARTS * 8,), dtype=I32)),
+    "metadata_rank1": (with_(tile_scheduler_metadata=torch.zeros((CPU_PARTS * 8,), dtype=I32)),
                        ValueError, "tile_scheduler_metadata"),
-    "metadata_rank3": (with_(tile_scheduler_metadata=torch.zeros((PARTS, 8, 1), dtype=I32)),
+    "metadata_rank3": (with_(tile_scheduler_metadata=torch.zeros((CPU_PARTS, 8, 1), dtype=I32)),
                        ValueError, "tile_scheduler_metadata"),
-    "metadata_transposed": (with_(tile_scheduler_metadata=torch.zeros((8, PARTS), dtype=I32).t()),
+    "metadata_transposed": (with_(tile_scheduler_metadata=torch.zeros((8, CPU_PARTS), dtype=I32).t()),
                             ValueError, "tile_scheduler_metadata"),
     # num_splits
     "num_splits_len_b": (with_(num_splits=torch.zeros((2,), dtype=I32)), ValueError,
@@ -233,7 +221,7 @@ REJECTED = {
 
 @pytest.mark.parametrize("mutate, exc, match", list(REJECTED.values()), ids=list(REJECTED))
 def test_rejected_arguments(mutate, exc, match):
-    args = valid_args()
+    args = cpu_decode_args()
     mutate(args)
     with pytest.raises(exc, match=match) as info:
         call(args)
@@ -246,13 +234,13 @@ def test_rejected_arguments(mutate, exc, match):
                          ids=["zero", "neg_zero", "negative", "nan", "inf", "neg_inf"])
 def test_bad_softmax_scale(scale):
     with pytest.raises(ValueError, match="softmax_scale"):
-        call(valid_args(), softmax_scale=scale)
+        call(cpu_decode_args(), softmax_scale=scale)
 
 
 @pytest.mark.parametrize("kernel", ["bogus", "", "SM80_LARGE", "sm80"])
 def test_unknown_kernel_choice(kernel):
     with pytest.raises(ValueError, match="kernel"):
-        call(valid_args(), kernel=kernel)
+        call(cpu_decode_args(), kernel=kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +261,7 @@ UNSUPPORTED_SET = {
 @pytest.mark.parametrize("form", ["seed", "sched"])
 @pytest.mark.parametrize("name", list(UNSUPPORTED_SET))
 def test_unsupported_feature_kwargs_raise_not_implemented(name, form):
-    args = valid_args()
+    args = cpu_decode_args()
     if form == "sched":
         sched, placeholder = get_mla_metadata()
         args["tile_scheduler_metadata"], args["num_splits"] = sched, placeholder
@@ -285,7 +273,7 @@ def test_unsupported_feature_kwargs_raise_not_implemented(name, form):
 
 @pytest.mark.parametrize("form", ["seed", "sched"])
 def test_default_valued_feature_kwargs_accepted(form):
-    args = valid_args()
+    args = cpu_decode_args()
     if form == "sched":
         args["tile_scheduler_metadata"], args["num_splits"] = get_mla_metadata()
     with pytest.raises(ValueError, match=CUDA):
@@ -295,7 +283,7 @@ def test_default_valued_feature_kwargs_accepted(form):
 
 def test_unknown_kwarg_raises_type_error():
     with pytest.raises(TypeError, match="no_such_option"):
-        call(valid_args(), no_such_option=1)
+        call(cpu_decode_args(), no_such_option=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +303,7 @@ def test_get_mla_metadata_without_arguments():
 
 
 def test_sched_with_cpu_tensors_raises_and_stays_empty():
-    args = valid_args()
+    args = cpu_decode_args()
     sched, _ = get_mla_metadata()
     args["tile_scheduler_metadata"], args["num_splits"] = sched, None
     with pytest.raises(ValueError, match=CUDA):
@@ -324,7 +312,7 @@ def test_sched_with_cpu_tensors_raises_and_stays_empty():
 
 
 def test_sched_with_bad_head_ratio_raises():
-    args = valid_args()
+    args = cpu_decode_args()
     args["q"] = torch.zeros((2, 1, 3, D), dtype=BF16)
     args["k_cache"] = torch.zeros((4, PAGE, 2, D), dtype=BF16)
     sched, _ = get_mla_metadata()
@@ -335,7 +323,7 @@ def test_sched_with_bad_head_ratio_raises():
 
 
 def test_sched_with_float_seqlens_raises_type_error():
-    args = valid_args()
+    args = cpu_decode_args()
     args["cache_seqlens"] = torch.zeros((2,), dtype=F32)
     sched, _ = get_mla_metadata()
     args["tile_scheduler_metadata"], args["num_splits"] = sched, None
@@ -433,7 +421,7 @@ def test_get_mla_metadata_without_seqlens_gives_scheduler_object():
 
 
 def test_tensor_metadata_needs_num_splits():
-    args = valid_args()
+    args = cpu_decode_args()
     args["num_splits"] = None
     with pytest.raises(ValueError, match="num_splits"):
         call(args)
@@ -441,7 +429,7 @@ def test_tensor_metadata_needs_num_splits():
 
 def test_positional_later_release_arguments():
     """Later releases take is_fp8_kvcache, indices, ... positionally after causal."""
-    args = valid_args()
+    args = cpu_decode_args()
     positional = [args[name] for name in ORDER] + [None, False]
     with pytest.raises(NotImplementedError, match="is_fp8_kvcache"):
         flash_mla_with_kvcache(*positional, True)

@@ -30,6 +30,8 @@ from flash_mla import (  # noqa: E402
 )
 from flash_mla.reference import mla_decode_reference  # noqa: E402
 
+from conftest import capture_graph  # noqa: E402  (tests/python is on sys.path)
+
 pytestmark = pytest.mark.requires_gpu
 
 HEAD_DIM_V = 512
@@ -298,20 +300,6 @@ def test_metadata_matches_host_plan(lengths, rows, h_kv):
 # ----------------------------------------------------------------------------------------------
 
 
-def _capture(fn):
-    """Warm up fn on a side stream, then capture it in a CUDA graph; returns (graph, result)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
-    torch.cuda.synchronize()
-    return graph, result
-
-
 def _twin_cases(make_case, seed, b=12, s_q=2, h_q=64, h_kv=1, dtype=torch.bfloat16):
     """Two cases with identical shapes (batch, pages, table width) and different lengths, so
     that B's tensors can be copied into A's (a graph's static inputs)."""
@@ -345,7 +333,7 @@ def test_cuda_graph_decode_with_precomputed_metadata(kernel, make_case, check_de
         pytest.skip(reason)
     case = make_case(8, 2, 64, 1, "mixed", torch.bfloat16, seed=seed, q_layout="bhsd")
     meta, splits = metadata(case)
-    graph, (out, lse) = _capture(lambda: decode(case, meta, splits, True, kernel=kernel))
+    graph, (out, lse) = capture_graph(lambda: decode(case, meta, splits, True, kernel=kernel))
 
     graph.replay()
     torch.cuda.synchronize()
@@ -377,7 +365,7 @@ def test_cuda_graph_metadata_and_decode(causal, make_case, check_decode, seed):
         out, lse = decode(a, meta, splits, causal)
         return meta, splits, out, lse
 
-    graph, (meta, splits, out, lse) = _capture(step)
+    graph, (meta, splits, out, lse) = capture_graph(step)
     graph.replay()
     torch.cuda.synchronize()
     check_decode(out, lse, *reference(a, causal), torch.bfloat16, what="replay A")
@@ -400,7 +388,7 @@ def test_cuda_graph_sched_api(make_case, check_decode, seed):
         sched, _ = get_mla_metadata()
         return decode(a, sched, None, True)
 
-    graph, (out, lse) = _capture(step)
+    graph, (out, lse) = capture_graph(step)
     graph.replay()
     torch.cuda.synchronize()
     check_decode(out, lse, *reference(a, True), torch.bfloat16, what="replay A")

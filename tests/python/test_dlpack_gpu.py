@@ -69,6 +69,19 @@ def _sizes(case):
     return ops.workspace_shapes(case.b, case.s_q, case.h_q, case.h_kv, parts)
 
 
+def _cupy_buffers(cp, shapes):
+    """CuPy metadata, fp16 outputs (NaN-poisoned) and workspace for ops.mla_decode, synchronized:
+    (meta, splits, out, lse, o_accum, lse_accum)."""
+    bufs = (cp.empty(shapes["tile_scheduler_metadata"], dtype=cp.int32),
+            cp.empty(shapes["num_splits"], dtype=cp.int32),
+            cp.full(shapes["out"], cp.nan, dtype=cp.float16),
+            cp.full(shapes["lse"], cp.nan, dtype=cp.float32),
+            cp.empty(shapes["o_accum"], dtype=cp.float32),
+            cp.empty(shapes["lse_accum"], dtype=cp.float32))
+    cp.cuda.Device().synchronize()
+    return bufs
+
+
 # ----------------------------------------------------------------------------------------------
 # CuPy
 # ----------------------------------------------------------------------------------------------
@@ -105,14 +118,7 @@ def test_cupy_arrays(shape, stream_kind, make_case, check_decode, seed):
 
     # Zero-copy CuPy views of the torch inputs (strides and storage offsets preserved).
     q, k, bt, sl = (cp.from_dlpack(t) for t in (case.q, case.k_cache, case.block_table, case.cache_seqlens))
-    shapes = _sizes(case)
-    meta = cp.empty(shapes["tile_scheduler_metadata"], dtype=cp.int32)
-    splits = cp.empty(shapes["num_splits"], dtype=cp.int32)
-    out = cp.full(shapes["out"], cp.nan, dtype=cp.float16)
-    lse = cp.full(shapes["lse"], cp.nan, dtype=cp.float32)
-    o_accum = cp.empty(shapes["o_accum"], dtype=cp.float32)
-    lse_accum = cp.empty(shapes["lse_accum"], dtype=cp.float32)
-    cp.cuda.Device().synchronize()
+    meta, splits, out, lse, o_accum, lse_accum = _cupy_buffers(cp, _sizes(case))
 
     cupy_stream = cp.cuda.Stream(non_blocking=True)
     stream = {"object": cupy_stream, "int": cupy_stream.ptr, "protocol": _ProtocolStream(cupy_stream.ptr),
@@ -245,14 +251,8 @@ def test_jax_inputs(dtype, out_framework, make_case, check_decode, seed):
         stream = torch.cuda.current_stream()
         torch.cuda.synchronize()
     else:
-        meta = cp.empty(shapes["tile_scheduler_metadata"], dtype=cp.int32)
-        splits = cp.empty(shapes["num_splits"], dtype=cp.int32)
-        out = cp.full(shapes["out"], cp.nan, dtype=cp.float16)
-        lse = cp.full(shapes["lse"], cp.nan, dtype=cp.float32)
-        o_accum = cp.empty(shapes["o_accum"], dtype=cp.float32)
-        lse_accum = cp.empty(shapes["lse_accum"], dtype=cp.float32)
+        meta, splits, out, lse, o_accum, lse_accum = _cupy_buffers(cp, shapes)
         stream = cp.cuda.get_current_stream()
-        cp.cuda.Device().synchronize()
     ops.get_mla_metadata(sl, meta, splits, stream=stream)
     ops.mla_decode(q, k, bt, sl, meta, splits, out, lse, o_accum, lse_accum, causal=True, stream=stream)
     torch.cuda.synchronize()

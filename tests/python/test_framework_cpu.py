@@ -24,21 +24,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import flash_mla
 from flash_mla import flash_mla_with_kvcache, get_mla_metadata, ops
 
+from conftest import cpu_decode_args  # noqa: E402  (tests/python is on sys.path)
+
 D, DV, PAGE = 576, 512, 64
 CUDA = r"(?i)cuda"
 BF16 = torch.bfloat16
-
-
-def cpu_args(b=2, s_q=1, h_q=16, h_kv=1, dtype=BF16, parts=4):
-    return dict(
-        q=torch.zeros((b, s_q, h_q, D), dtype=dtype),
-        k_cache=torch.zeros((4, PAGE, h_kv, D), dtype=dtype),
-        block_table=torch.zeros((b, 2), dtype=torch.int32),
-        cache_seqlens=torch.full((b,), 70, dtype=torch.int32),
-        head_dim_v=DV,
-        tile_scheduler_metadata=torch.zeros((parts, 8), dtype=torch.int32),
-        num_splits=torch.zeros((b + 1,), dtype=torch.int32),
-    )
 
 
 ORDER = ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v", "tile_scheduler_metadata", "num_splits")
@@ -112,7 +102,7 @@ def test_meta_device_shapes():
 
 
 def test_fake_rejects_mixed_devices():
-    args = cpu_args()
+    args = cpu_decode_args()
     args["q"] = args["q"].to("meta")
     with pytest.raises(ValueError, match="k_cache"):
         call(args)
@@ -216,7 +206,7 @@ BAD_OUTPUTS = {
 @pytest.mark.parametrize("outputs, exc, name", list(BAD_OUTPUTS.values()), ids=list(BAD_OUTPUTS))
 def test_bad_preallocated_outputs(outputs, exc, name):
     with pytest.raises(exc, match=name) as info:
-        call(cpu_args(), **outputs)
+        call(cpu_decode_args(), **outputs)
     assert not re.search(CUDA, str(info.value)), str(info.value)
 
 
@@ -224,11 +214,11 @@ def test_bad_preallocated_outputs(outputs, exc, name):
 def test_good_preallocated_outputs_reach_device_check(which):
     outputs = {"both": dict(out=_out(), lse=_lse()), "out": dict(out=_out()), "lse": dict(lse=_lse())}[which]
     with pytest.raises(ValueError, match=CUDA):
-        call(cpu_args(), **outputs)
+        call(cpu_decode_args(), **outputs)
 
 
 def test_out_with_q_of_wrong_rank():
-    args = cpu_args()
+    args = cpu_decode_args()
     args["q"] = torch.zeros((2, 16, D), dtype=BF16)
     with pytest.raises(ValueError, match="q"):
         call(args, lse=_lse())
@@ -241,11 +231,11 @@ def test_out_with_q_of_wrong_rank():
 
 def test_check_inputs_cpu_reaches_device_check():
     with pytest.raises(ValueError, match=CUDA):
-        call(cpu_args(), check_inputs=True)
+        call(cpu_decode_args(), check_inputs=True)
 
 
 def test_check_inputs_shape_errors_first():
-    args = cpu_args()
+    args = cpu_decode_args()
     args["block_table"] = torch.zeros((3, 2), dtype=torch.int32)
     with pytest.raises(ValueError, match="block_table") as info:
         call(args, check_inputs=True)
@@ -253,7 +243,7 @@ def test_check_inputs_shape_errors_first():
 
 
 def test_non_tensor_inputs_point_to_ops():
-    args = cpu_args()
+    args = cpu_decode_args()
     args["q"] = np.zeros((2, 1, 16, D), np.float16)
     with pytest.raises(TypeError, match=r"q: .*flash_mla\.ops"):
         call(args)
@@ -263,7 +253,7 @@ def test_non_tensor_inputs_point_to_ops():
 
 def test_huge_softmax_scale_is_value_error():
     with pytest.raises(ValueError, match="softmax_scale"):
-        call(cpu_args(), softmax_scale=10 ** 400)
+        call(cpu_decode_args(), softmax_scale=10 ** 400)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,7 +332,7 @@ def test_stream_handles():
 
 
 def _ops_arrays(np_arrays=True):
-    args = cpu_args(dtype=torch.float16)
+    args = cpu_decode_args(dtype=torch.float16)
     shapes = ops.workspace_shapes(2, 1, 16, 1, 4)
     arrays = [args[n] for n in ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata",
                                 "num_splits")]

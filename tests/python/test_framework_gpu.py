@@ -28,6 +28,8 @@ import flash_mla  # noqa: E402
 from flash_mla import flash_mla_with_kvcache, get_mla_metadata, ops  # noqa: E402
 from flash_mla.reference import mla_decode_reference  # noqa: E402
 
+from conftest import capture_graph  # noqa: E402  (tests/python is on sys.path)
+
 pytestmark = pytest.mark.requires_gpu
 
 DV = 512
@@ -241,19 +243,6 @@ def test_preallocated_outputs_checked(make_case, seed):
 # ----------------------------------------------------------------------------------------------
 
 
-def _capture(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
-    torch.cuda.synchronize()
-    return graph, result
-
-
 @pytest.mark.parametrize("meta_in_graph", [False, True], ids=["meta_outside", "meta_inside"])
 def test_cuda_graph_layers_share_metadata(meta_in_graph, make_case, check_decode, seed):
     layers = _layers(make_case, seed, b=9, s_q=2, h_q=64, n=4, lengths="long")
@@ -274,7 +263,7 @@ def test_cuda_graph_layers_share_metadata(meta_in_graph, make_case, check_decode
                                                   meta, splits, causal=True, out=out, lse=lse))
         return results
 
-    graph, results = _capture(step)
+    graph, results = capture_graph(step)
     for i, (out, lse) in enumerate(results):
         if i in bufs:
             assert out is bufs[i][0] and lse is bufs[i][1]
@@ -344,7 +333,7 @@ def test_check_inputs_length_at_capacity_is_valid(make_case, check_decode, seed)
     check_decode(out, lse, *reference(case), case.dtype, what="L = 64 * max_blocks_per_seq")
 
 
-def test_check_inputs_refused_during_capture(make_case, seed):
+def test_check_inputs_refused_duringcapture_graph(make_case, seed):
     case = make_case(2, 1, 16, 1, [70, 5], torch.bfloat16, seed=seed)
     meta, splits = metadata(case)
     decode(case, meta, splits)  # warm-up outside the capture
