@@ -99,7 +99,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cute::warpgroup_arrive();
       issue_qk<Element, 0, Traits::kColBlocks, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv)),
                                                      smem.kv_bar[warpgroup], phase, st.s);
-      finish_pair<true>(st, phase);
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+      fence_accumulators(st.s);
+      phase ^= 1;
 
       const int n_pairs = (seg.n_tiles + 1) / 2;
       const auto pair_info = [&](int pair_idx) {

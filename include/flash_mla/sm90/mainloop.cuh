@@ -97,26 +97,6 @@ __device__ __forceinline__ void issue_qk(uint64_t q, uint64_t kv, uint64_t* bars
   }
 }
 
-/// O (+)= P V for one page: P's 64 tokens as the A operand, from registers (this warpgroup's own
-/// P) or from a swizzled 64 x 64 block in shared memory (the other warpgroup's), V's 256 channels
-/// starting at the swizzle block `v`. Issues only; the caller commits and waits.
-template <typename Element>
-__device__ __forceinline__ void issue_pv(const AFrag (&p)[Traits::kKSteps], const uint8_t* v,
-                                         float (&o)[Traits::kOTiles][4]) {
-  const uint64_t v_desc = desc_v(smem_addr(v));
-#pragma unroll
-  for (int k = 0; k < Traits::kKSteps; ++k) mma<Element, Major::MN>(p[k], desc_at(v_desc, v_step(k)), o, true);
-}
-
-template <typename Element>
-__device__ __forceinline__ void issue_pv(const uint8_t* p, const uint8_t* v, float (&o)[Traits::kOTiles][4]) {
-  const uint64_t p_desc = desc_k_major(smem_addr(p)), v_desc = desc_v(smem_addr(v));
-#pragma unroll
-  for (int k = 0; k < Traits::kKSteps; ++k) {
-    mma<Element, Major::MN>(desc_at(p_desc, kmajor_step(k)), desc_at(v_desc, v_step(k)), o, true);
-  }
-}
-
 /// Zeroes tokens [valid, 64) of V blocks [kFrom, kTo) of a landed page (slots past the length may
 /// hold NaN, and P = 0 times NaN is NaN), visible to this warpgroup's wgmma afterwards.
 template <int kFrom, int kTo>
@@ -174,7 +154,10 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   fence_fragments(p);
   fence_accumulators(st.o);
   cute::warpgroup_arrive();
-  issue_pv<Element>(p, kv0, st.o);
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(kv0)), v_step(k)), st.o, true);
+  }
   cute::warpgroup_commit_batch();
 
   handoff_wait(smem, kMax1Ready, pair.parity);  // S1 is done and f1 is published
@@ -197,7 +180,11 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   fence_accumulators(st.o);
   fence_accumulators(st.s);
   cute::warpgroup_arrive();
-  issue_pv<Element>(p1, kv1, st.o);
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(p1)), kmajor_step(k)), desc_at(desc_v(smem_addr(kv1)), v_step(k)),
+                            st.o, true);
+  }
   cute::warpgroup_commit_batch();
   const uint64_t q_desc = desc_k_major(smem_addr(smem.q)), k_desc = desc_k_major(smem_addr(kv0));
   if constexpr (kHasNext) {
@@ -249,11 +236,18 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   fence_fragments(p);
   fence_accumulators(st.o);
   cute::warpgroup_arrive();
-  issue_pv<Element>(p, v1, st.o);
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(v1)), v_step(k)), st.o, true);
+  }
   cute::warpgroup_commit_batch();
 
   handoff_wait(smem, kP0Ready, pair.parity);
-  issue_pv<Element>(smem.p0, v0, st.o);
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(smem.p0)), kmajor_step(k)),
+                            desc_at(desc_v(smem_addr(v0)), v_step(k)), st.o, true);
+  }
   cute::warpgroup_commit_batch();
 
   cute::warpgroup_wait<1>();  // V1_R read: kv[1] blocks 4-7 may be refilled (8 holds P1 until wg0 read it)

@@ -111,47 +111,41 @@ __device__ __forceinline__ void fence_fragments(AFrag (&a)[kSteps]) {
     for (int e = 0; e < 4; ++e) cute::warpgroup_fence_operand(a[k][e]);
 }
 
-/// k16 step k of an accumulator of 64 columns (8 tiles) as an A fragment (the mma.sync
-/// m16n8k16 A layout is the accumulator's, two tiles per step).
-template <typename Element>
-__device__ __forceinline__ void a_fragment(const float (&acc)[Traits::kSTiles][4], int k, AFrag& a) {
-  a[0] = pack2<Element>(acc[2 * k][0], acc[2 * k][1]);
-  a[1] = pack2<Element>(acc[2 * k][2], acc[2 * k][3]);
-  a[2] = pack2<Element>(acc[2 * k + 1][0], acc[2 * k + 1][1]);
-  a[3] = pack2<Element>(acc[2 * k + 1][2], acc[2 * k + 1][3]);
-}
-
-/// The whole accumulator as the A fragments of the next product's 4 k16 steps.
+/// An accumulator of 64 columns (8 tiles) as the A fragments of the next product's 4 k16 steps.
 template <typename Element>
 __device__ __forceinline__ void to_a_fragments(const float (&acc)[Traits::kSTiles][4], AFrag (&a)[Traits::kKSteps]) {
 #pragma unroll
-  for (int k = 0; k < Traits::kKSteps; ++k) a_fragment<Element>(acc, k, a[k]);
-}
-
-/// Stores the A fragment of k16 step k into a swizzled K-major 64 x 64 operand in shared memory;
-/// `row` is the thread's first row (g of its warp's 16).
-__device__ __forceinline__ void store_a_fragment(uint8_t* block, int row, int k, const AFrag& a) {
-  const int tq = threadIdx.x % 4;
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int r = row + 8 * (e & 1), c = 16 * k + 8 * (e >> 1) + 2 * tq;
-    *reinterpret_cast<uint32_t*>(block + Traits::offset(r, c)) = a[e];
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+    a[k][0] = pack2<Element>(acc[2 * k][0], acc[2 * k][1]);
+    a[k][1] = pack2<Element>(acc[2 * k][2], acc[2 * k][3]);
+    a[k][2] = pack2<Element>(acc[2 * k + 1][0], acc[2 * k + 1][1]);
+    a[k][3] = pack2<Element>(acc[2 * k + 1][2], acc[2 * k + 1][3]);
   }
 }
 
+/// Stores A fragments of 64 columns as a swizzled K-major 64 x 64 operand in shared memory;
+/// `row` is the thread's first row (g of its warp's 16).
 __device__ __forceinline__ void store_a_fragments(uint8_t* block, int row, const AFrag (&a)[Traits::kKSteps]) {
+  const int tq = threadIdx.x % 4;
 #pragma unroll
-  for (int k = 0; k < Traits::kKSteps; ++k) store_a_fragment(block, row, k, a[k]);
+  for (int k = 0; k < Traits::kKSteps; ++k) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row + 8 * (e & 1), c = 16 * k + 8 * (e >> 1) + 2 * tq;
+      *reinterpret_cast<uint32_t*>(block + Traits::offset(r, c)) = a[k][e];
+    }
+  }
 }
 
 /// Stores an fp32 accumulator of 64 columns as a swizzled K-major 64 x 64 operand.
 template <typename Element>
 __device__ __forceinline__ void store_a_operand(uint8_t* block, int row, const float (&acc)[Traits::kSTiles][4]) {
+  const int tq = threadIdx.x % 4;
 #pragma unroll
-  for (int k = 0; k < Traits::kKSteps; ++k) {
-    AFrag a;
-    a_fragment<Element>(acc, k, a);
-    store_a_fragment(block, row, k, a);
+  for (int j = 0; j < Traits::kSTiles; ++j) {
+    const int col = j * 8 + 2 * tq;
+    *reinterpret_cast<uint32_t*>(block + Traits::offset(row, col)) = pack2<Element>(acc[j][0], acc[j][1]);
+    *reinterpret_cast<uint32_t*>(block + Traits::offset(row + 8, col)) = pack2<Element>(acc[j][2], acc[j][3]);
   }
 }
 
