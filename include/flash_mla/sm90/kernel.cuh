@@ -108,6 +108,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const auto pair_info = [&](int pair_idx) {
         PairInfo pair;
         pair.parity = (pairs_done + pair_idx) & 1;
+        pair.slot = pairs_done + pair_idx;
         pair.n0 = seg.n_lo + 2 * pair_idx * Traits::kBlockN;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {

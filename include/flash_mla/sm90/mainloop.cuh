@@ -10,9 +10,9 @@
 //        S0 of the next pair: blocks 0-3, refill kv[1] blocks 0-3 and 8 once V1_L and P1 are
 //        read, blocks 4-8
 //   wg1: wait kMax0Ready; fold S1 into the maxima        -> kMax1Ready
-//        store P1 over kv[1]'s RoPE block (S1 no longer needs it)  -> kP1Ready
+//        store P1 over kv[1]'s RoPE block (S1 no longer needs it)
 //        O_R = O_R * f0 * f1 + P1 V1_R  (registers)
-//        wait kP0Ready; O_R += (P0 * f1) V0_R  (shared memory)
+//        wait kP0Ready; O_R += (P0 * f1) V0_R  (shared memory) -> kP1Ready (after both issues)
 //        refill kv[1] blocks 4-7 and kv[0] blocks 4-8 as the two products finish; S1 of the
 //        next pair
 // f0, f1: the factors by which the maxima of the even / odd page scale older terms. Each
@@ -29,6 +29,7 @@
 #include "../common/softmax.cuh"
 #include "softmax.cuh"
 #include "tma.hpp"
+#include "trace.cuh"
 #include "traits.hpp"
 #include "wgmma.cuh"
 
@@ -78,6 +79,7 @@ struct PairInfo {
   int valid[2];      // tokens of each page inside the segment (<= 0: a zero page)
   int next_page[2];  // pages of the next pair, if any (-1: a zero page)
   uint32_t parity;   // phase parity of this pair's hand-offs
+  int slot;          // pairs before this one in the CTA (trace.cuh)
 };
 
 /// S (+)= Q K^T over the 64-column blocks [kFrom, kTo) of a KV buffer, each issued as soon as its
@@ -143,9 +145,11 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   const uint8_t* p1 = kv1 + Traits::kRopeBlock * Traits::kColBlockBytes;
 
   float tile_max[2], factor[2];
-  scale_mask_rowmax(st.s, scale_log2, pair.n0, st.limit, tile_max);
-  fold_page(smem, smem.rescale[0], st.row, st.s, tile_max, factor, st.sum);
+  trace(pair.slot, kTracePairStart);
+  page_rowmax(st.s, scale_log2, pair.n0, st.limit, tile_max);
+  fold_page(smem, smem.rescale[0], st.row, st.s, tile_max, scale_log2, factor, st.sum);
   handoff_arrive(smem, kMax0Ready);
+  trace(pair.slot, kTraceMaxPublished);
   rescale_rows(st.o, factor);
 
   AFrag p[Traits::kKSteps];
@@ -159,8 +163,10 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
     mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(kv0)), v_step(k)), st.o, true);
   }
   cute::warpgroup_commit_batch();
+  trace(pair.slot, kTraceOwnPvIssued);
 
   handoff_wait(smem, kMax1Ready, pair.parity);  // S1 is done and f1 is published
+  trace(pair.slot, kTraceOtherReady);
   zero_tail<0, Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup0);
 #pragma unroll
   for (int i = 0; i < 2; ++i) factor[i] = smem.rescale[1][st.row + 8 * i];
@@ -168,15 +174,18 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   store_a_operand<Element>(smem.p0, st.row, st.s);
   fence_to_async_proxy();
   handoff_arrive(smem, kP0Ready);
+  trace(pair.slot, kTracePStored);
   cute::warpgroup_wait<0>();
   fence_accumulators(st.o);
   fence_fragments(p);
+  trace(pair.slot, kTraceOwnPvDone);
   if (kHasNext && leader) src.load<0, Traits::kVBlocksPerWarpgroup>(kv0, smem.kv_bar[0], pair.next_page[0]);
   rescale_rows(st.o, factor);
 #pragma unroll
   for (int i = 0; i < 2; ++i) st.sum[i] *= factor[i];
 
   handoff_wait(smem, kP1Ready, pair.parity);
+  trace(pair.slot, kTraceRemoteReady);
   fence_accumulators(st.o);
   fence_accumulators(st.s);
   cute::warpgroup_arrive();
@@ -191,15 +200,19 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
     issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, true>(q_desc, k_desc, smem.kv_bar[0], phase, st.s);
   }
   cute::warpgroup_commit_batch();
+  trace(pair.slot, kTraceSFirstIssued);
   cute::warpgroup_wait<1>();  // V1_L and P1 read: kv[1] blocks 0-3 and 8 may be refilled
   if (kHasNext && leader) {
     src.load<0, Traits::kVBlocksPerWarpgroup>(kv1, smem.kv_bar[1], pair.next_page[1]);
     src.load<Traits::kRopeBlock, Traits::kColBlocks>(kv1, smem.kv_bar[1], pair.next_page[1]);
   }
+  trace(pair.slot, kTraceRefillIssued);
   if constexpr (kHasNext) {
     issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kColBlocks, false>(q_desc, k_desc, smem.kv_bar[0], phase, st.s);
   }
+  trace(pair.slot, kTraceSIssued);
   finish_pair<kHasNext>(st, phase);
+  trace(pair.slot, kTracePairEnd);
 }
 
 template <typename Element, bool kHasNext>
@@ -213,15 +226,17 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   uint8_t* p1 = kv1 + Traits::kRopeBlock * Traits::kColBlockBytes;
 
   float tile_max[2], factor[2], f0[2];
-  scale_mask_rowmax(st.s, scale_log2, pair.n0 + Traits::kBlockN, st.limit, tile_max);
+  trace(pair.slot, kTracePairStart);
+  page_rowmax(st.s, scale_log2, pair.n0 + Traits::kBlockN, st.limit, tile_max);
   handoff_wait(smem, kMax0Ready, pair.parity);  // S0 done, f0 and the maxima after the even page
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     f0[i] = smem.rescale[0][st.row + 8 * i];
     st.sum[i] *= f0[i];
   }
-  fold_page(smem, smem.rescale[1], st.row, st.s, tile_max, factor, st.sum);
+  fold_page(smem, smem.rescale[1], st.row, st.s, tile_max, scale_log2, factor, st.sum);
   handoff_arrive(smem, kMax1Ready);
+  trace(pair.slot, kTraceMaxPublished);
 #pragma unroll
   for (int i = 0; i < 2; ++i) f0[i] *= factor[i];
   rescale_rows(st.o, f0);
@@ -230,7 +245,6 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   to_a_fragments<Element>(st.s, p);
   store_a_fragments(p1, st.row, p);
   fence_to_async_proxy();  // P1 is read by wg0's wgmma after kP1Ready
-  handoff_arrive(smem, kP1Ready);
   zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup1);
   zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup1);
   fence_fragments(p);
@@ -241,22 +255,30 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
     mma<Element, Major::MN>(p[k], desc_at(desc_v(smem_addr(v1)), v_step(k)), st.o, true);
   }
   cute::warpgroup_commit_batch();
+  trace(pair.slot, kTraceOwnPvIssued);
 
   handoff_wait(smem, kP0Ready, pair.parity);
+  trace(pair.slot, kTraceOtherReady);
 #pragma unroll
   for (int k = 0; k < Traits::kKSteps; ++k) {
     mma<Element, Major::MN>(desc_at(desc_k_major(smem_addr(smem.p0)), kmajor_step(k)),
                             desc_at(desc_v(smem_addr(v0)), v_step(k)), st.o, true);
   }
   cute::warpgroup_commit_batch();
+  // P1 is announced only now, so that this warpgroup's two products reach the tensor cores before
+  // wg0's P1 V1_L: the refills they gate (kv[1] blocks 4-7, kv[0] blocks 4-8) start earlier.
+  handoff_arrive(smem, kP1Ready);
+  trace(pair.slot, kTracePStored);
 
   cute::warpgroup_wait<1>();  // V1_R read: kv[1] blocks 4-7 may be refilled (8 holds P1 until wg0 read it)
   fence_fragments(p);
+  trace(pair.slot, kTraceOwnPvDone);
   if (kHasNext && leader) {
     src.load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_page[1]);
   }
   cute::warpgroup_wait<0>();  // V0_R and P0 read
   fence_accumulators(st.o);
+  trace(pair.slot, kTraceRemoteReady);
   if (kHasNext && leader) {
     src.load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_page[0]);
   }
@@ -268,10 +290,13 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
     const uint64_t q_desc = desc_k_major(smem_addr(smem.q)), k_desc = desc_k_major(smem_addr(kv1));
     uint64_t* bars = smem.kv_bar[1];
     issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock, true>(q_desc, k_desc, bars, phase, st.s);
+    trace(pair.slot, kTraceSFirstIssued);
     issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, false>(q_desc, k_desc, bars, phase, st.s);
     issue_qk<Element, Traits::kRopeBlock, Traits::kColBlocks, false>(q_desc, k_desc, bars, phase, st.s);
   }
+  trace(pair.slot, kTraceSIssued);
   finish_pair<kHasNext>(st, phase);
+  trace(pair.slot, kTracePairEnd);
 }
 
 }  // namespace flash_mla::sm90

@@ -12,13 +12,39 @@
 
 namespace flash_mla::sm90 {
 
-/// One page's scores s (log2 domain, masked, row maxima tile_max) folded into the running maxima
-/// of the thread's two rows (local rows `row`, `row + 8`): reads the maxima before the page,
-/// stores the new ones and the page's factor for older terms (returned in `rescale`, also stored
-/// to rescale_out), turns s into exp2(s - offset), and scales `sum` (this thread's share of the
-/// row sums) by the factor before adding the page.
+/// Row maxima (log2 domain) of a page's raw scores, columns past each row's last visible key
+/// masked to -inf in s; the compares are skipped on pages both rows see whole. s stays
+/// unscaled: fold_page applies the scale inside its exponentials (softmax_scale > 0).
+__device__ __forceinline__ void page_rowmax(float (&s)[Traits::kSTiles][4], float scale_log2, int col0,
+                                            const int (&limit)[2], float (&row_max)[2]) {
+  const int tq = threadIdx.x % 4;
+  if (col0 + Traits::kBlockN - 1 > min(limit[0], limit[1])) {
+#pragma unroll
+    for (int j = 0; j < Traits::kSTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (col0 + j * 8 + 2 * tq + (e & 1) > limit[e / 2]) s[j][e] = -INFINITY;
+      }
+    }
+  }
+  row_max[0] = row_max[1] = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < Traits::kSTiles; ++j) {
+    row_max[0] = fmaxf(row_max[0], fmaxf(s[j][0], s[j][1]));
+    row_max[1] = fmaxf(row_max[1], fmaxf(s[j][2], s[j][3]));
+  }
+  row_max[0] = quad_max(row_max[0]) * scale_log2;
+  row_max[1] = quad_max(row_max[1]) * scale_log2;
+}
+
+/// One page's raw scores s (masked; row maxima tile_max from page_rowmax, log2 domain) folded
+/// into the running maxima of the thread's two rows (local rows `row`, `row + 8`): reads the
+/// maxima before the page, stores the new ones and the page's factor for older terms (returned
+/// in `rescale`, also stored to rescale_out), turns s into exp2(s * scale_log2 - offset) (one
+/// FFMA and one ex2 per score), and scales `sum` (this thread's share of the row sums) by the
+/// factor before adding the page.
 __device__ __forceinline__ void fold_page(SharedStorage& smem, float* rescale_out, int row,
-                                          float (&s)[Traits::kSTiles][4], const float (&tile_max)[2],
+                                          float (&s)[Traits::kSTiles][4], const float (&tile_max)[2], float scale_log2,
                                           float (&rescale)[2], float (&sum)[2]) {
   float old_max[2], new_max[2], offset[2];
 #pragma unroll
@@ -41,7 +67,7 @@ __device__ __forceinline__ void fold_page(SharedStorage& smem, float* rescale_ou
   for (int j = 0; j < Traits::kSTiles; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[j][e] = fast_exp2(s[j][e] - offset[e / 2]);
+      s[j][e] = fast_exp2(fmaf(s[j][e], scale_log2, -offset[e / 2]));
       sum[e / 2] += s[j][e];
     }
   }

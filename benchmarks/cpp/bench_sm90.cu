@@ -1,0 +1,348 @@
+// Stand-alone timing of the sm90 decode path (split kernel + combine) from C++, for A/B work on
+// the kernel: built on any machine with nvcc (no Python, no GPU needed to build), so a GPU round
+// only runs binaries. It complements benchmarks/bench_decode.py (the reference numbers, CUDA-graph
+// replay of the Python call), whose case table it follows; its lengths are drawn by its own
+// generator (normal(mean, mean / 2), at least s_q, fixed seed), so compare binaries with each
+// other, not with the Python benchmark's rows.
+//
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+//        -Iinclude -I$CUTLASS/include benchmarks/cpp/bench_sm90.cu -o bench_sm90 [-DMACRO=V ...]
+//   ./bench_sm90 [--reps N] [--cases c1,c2,c3,c4,m1,m2,imb,c5] [--trace] [--pool PAGES] [--parts N]
+//   (scripts/build_cpp_bench.sh builds one binary per variant.)
+//
+// --trace needs a build with -DFLASH_MLA_SM90_TRACE (include/flash_mla/sm90/trace.cuh): after
+// timing the first case it prints, for CTA (0, 0, 0), the median clock of each main-loop event
+// relative to the start of warpgroup 0's pair, and the median pair period.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <flash_mla/flash_mla.hpp>
+
+namespace {
+
+#define CUDA_OK(call)                                                                                \
+  do {                                                                                              \
+    const cudaError_t err_ = (call);                                                                \
+    if (err_ != cudaSuccess) {                                                                      \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
+      std::exit(2);                                                                                 \
+    }                                                                                               \
+  } while (0)
+
+#define FLASH_MLA_OK(call)                                                                       \
+  do {                                                                                          \
+    const flash_mla::Status st_ = (call);                                                       \
+    if (!st_.ok()) {                                                                            \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, st_.message.c_str()); \
+      std::exit(2);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+struct Case {
+  const char* name;
+  int b, s_q, h_q, mean_L;
+  bool causal;
+  std::vector<int> lens;  // explicit lengths (imbalanced), else drawn
+};
+
+std::vector<Case> all_cases() {
+  return {
+      {"c1", 128, 1, 128, 8192, true, {}},   {"c2", 128, 1, 128, 32768, true, {}},
+      {"c3", 128, 2, 128, 8192, true, {}},   {"c4", 128, 2, 128, 32768, true, {}},
+      {"m1", 128, 1, 16, 8192, false, {}},   {"m2", 128, 1, 32, 16384, false, {}},
+      {"imb", 4, 4, 16, 0, true, {4641, 45118, 1730, 1696}},
+      {"c5", 128, 1, 64, 8192, true, {}},  // c1 with one m-block: no page shared by two CTAs
+  };
+}
+
+/// Deterministic pseudo-random bf16 in about [-2, 2).
+__global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed ^ uint32_t(i >> 32) * 40503u;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    x[i] = __float2bfloat16(float(h & 0xFFFF) / 16384.f - 2.f);
+  }
+}
+
+struct DeviceMem {
+  void* ptr = nullptr;
+  explicit DeviceMem(size_t bytes) { CUDA_OK(cudaMalloc(&ptr, bytes + 256)); }
+  ~DeviceMem() { cudaFree(ptr); }
+  template <typename T>
+  T* as() const { return static_cast<T*>(ptr); }
+};
+
+/// One set of inputs and outputs of a case (several sets rotate when one would sit in L2).
+struct Inputs {
+  DeviceMem q, k, table, lens, meta, splits, out, lse, o_accum, lse_accum;
+  flash_mla::DecodeParams p;
+  Inputs(const Case& c, const std::vector<int>& lens_host, int parts, uint32_t seed, std::mt19937& rng, int pool)
+      : q(bytes_q(c, lens_host)), k(bytes_k(c, lens_host)), table(4 * table_entries(lens_host)),
+        lens(4 * lens_host.size()), meta(4 * size_t(parts) * flash_mla::kMetaInts), splits(4 * (lens_host.size() + 1)),
+        out(size_t(2) * lens_host.size() * c.s_q * c.h_q * flash_mla::kHeadDimV),
+        lse(size_t(4) * lens_host.size() * c.s_q * c.h_q), o_accum(ws(c, lens_host, parts).o_accum_bytes),
+        lse_accum(ws(c, lens_host, parts).lse_accum_bytes) {
+    using flash_mla::kHeadDim;
+    using flash_mla::kPageSize;
+    const int b = int(lens_host.size());
+    const int max_pages = max_pages_of(lens_host);
+    const int blocks = total_pages(lens_host);
+    std::vector<int> pages(blocks);
+    std::iota(pages.begin(), pages.end(), 0);
+    std::shuffle(pages.begin(), pages.end(), rng);
+    std::vector<int> table_host(size_t(b) * max_pages, 0);
+    for (int i = 0, used = 0; i < b; ++i) {
+      for (int j = 0; j < (lens_host[i] + kPageSize - 1) / kPageSize; ++j) {
+        const int page = pages[used++];
+        table_host[size_t(i) * max_pages + j] = pool > 0 ? page % pool : page;  // --pool: L2-resident pages
+      }
+    }
+    CUDA_OK(cudaMemcpy(table.ptr, table_host.data(), 4 * table_host.size(), cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(lens.ptr, lens_host.data(), 4 * lens_host.size(), cudaMemcpyHostToDevice));
+    const size_t nq = size_t(b) * c.s_q * c.h_q * kHeadDim, nk = size_t(blocks) * kPageSize * kHeadDim;
+    fill_random<<<1024, 256>>>(q.as<__nv_bfloat16>(), nq, seed);
+    fill_random<<<4096, 256>>>(k.as<__nv_bfloat16>(), nk, seed * 7 + 1);
+    CUDA_OK(cudaGetLastError());
+
+    flash_mla::MetadataParams mp;
+    mp.cache_seqlens = lens.as<int32_t>();
+    mp.tile_scheduler_metadata = meta.as<int32_t>();
+    mp.num_splits = splits.as<int32_t>();
+    mp.batch = b;
+    mp.num_sm_parts = parts;
+    FLASH_MLA_OK(flash_mla::get_mla_metadata(mp));
+
+    p.dtype = flash_mla::DType::kBF16;
+    p.batch = b;
+    p.seqlen_q = c.s_q;
+    p.num_heads_q = c.h_q;
+    p.num_heads_kv = 1;
+    p.num_blocks = blocks;
+    p.max_blocks_per_seq = max_pages;
+    p.softmax_scale = 1.f / std::sqrt(float(kHeadDim));
+    p.causal = c.causal;
+    p.q = q.ptr;
+    p.q_head_stride = kHeadDim;
+    p.q_seq_stride = int64_t(c.h_q) * kHeadDim;
+    p.q_batch_stride = int64_t(c.s_q) * c.h_q * kHeadDim;
+    p.k_cache = k.ptr;
+    p.k_head_stride = kHeadDim;
+    p.k_token_stride = kHeadDim;
+    p.k_block_stride = int64_t(kPageSize) * kHeadDim;
+    p.block_table = table.as<int32_t>();
+    p.block_table_stride = max_pages;
+    p.cache_seqlens = lens.as<int32_t>();
+    p.tile_scheduler_metadata = meta.as<int32_t>();
+    p.num_sm_parts = parts;
+    p.num_splits = splits.as<int32_t>();
+    p.out = out.ptr;
+    p.lse = lse.as<float>();
+    p.o_accum = o_accum.as<float>();
+    p.lse_accum = lse_accum.as<float>();
+    p.max_splits = ws(c, lens_host, parts).max_splits;
+    p.kernel = flash_mla::KernelChoice::kSm90;
+  }
+
+  static int max_pages_of(const std::vector<int>& lens) {
+    int m = 1;
+    for (int L : lens) m = std::max(m, (L + flash_mla::kPageSize - 1) / flash_mla::kPageSize);
+    return m;
+  }
+  static int total_pages(const std::vector<int>& lens) {
+    int n = 1;
+    for (int L : lens) n += (L + flash_mla::kPageSize - 1) / flash_mla::kPageSize;
+    return n;
+  }
+  static size_t table_entries(const std::vector<int>& lens) { return lens.size() * size_t(max_pages_of(lens)); }
+  static size_t bytes_q(const Case& c, const std::vector<int>& lens) {
+    return size_t(2) * lens.size() * c.s_q * c.h_q * flash_mla::kHeadDim;
+  }
+  static size_t bytes_k(const Case&, const std::vector<int>& lens) {
+    return size_t(2) * total_pages(lens) * flash_mla::kPageSize * flash_mla::kHeadDim;
+  }
+  static flash_mla::SplitWorkspaceSize ws(const Case& c, const std::vector<int>& lens, int parts) {
+    flash_mla::SplitWorkspaceSize w;
+    FLASH_MLA_OK(flash_mla::get_split_workspace_size(int(lens.size()), c.s_q, c.h_q, parts, &w));
+    return w;
+  }
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+/// Device-to-device copy of 2 GiB: bytes read + written per second (the memory ceiling).
+double copy_ceiling_gbs() {
+  const size_t bytes = size_t(1) << 30;
+  DeviceMem a(bytes), b(bytes);
+  cudaEvent_t e0, e1;
+  CUDA_OK(cudaEventCreate(&e0));
+  CUDA_OK(cudaEventCreate(&e1));
+  std::vector<double> t;
+  for (int r = 0; r < 8; ++r) {
+    CUDA_OK(cudaEventRecord(e0));
+    CUDA_OK(cudaMemcpyAsync(b.ptr, a.ptr, bytes, cudaMemcpyDeviceToDevice));
+    CUDA_OK(cudaEventRecord(e1));
+    CUDA_OK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+    if (r >= 2) t.push_back(ms);
+  }
+  return 2.0 * bytes / (median(t) * 1e-3) / 1e9;
+}
+
+[[maybe_unused]] void print_trace();
+
+void run_case(const Case& c, int reps, bool trace, double copy_gbs, int pool, int parts_override) {
+  std::mt19937 rng(12345);
+  std::vector<int> lens = c.lens;
+  if (lens.empty()) {
+    std::normal_distribution<double> normal(c.mean_L, c.mean_L / 2.0);
+    for (int i = 0; i < c.b; ++i) lens.push_back(std::max(int(normal(rng)), c.s_q));
+  }
+  int device = 0, parts = 0;
+  CUDA_OK(cudaGetDevice(&device));
+  FLASH_MLA_OK(flash_mla::get_num_sm_parts(device, c.s_q, c.h_q, 1, &parts));
+  if (parts_override > 0) parts = parts_override;  // --parts: fewer CTAs than SMs (a probe)
+  const double total_L = std::accumulate(lens.begin(), lens.end(), 0.0);
+  const double flops = double(c.h_q) * c.s_q * total_L * 2 * (flash_mla::kHeadDim + flash_mla::kHeadDimV);
+  const double bytes = (total_L * flash_mla::kHeadDim + double(lens.size()) * c.s_q * c.h_q * (flash_mla::kHeadDim + flash_mla::kHeadDimV)) * 2;
+  // Rotate among sets whose total exceeds a few L2s.
+  const size_t set_bytes = Inputs::bytes_k(c, lens);
+  const int sets = int(std::min<size_t>(8, std::max<size_t>(1, (size_t(256) << 20) / set_bytes + 1)));
+  std::vector<Inputs*> inputs;
+  for (int s = 0; s < sets; ++s) inputs.push_back(new Inputs(c, lens, parts, 1000u + s, rng, pool));
+  CUDA_OK(cudaDeviceSynchronize());
+
+  cudaEvent_t e0, e1;
+  CUDA_OK(cudaEventCreate(&e0));
+  CUDA_OK(cudaEventCreate(&e1));
+  for (int w = 0; w < 3; ++w) FLASH_MLA_OK(flash_mla::mla_decode(inputs[w % sets]->p));
+  std::vector<double> times;
+  for (int r = 0; r < reps; ++r) {
+    const int calls = sets;
+    CUDA_OK(cudaEventRecord(e0));
+    for (int s = 0; s < calls; ++s) FLASH_MLA_OK(flash_mla::mla_decode(inputs[s]->p));
+    CUDA_OK(cudaEventRecord(e1));
+    CUDA_OK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+    times.push_back(ms * 1e3 / calls);
+  }
+  const double us = median(times);
+  std::printf("%-4s b=%d s_q=%d h_q=%d mean_L=%.0f%s: %9.1f us  %7.1f TFLOP/s  %7.1f GB/s (%5.1f%% copy)  [min %.1f max %.1f us, %d sets]\n",
+              c.name, int(lens.size()), c.s_q, c.h_q, total_L / lens.size(), c.causal ? " causal" : "", us,
+              flops / (us * 1e-6) / 1e12, bytes / (us * 1e-6) / 1e9, 100.0 * bytes / (us * 1e-6) / 1e9 / copy_gbs,
+              *std::min_element(times.begin(), times.end()), *std::max_element(times.begin(), times.end()), sets);
+  if (trace) {
+#ifdef FLASH_MLA_SM90_TRACE
+    std::vector<long long> zeros(2 * flash_mla::sm90::kTracePairs * flash_mla::sm90::kTraceEvents, 0);
+    CUDA_OK(cudaMemcpyToSymbol(flash_mla::sm90::trace_clock, zeros.data(), zeros.size() * sizeof(long long)));
+    FLASH_MLA_OK(flash_mla::mla_decode(inputs[0]->p));
+    CUDA_OK(cudaDeviceSynchronize());
+    print_trace();
+#else
+    std::printf("--trace: this binary was built without -DFLASH_MLA_SM90_TRACE\n");
+#endif
+  }
+  CUDA_OK(cudaDeviceSynchronize());
+  for (auto* in : inputs) delete in;
+}
+
+#ifdef FLASH_MLA_SM90_TRACE
+void print_trace() {
+  using namespace flash_mla::sm90;
+  std::vector<long long> t(2 * kTracePairs * kTraceEvents);
+  CUDA_OK(cudaMemcpyFromSymbol(t.data(), trace_clock, t.size() * sizeof(long long)));
+  auto at = [&](int wg, int slot, int ev) { return t[(size_t(wg) * kTracePairs + slot) * kTraceEvents + ev]; };
+  static const char* names[kTraceEvents] = {"pair start", "max published", "own PV issued", "other ready",
+                                            "P stored / remote PV issued", "own PV done", "remote ready / remote PV done",
+                                            "S first part issued", "refill issued", "S issued", "S done (pair end)"};
+  // Steady-state pairs: both warpgroups stamped this pair and the next one.
+  std::vector<int> slots;
+  for (int s = 2; s + 1 < kTracePairs; ++s) {
+    if (at(0, s, kTracePairStart) && at(1, s, kTracePairStart) && at(0, s + 1, kTracePairStart)) slots.push_back(s);
+  }
+  if (slots.empty()) {
+    std::printf("trace: no steady-state pair stamped\n");
+    return;
+  }
+  std::vector<double> period;
+  for (int s : slots) period.push_back(double(at(0, s + 1, kTracePairStart) - at(0, s, kTracePairStart)));
+  std::printf("trace (CTA 0, %zu pairs): pair period median %.0f clk (min %.0f, max %.0f); clocks relative to wg0's pair start\n",
+              slots.size(), median(period), *std::min_element(period.begin(), period.end()),
+              *std::max_element(period.begin(), period.end()));
+  std::printf("  raw (wg0 | wg1) of pairs %d..%d:\n", slots[slots.size() / 2], slots[slots.size() / 2] + 3);
+  for (int ev = 0; ev < kTraceEvents; ++ev) {
+    std::printf("  %-32s", names[ev]);
+    for (int k = 0; k < 4; ++k) {
+      const int s = slots[slots.size() / 2] + k;
+      const long long base = at(0, s, kTracePairStart);
+      std::printf(" %6lld |%6lld ", at(0, s, ev) ? at(0, s, ev) - base : -1, at(1, s, ev) ? at(1, s, ev) - base : -1);
+    }
+    std::printf("\n");
+  }
+  std::printf("  %-32s %10s %10s\n", "event", "wg0", "wg1");
+  for (int ev = 0; ev < kTraceEvents; ++ev) {
+    std::vector<double> d[2];
+    for (int wg = 0; wg < 2; ++wg) {
+      for (int s : slots) {
+        if (at(wg, s, ev)) d[wg].push_back(double(at(wg, s, ev) - at(0, s, kTracePairStart)));
+      }
+    }
+    std::printf("  %-32s %10s %10s\n", names[ev], d[0].empty() ? "-" : std::to_string(long(median(d[0]))).c_str(),
+                d[1].empty() ? "-" : std::to_string(long(median(d[1]))).c_str());
+  }
+}
+#else
+void print_trace() {}
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int reps = 20;
+  bool trace = false;
+  int pool = 0, parts = 0;  // > 0: every page index taken modulo pool (a cache that stays in L2; a probe, not a real case)
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--cases") && i + 1 < argc) only = argv[++i];
+    else if (!std::strcmp(argv[i], "--trace")) trace = true;
+    else if (!std::strcmp(argv[i], "--pool") && i + 1 < argc) pool = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--parts") && i + 1 < argc) parts = std::atoi(argv[++i]);
+    else {
+      std::fprintf(stderr, "usage: %s [--reps N] [--cases c1,c2,...] [--trace] [--pool PAGES] [--parts N]\n", argv[0]);
+      return 2;
+    }
+  }
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    std::fprintf(stderr, "no CUDA device\n");
+    return 77;
+  }
+  cudaDeviceProp prop;
+  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  const double copy_gbs = copy_ceiling_gbs();
+  std::printf("%s, %d SMs; copy ceiling %.0f GB/s\n", prop.name, prop.multiProcessorCount, copy_gbs);
+  bool first = true;
+  for (const Case& c : all_cases()) {
+    if (!only.empty() && ("," + only + ",").find(std::string(",") + c.name + ",") == std::string::npos) continue;
+    run_case(c, reps, trace && first, copy_gbs, pool, parts);
+    first = false;
+  }
+  return 0;
+}

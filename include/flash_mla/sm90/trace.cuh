@@ -1,0 +1,42 @@
+// Optional cycle trace of the seesaw main loop, for performance work only: compiled in with
+// -DFLASH_MLA_SM90_TRACE (benchmarks/cpp/bench_sm90.cu reads it back), empty otherwise. The
+// first thread of each warpgroup of CTA (0, 0, 0) stamps clock64() at the events below for the
+// first kTracePairs page pairs; both warpgroups share the SM, so their stamps compare directly.
+#pragma once
+
+#include <cstdint>
+
+namespace flash_mla::sm90 {
+
+/// Events of one page pair, per warpgroup (see mainloop.cuh for where each is stamped).
+enum TraceEvent : int {
+  kTracePairStart = 0,
+  kTraceMaxPublished,  // this warpgroup's maxima folded and published (wg1: after kMax0Ready)
+  kTraceOwnPvIssued,   // P V from registers issued (wg1: P1 stored first)
+  kTraceOtherReady,    // the other warpgroup's hand-off waited for (wg0: kMax1Ready, wg1: kP0Ready)
+  kTracePStored,       // wg0: P0 stored; wg1: remote P V issued
+  kTraceOwnPvDone,     // wg0: P0 V0_L done; wg1: P1 V1_R done
+  kTraceRemoteReady,   // wg0: kP1Ready waited for; wg1: P0 V0_R done
+  kTraceSFirstIssued,  // first part of the next S issued, barrier waits included (wg0: blocks 0-3, wg1: 4-7)
+  kTraceRefillIssued,  // wg0: V1_L read, kv[1] refill issued (wg1: not stamped)
+  kTraceSIssued,       // all of the next S issued
+  kTracePairEnd,       // the next S done
+  kTraceEvents
+};
+
+constexpr int kTracePairs = 96;
+
+#ifdef FLASH_MLA_SM90_TRACE
+__device__ long long trace_clock[2][kTracePairs][kTraceEvents];
+
+__device__ __forceinline__ void trace(int slot, TraceEvent event) {
+  const long long now = clock64();
+  if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x % 128 == 0 && slot < kTracePairs) {
+    trace_clock[threadIdx.x / 128][slot][event] = now;
+  }
+}
+#else
+__device__ __forceinline__ void trace(int, TraceEvent) {}
+#endif
+
+}  // namespace flash_mla::sm90
