@@ -86,14 +86,15 @@ struct DeviceMem {
 
 /// One set of inputs and outputs of a case (several sets rotate when one would sit in L2).
 struct Inputs {
+  flash_mla::SplitWorkspaceSize ws;  // first: the workspace buffers below are sized from it
   DeviceMem q, k, table, lens, meta, splits, out, lse, o_accum, lse_accum;
   flash_mla::DecodeParams p;
   Inputs(const Case& c, const std::vector<int>& lens_host, int parts, uint32_t seed, std::mt19937& rng, int pool)
-      : q(bytes_q(c, lens_host)), k(bytes_k(c, lens_host)), table(4 * table_entries(lens_host)),
+      : ws(workspace(c, lens_host, parts)), q(bytes_q(c, lens_host)), k(bytes_k(c, lens_host)), table(4 * table_entries(lens_host)),
         lens(4 * lens_host.size()), meta(4 * size_t(parts) * flash_mla::kMetaInts), splits(4 * (lens_host.size() + 1)),
         out(size_t(2) * lens_host.size() * c.s_q * c.h_q * flash_mla::kHeadDimV),
-        lse(size_t(4) * lens_host.size() * c.s_q * c.h_q), o_accum(ws(c, lens_host, parts).o_accum_bytes),
-        lse_accum(ws(c, lens_host, parts).lse_accum_bytes) {
+        lse(size_t(4) * lens_host.size() * c.s_q * c.h_q), o_accum(ws.o_accum_bytes),
+        lse_accum(ws.lse_accum_bytes) {
     using flash_mla::kHeadDim;
     using flash_mla::kPageSize;
     const int b = int(lens_host.size());
@@ -151,7 +152,7 @@ struct Inputs {
     p.lse = lse.as<float>();
     p.o_accum = o_accum.as<float>();
     p.lse_accum = lse_accum.as<float>();
-    p.max_splits = ws(c, lens_host, parts).max_splits;
+    p.max_splits = ws.max_splits;
     p.kernel = flash_mla::KernelChoice::kSm90;
   }
 
@@ -172,7 +173,7 @@ struct Inputs {
   static size_t bytes_k(const Case&, const std::vector<int>& lens) {
     return size_t(2) * total_pages(lens) * flash_mla::kPageSize * flash_mla::kHeadDim;
   }
-  static flash_mla::SplitWorkspaceSize ws(const Case& c, const std::vector<int>& lens, int parts) {
+  static flash_mla::SplitWorkspaceSize workspace(const Case& c, const std::vector<int>& lens, int parts) {
     flash_mla::SplitWorkspaceSize w;
     FLASH_MLA_OK(flash_mla::get_split_workspace_size(int(lens.size()), c.s_q, c.h_q, parts, &w));
     return w;
