@@ -7,12 +7,15 @@
 //
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -Iinclude -I$CUTLASS/include benchmarks/cpp/bench_sm90.cu -o bench_sm90 [-DMACRO=V ...]
-//   ./bench_sm90 [--reps N] [--cases c1,c2,c3,c4,m1,m2,imb,c5] [--trace] [--pool PAGES] [--parts N]
+//   ./bench_sm90 [--reps N] [--cases c1,c2,c3,c4,m1,m2,imb,c5] [--trace] [--pool PAGES] [--parts N] [--check]
 //   (scripts/build_cpp_bench.sh builds one binary per variant.)
 //
 // --trace needs a build with -DFLASH_MLA_SM90_TRACE (include/flash_mla/sm90/trace.cuh): after
 // timing the first case it prints, for CTA (0, 0, 0), the median clock of each main-loop event
 // relative to the start of warpgroup 0's pair, and the median pair period.
+// --check: after timing, compares the sm90 output of each case with the portable kernel's on the
+// same inputs (max |difference| of out and lse, non-finite counts); exit status 1 past 2e-2 / 1e-3.
+// A smoke test of a variant on the GPU, not the test suite.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -78,7 +81,8 @@ __global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
 
 struct DeviceMem {
   void* ptr = nullptr;
-  explicit DeviceMem(size_t bytes) { CUDA_OK(cudaMalloc(&ptr, bytes + 256)); }
+  size_t bytes = 0;
+  explicit DeviceMem(size_t n) : bytes(n) { CUDA_OK(cudaMalloc(&ptr, n + 256)); }
   ~DeviceMem() { cudaFree(ptr); }
   template <typename T>
   T* as() const { return static_cast<T*>(ptr); }
@@ -207,7 +211,46 @@ double copy_ceiling_gbs() {
 
 [[maybe_unused]] void print_trace();
 
-void run_case(const Case& c, int reps, bool trace, double copy_gbs, int pool, int parts_override) {
+/// out and lse of one call of `kernel` on `in`, copied to the host.
+void run_once(Inputs& in, flash_mla::KernelChoice kernel, std::vector<__nv_bfloat16>& out, std::vector<float>& lse) {
+  const flash_mla::KernelChoice keep = in.p.kernel;
+  in.p.kernel = kernel;
+  CUDA_OK(cudaMemset(in.out.ptr, 0xff, in.out.bytes));  // NaN: a row not written shows up
+  CUDA_OK(cudaMemset(in.lse.ptr, 0xff, in.lse.bytes));
+  FLASH_MLA_OK(flash_mla::mla_decode(in.p));
+  CUDA_OK(cudaDeviceSynchronize());
+  in.p.kernel = keep;
+  out.resize(in.out.bytes / 2);
+  lse.resize(in.lse.bytes / 4);
+  CUDA_OK(cudaMemcpy(out.data(), in.out.ptr, in.out.bytes, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(lse.data(), in.lse.ptr, in.lse.bytes, cudaMemcpyDeviceToHost));
+}
+
+/// The sm90 path against the portable kernel on the same inputs; false past the tolerances.
+bool check_case(const Case& c, Inputs& in) {
+  std::vector<__nv_bfloat16> o90, o80;
+  std::vector<float> l90, l80;
+  run_once(in, flash_mla::KernelChoice::kSm90, o90, l90);
+  run_once(in, flash_mla::KernelChoice::kSm80Large, o80, l80);
+  double d_out = 0, d_lse = 0;
+  size_t bad = 0;
+  for (size_t i = 0; i < o90.size(); ++i) {
+    const float a = __bfloat162float(o90[i]), b = __bfloat162float(o80[i]);
+    if (!std::isfinite(a) || !std::isfinite(b)) ++bad;
+    else d_out = std::max(d_out, double(std::fabs(a - b)));
+  }
+  for (size_t i = 0; i < l90.size(); ++i) {
+    if (std::isnan(l90[i]) || std::isnan(l80[i]) || (std::isinf(l90[i]) != std::isinf(l80[i]))) ++bad;
+    else if (std::isfinite(l90[i])) d_lse = std::max(d_lse, double(std::fabs(l90[i] - l80[i])));
+  }
+  const bool ok = bad == 0 && d_out <= 2e-2 && d_lse <= 1e-3;
+  std::printf("check %-4s sm90 vs sm80_large: max|d out| %.2e, max|d lse| %.2e, %zu non-finite or mismatched: %s\n",
+              c.name, d_out, d_lse, bad, ok ? "ok" : "FAILED");
+  return ok;
+}
+
+void run_case(const Case& c, int reps, bool trace, double copy_gbs, int pool, int parts_override, bool check,
+              bool& all_ok) {
   std::mt19937 rng(12345);
   std::vector<int> lens = c.lens;
   if (lens.empty()) {
@@ -260,6 +303,7 @@ void run_case(const Case& c, int reps, bool trace, double copy_gbs, int pool, in
 #endif
   }
   CUDA_OK(cudaDeviceSynchronize());
+  if (check && !check_case(c, *inputs[0])) all_ok = false;
   for (auto* in : inputs) delete in;
 }
 
@@ -316,17 +360,18 @@ void print_trace() {}
 
 int main(int argc, char** argv) {
   int reps = 20;
-  bool trace = false;
+  bool trace = false, check = false;
   int pool = 0, parts = 0;  // > 0: every page index taken modulo pool (a cache that stays in L2; a probe, not a real case)
   std::string only;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--cases") && i + 1 < argc) only = argv[++i];
     else if (!std::strcmp(argv[i], "--trace")) trace = true;
+    else if (!std::strcmp(argv[i], "--check")) check = true;
     else if (!std::strcmp(argv[i], "--pool") && i + 1 < argc) pool = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--parts") && i + 1 < argc) parts = std::atoi(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: %s [--reps N] [--cases c1,c2,...] [--trace] [--pool PAGES] [--parts N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--reps N] [--cases c1,c2,...] [--trace] [--pool PAGES] [--parts N] [--check]\n", argv[0]);
       return 2;
     }
   }
@@ -339,11 +384,11 @@ int main(int argc, char** argv) {
   CUDA_OK(cudaGetDeviceProperties(&prop, 0));
   const double copy_gbs = copy_ceiling_gbs();
   std::printf("%s, %d SMs; copy ceiling %.0f GB/s\n", prop.name, prop.multiProcessorCount, copy_gbs);
-  bool first = true;
+  bool first = true, all_ok = true;
   for (const Case& c : all_cases()) {
     if (!only.empty() && ("," + only + ",").find(std::string(",") + c.name + ",") == std::string::npos) continue;
-    run_case(c, reps, trace && first, copy_gbs, pool, parts);
+    run_case(c, reps, trace && first, copy_gbs, pool, parts, check, all_ok);
     first = false;
   }
-  return 0;
+  return all_ok ? 0 : 1;
 }
