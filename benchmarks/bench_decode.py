@@ -49,6 +49,7 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 D = 576
@@ -339,13 +340,14 @@ def table_rows(results):
             fmt_num(res.get("pct_copy"), 1, "%"),
             fmt_ref(ref),
             "-" if vs is None else f"x{vs:.2f}",
+            clock_label(res.get("clock")),
             check_label(res),
         ])
     return rows
 
 
 TABLE_HEADER = ["case", "kernel", "time/call", "TFLOP/s", "GB/s", "%GEMM", "%copy",
-                "spec ref (H200)", "ref/ours", "check"]
+                "spec ref (H200)", "ref/ours", "SM MHz", "check"]
 
 
 def format_table(header, rows, numeric=(2, 3, 4, 5, 6, 8)):
@@ -375,13 +377,16 @@ def format_report(report):
     cp, gm = c.get("copy") or {}, c.get("gemm") or {}
     copy_s = (f"{cp['gbps']:.0f} GB/s ({cp.get('bytes', 0) / 2**30:.1f} GiB read+written, "
               f"{fmt_time(cp.get('ms'))})" if cp.get("gbps") else cp.get("error", "not measured"))
-    gemm_s = (f"{gm['tflops']:.0f} TFLOP/s (bf16 {gm.get('n', '?')}^3, {fmt_time(gm.get('ms'))})"
+    gemm_s = (f"{gm['tflops']:.0f} TFLOP/s (bf16 {gm.get('n', '?')}^3, {fmt_time(gm.get('ms'))}, "
+              f"SM MHz {clock_label(gm.get('clock'))})"
               if gm.get("tflops") else gm.get("error", "not measured"))
     lines.append(f"ceilings: copy {copy_s}, GEMM {gemm_s}")
     pairs = [(case, res) for case in report.get("cases", []) for res in case.get("results", [])]
     lines.append(format_table(TABLE_HEADER, table_rows(pairs)))
     lines.append("time/call: median over graph replays / calls per graph; ref/ours > 1 means "
-                 "faster than the spec figure (" + SPEC_REF_NOTE + ").")
+                 "faster than the spec figure (" + SPEC_REF_NOTE + "). SM MHz: median SM clock "
+                 "while the replays ran (nvidia-smi, 50 ms samples), 'cap': the board's power "
+                 "limit held it down in most samples.")
     return "\n".join(lines)
 
 
@@ -446,6 +451,59 @@ def _median(xs):
 def _pct(xs, q):
     ys = sorted(xs)
     return ys[min(len(ys) - 1, max(0, int(round(q * (len(ys) - 1)))))]
+
+
+class ClockSampler:
+    """The GPU's SM clock, power and clock-event reasons, sampled by nvidia-smi every 50 ms in a
+    background thread. The compute rows run at the board's power limit, where the SM clock (not
+    the kernel's cycle count alone) sets the time: each timed section records what it ran at.
+    Best effort: without nvidia-smi (or with one that lacks these fields) windows are None."""
+
+    def __init__(self, index):
+        self.samples = []  # (perf_counter time, SM MHz, W, reasons bit mask)
+        self.proc = None
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "-i", str(index),
+                 "--query-gpu=clocks.sm,power.draw,clocks_event_reasons.active",
+                 "--format=csv,noheader,nounits", "-lms", "50"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except Exception:  # noqa: BLE001 - no nvidia-smi: no clock data
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                clk, pw, why = (x.strip() for x in line.split(","))
+                self.samples.append((time.perf_counter(), int(clk), float(pw), int(why, 16)))
+            except ValueError:
+                pass
+
+    def window(self, t0, t1):
+        xs = [x for x in self.samples if t0 <= x[0] <= t1]
+        if not xs:
+            return None
+        clk = [x[1] for x in xs]
+        return dict(samples=len(xs), sm_mhz_median=_median(clk), sm_mhz_min=min(clk),
+                    sm_mhz_max=max(clk), power_w_max=max(x[2] for x in xs),
+                    power_capped_share=sum(1 for x in xs if x[3] & 0x4) / len(xs))
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+
+
+def clock_label(clock):
+    """'1650 MHz, capped' style summary of a ClockSampler window (or '-')."""
+    if not clock:
+        return "-"
+    cap = clock.get("power_capped_share", 0.0)
+    return f"{clock['sm_mhz_median']:.0f}" + (" cap" if cap >= 0.5 else "")
 
 
 def time_events(torch, fn, reps, warmup):
@@ -651,7 +709,7 @@ def sanity(torch, case, inp, out, lse, set_idx, spot, scale):
     return info
 
 
-def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil):
+def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler):
     res = dict(kernel=kernel)
     try:
         res["kernel_name"] = fm.kernel_for_device(inp.block_table.device, kernel)
@@ -682,7 +740,9 @@ def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil):
         with torch.cuda.graph(graph):
             for j in range(n_calls):
                 g_out, g_lse = call(j)
+        t0 = time.perf_counter()
         times = time_events(torch, graph.replay, args.reps, args.warmup)
+        res["clock"] = sampler.window(t0, time.perf_counter())
         per_call = [t / n_calls for t in times]
         res["timing"] = "graph"
         # The graph's last outputs: finite where expected after replay too.
@@ -755,11 +815,14 @@ def run_gpu(args):
     write_json(args.json, report)
 
     ceil = report["ceilings"]
+    sampler = ClockSampler(dev.index)
     if not args.skip_ceilings:
         for name, fn in (("gemm", lambda: measure_gemm(torch, dev, args.gemm_n)),
                          ("copy", lambda: measure_copy(torch, dev, args.copy_gib))):
             try:
+                t0 = time.perf_counter()
                 ceil[name] = fn()
+                ceil[name]["clock"] = sampler.window(t0, time.perf_counter())
             except Exception as exc:  # noqa: BLE001
                 ceil[name] = dict(error=f"{type(exc).__name__}: {exc}")
             torch.cuda.empty_cache()
@@ -793,7 +856,7 @@ def run_gpu(args):
                 entry["results"].append(dict(kernel=kernel, error=setup_err))
                 continue
             try:
-                res = run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil)
+                res = run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler)
             except Exception as exc:  # noqa: BLE001
                 res = dict(kernel=kernel, error=f"{type(exc).__name__}: {exc}")
                 try:
@@ -802,8 +865,9 @@ def run_gpu(args):
                     pass
             entry["results"].append(res)
             r = res
-            print(f"  {case.name} [{kernel}]: {fmt_time(r.get('ms'))}, "
-                  f"{fmt_num(r.get('tflops'), 1)} TFLOP/s, {fmt_num(r.get('gbps'), 0)} GB/s, "
+            print(f"  {case.name} [{kernel}]: {fmt_time(r.get('ms'))} (fastest replay "
+                  f"{fmt_time(r.get('ms_min'))}), {fmt_num(r.get('tflops'), 1)} TFLOP/s, "
+                  f"{fmt_num(r.get('gbps'), 0)} GB/s, SM MHz {clock_label(r.get('clock'))}, "
                   f"{check_label(r)}", flush=True)
         entry["wall_s"] = time.perf_counter() - t0
         del inp, meta, splits
@@ -813,6 +877,7 @@ def run_gpu(args):
             pass
         write_json(args.json, report)
 
+    sampler.close()
     print()
     print(format_report(report))
     line = summary_line(report, args.json)
