@@ -12,7 +12,9 @@
 //
 // --trace needs a build with -DFLASH_MLA_SM90_TRACE (include/flash_mla/sm90/trace.cuh): after
 // timing the first case it prints, for CTA (0, 0, 0), the median clock of each main-loop event
-// relative to the start of warpgroup 0's pair, and the median pair period.
+// relative to the start of warpgroup 0's pair, and the median pair period; then every CTA's start
+// and end time (the kernel's span, the idle share at its end, and a fit of the end times to each
+// CTA's page pairs and segments).
 // --check: after timing, compares the sm90 output of each case with the portable kernel's on the
 // same inputs (max |difference| of out and lse, non-finite counts); exit status 1 past 2e-2 / 1e-3.
 // A smoke test of a variant on the GPU, not the test suite.
@@ -210,6 +212,7 @@ double copy_ceiling_gbs() {
 }
 
 [[maybe_unused]] void print_trace();
+[[maybe_unused]] void print_cta_times(const Case& c, const Inputs& in, const std::vector<int>& lens);
 
 /// out and lse of one call of `kernel` on `in`, copied to the host.
 void run_once(Inputs& in, flash_mla::KernelChoice kernel, std::vector<__nv_bfloat16>& out, std::vector<float>& lse) {
@@ -298,6 +301,7 @@ void run_case(const Case& c, int reps, bool trace, double copy_gbs, int pool, in
     FLASH_MLA_OK(flash_mla::mla_decode(inputs[0]->p));
     CUDA_OK(cudaDeviceSynchronize());
     print_trace();
+    print_cta_times(c, *inputs[0], lens);
 #else
     std::printf("--trace: this binary was built without -DFLASH_MLA_SM90_TRACE\n");
 #endif
@@ -352,8 +356,81 @@ void print_trace() {
                 d[1].empty() ? "-" : std::to_string(long(median(d[1]))).c_str());
   }
 }
+/// Start and end of every CTA of the traced call: the kernel's span and how long CTAs sat idle
+/// at its end (the plan's imbalance plus the last pairs' drain); and a least-squares fit of each
+/// CTA's end time to its work (page pairs and segments, from the metadata), whose ratio is what
+/// a segment really costs in pages (the plan charges kSegmentFixedCost).
+void print_cta_times(const Case& c, const Inputs& in, const std::vector<int>& lens) {
+  using namespace flash_mla::sm90;
+  std::vector<unsigned long long> t(size_t(kTraceCtas) * 2);
+  CUDA_OK(cudaMemcpyFromSymbol(t.data(), trace_cta_ns, t.size() * sizeof(unsigned long long)));
+  const int m_blocks = (c.s_q * c.h_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  int parts = 0, device = 0;
+  CUDA_OK(cudaGetDevice(&device));
+  FLASH_MLA_OK(flash_mla::get_num_sm_parts(device, c.s_q, c.h_q, 1, &parts));
+  const int ctas = std::min(m_blocks * parts, kTraceCtas);
+  unsigned long long first = ~0ull, last = 0;
+  for (int i = 0; i < ctas; ++i) {
+    first = std::min(first, t[2 * i]);
+    last = std::max(last, t[2 * i + 1]);
+  }
+  std::vector<double> end_us, start_us;
+  double idle = 0;
+  for (int i = 0; i < ctas; ++i) {
+    start_us.push_back((t[2 * i] - first) * 1e-3);
+    end_us.push_back((t[2 * i + 1] - first) * 1e-3);
+    idle += (last - t[2 * i + 1]) * 1e-3;
+  }
+  // Work of each part from the metadata: page pairs and segments.
+  std::vector<int32_t> meta(size_t(parts) * flash_mla::kMetaInts);
+  CUDA_OK(cudaMemcpy(meta.data(), in.meta.ptr, 4 * meta.size(), cudaMemcpyDeviceToHost));
+  double m[3][3] = {}, v[3] = {};
+  for (int i = 0; i < ctas; ++i) {
+    const int32_t* row = &meta[size_t(i / m_blocks) * flash_mla::kMetaInts];
+    double pairs = 0, segs = 0;
+    for (int r = row[0]; r <= row[2] && r < int(lens.size()); ++r) {
+      const int lo = r == row[0] ? row[1] : 0;
+      const int hi = r == row[2] ? row[3] : flash_mla::pages_of(lens[r]);
+      if (hi > lo) {
+        pairs += (hi - lo + 1) / 2;
+        segs += 1;
+      }
+    }
+    const double x[3] = {pairs, segs, 1.0};
+    for (int a = 0; a < 3; ++a) {
+      v[a] += x[a] * end_us[i];
+      for (int b = 0; b < 3; ++b) m[a][b] += x[a] * x[b];
+    }
+  }
+  // Solve m * coef = v (Cramer's rule; 3 x 3).
+  const auto det3 = [](double a[3][3]) {
+    return a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0]) +
+           a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]);
+  };
+  const double d = det3(m);
+  double coef[3] = {};
+  for (int k = 0; k < 3 && std::fabs(d) > 1e-9; ++k) {
+    double mk[3][3];
+    for (int a = 0; a < 3; ++a)
+      for (int b = 0; b < 3; ++b) mk[a][b] = b == k ? v[a] : m[a][b];
+    coef[k] = det3(mk) / d;
+  }
+  if (std::fabs(d) > 1e-9) {
+    std::printf("CTA end ~ %.3f us per page pair + %.2f us per segment + %.2f us: a segment costs %.1f pages (plan: %d)\n",
+                coef[0], coef[1], coef[2], 2.0 * coef[1] / coef[0], flash_mla::kSegmentFixedCost);
+  } else {
+    std::printf("CTA end fit: singular (every part has the same number of segments)\n");
+  }
+  std::sort(end_us.begin(), end_us.end());
+  const double span = (last - first) * 1e-3;
+  std::printf("CTA times (%d CTAs, --parts ignored): span %.1f us; starts max %.1f us; ends min %.1f, p10 %.1f, median %.1f, "
+              "p90 %.1f, max %.1f us; idle at the end %.1f%% of CTA-time\n",
+              ctas, span, *std::max_element(start_us.begin(), start_us.end()), end_us.front(),
+              end_us[ctas / 10], end_us[ctas / 2], end_us[ctas * 9 / 10], end_us.back(), 100.0 * idle / (span * ctas));
+}
 #else
 void print_trace() {}
+void print_cta_times(const Case&, const Inputs&, const std::vector<int>&) {}
 #endif
 
 }  // namespace

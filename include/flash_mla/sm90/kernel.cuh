@@ -41,6 +41,7 @@ template <typename Element>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     decode_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kv_map, const bool q_vec16) {
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+  trace_cta(false);
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
   const int warpgroup = threadIdx.x / Traits::kWarpgroupThreads;
@@ -150,6 +151,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     store_segment<Traits::kOTiles, Element>(p, rows_map, req, split, row0 + st.row, warpgroup * Traits::kDvPerWarpgroup,
                                             st.o, row_max, row_sum);
   }
+  trace_cta(true);
 #endif
 }
 

@@ -25,6 +25,7 @@ enum TraceEvent : int {
 };
 
 constexpr int kTracePairs = 96;
+constexpr int kTraceCtas = 2048;  // CTAs whose start and end times (globaltimer, ns) are kept
 
 #ifdef FLASH_MLA_SM90_TRACE
 __device__ long long trace_clock[2][kTracePairs][kTraceEvents];
@@ -35,8 +36,21 @@ __device__ __forceinline__ void trace(int slot, TraceEvent event) {
     trace_clock[threadIdx.x / 128][slot][event] = now;
   }
 }
+__device__ unsigned long long trace_cta_ns[kTraceCtas][2];
+
+/// Thread 0 of every CTA stamps the global timer when the CTA starts (end = false) and ends: the
+/// spread of the end times shows how well the plan balances the SM parts.
+__device__ __forceinline__ void trace_cta(bool end) {
+  const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  if (threadIdx.x == 0 && cta < kTraceCtas) {
+    unsigned long long ns;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    trace_cta_ns[cta][end ? 1 : 0] = ns;
+  }
+}
 #else
 __device__ __forceinline__ void trace(int, TraceEvent) {}
+__device__ __forceinline__ void trace_cta(bool) {}
 #endif
 
 }  // namespace flash_mla::sm90
