@@ -34,6 +34,22 @@ constexpr long long kCombineLightRows = 1024;
 constexpr int kRowWarps = 4;
 constexpr int kSplitsInFlight = 2;  // 80 registers; 4 measured no faster (large batches: 2-3 splits a row)
 
+/// LSE of a packed row over its n_splits splits (split s's at split_lse[s * stride]), derived by
+/// every lane of the calling warp; +inf when no split saw a visible key (then out = 0).
+__device__ __forceinline__ float warp_row_lse(const float* split_lse, int n_splits, int stride) {
+  const int lane = threadIdx.x % 32;
+  float lse_max = -INFINITY;
+  for (int s = lane; s < n_splits; s += 32) lse_max = fmaxf(lse_max, split_lse[static_cast<int64_t>(s) * stride]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, off));
+  if (lse_max == -INFINITY) return INFINITY;
+  float sum = 0.f;
+  for (int s = lane; s < n_splits; s += 32) sum += expf(split_lse[static_cast<int64_t>(s) * stride] - lse_max);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  return lse_max + logf(sum);
+}
+
 /// One packed row (kv_head * rows + r) of a request with n_splits > 1 splits, by one warp.
 template <typename Element>
 __device__ __forceinline__ void combine_row(const DecodeParams& p, int req, int row, int first, int n_splits) {
@@ -53,18 +69,9 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, int req, int 
     for (int k = 0; k < 4; ++k) v[u][k] = src[32 * k];
   }
 
-  float lse_max = -INFINITY;
-  for (int s = lane; s < n_splits; s += 32) lse_max = fmaxf(lse_max, split_lse[static_cast<int64_t>(s) * rows_total]);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, off));
-  float lse = INFINITY;  // no split saw a visible key: out = 0, lse = +inf
+  const float lse = warp_row_lse(split_lse, n_splits, rows_total);
   float4 acc[4] = {};
-  if (lse_max != -INFINITY) {
-    float sum = 0.f;
-    for (int s = lane; s < n_splits; s += 32) sum += expf(split_lse[static_cast<int64_t>(s) * rows_total] - lse_max);
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    lse = lse_max + logf(sum);
+  if (lse != INFINITY) {
     for (int s0 = 0; s0 < n_splits; s0 += kSplitsInFlight) {
       if (s0 > 0) {  // more splits than were prefetched: the next ones
 #pragma unroll
@@ -137,19 +144,9 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) combine_ke
   for (int row = blockIdx.y; row < rows_total; row += gridDim.y) {  // kv_head * rows + r
     const float* split_lse = p.lse_accum + static_cast<int64_t>(first) * rows_total + row;
     // Every warp derives the row's LSE itself (n_splits reads): no barrier needed for it.
-    float lse_max = -INFINITY;
-    for (int s = lane; s < n_splits; s += 32) lse_max = fmaxf(lse_max, split_lse[static_cast<int64_t>(s) * rows_total]);
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, off));
-
-    float lse = INFINITY;  // no split saw a visible key: out = 0, lse = +inf
+    const float lse = warp_row_lse(split_lse, n_splits, rows_total);
     float4 acc[4] = {};
-    if (lse_max != -INFINITY) {
-      float sum = 0.f;
-      for (int s = lane; s < n_splits; s += 32) sum += expf(split_lse[static_cast<int64_t>(s) * rows_total] - lse_max);
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      lse = lse_max + logf(sum);
+    if (lse != INFINITY) {
       // No branch on the weight: the loads of several splits can then be in flight at once.
 #pragma unroll Shape::kUnroll
       for (int s = warp; s < n_splits; s += Shape::kWarps) {
