@@ -62,25 +62,21 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, int req, int 
   const int64_t split_stride = static_cast<int64_t>(rows_total) * (kHeadDimV / 4);  // in float4
   const auto partial = [&](int s) { return row_partial + s * split_stride; };
   float4 v[kSplitsInFlight][4];
+  const auto load_splits = [&](int s0) {  // splits s0 .. s0 + kSplitsInFlight - 1 (clamped)
 #pragma unroll
-  for (int u = 0; u < kSplitsInFlight; ++u) {
-    const float4* src = partial(min(u, n_splits - 1));
+    for (int u = 0; u < kSplitsInFlight; ++u) {
+      const float4* src = partial(min(s0 + u, n_splits - 1));
 #pragma unroll
-    for (int k = 0; k < 4; ++k) v[u][k] = src[32 * k];
-  }
+      for (int k = 0; k < 4; ++k) v[u][k] = src[32 * k];
+    }
+  };
+  load_splits(0);
 
   const float lse = warp_row_lse(split_lse, n_splits, rows_total);
   float4 acc[4] = {};
   if (lse != INFINITY) {
     for (int s0 = 0; s0 < n_splits; s0 += kSplitsInFlight) {
-      if (s0 > 0) {  // more splits than were prefetched: the next ones
-#pragma unroll
-        for (int u = 0; u < kSplitsInFlight; ++u) {
-          const float4* src = partial(min(s0 + u, n_splits - 1));
-#pragma unroll
-          for (int k = 0; k < 4; ++k) v[u][k] = src[32 * k];
-        }
-      }
+      if (s0 > 0) load_splits(s0);  // more splits than were prefetched: the next ones
 #pragma unroll
       for (int u = 0; u < kSplitsInFlight; ++u) {
         const int s = s0 + u;
