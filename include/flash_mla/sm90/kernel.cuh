@@ -114,21 +114,34 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           pair.valid[i] = min(seg.n_hi - (pair.n0 + i * Traits::kBlockN), Traits::kBlockN);
-          const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;  // the thread that issues TMA
-          pair.next_page[i] = leader ? segment_page(p, seg, req, 2 * pair_idx + 2 + i) : -1;
+          // Every thread loads it (one broadcast load per warp), only the refilling thread uses it:
+          // a load by that thread alone would put a divergent branch into every pair.
+          pair.next_page[i] = segment_page(p, seg, req, 2 * pair_idx + 2 + i);
         }
         return pair;
       };
+      // Pairs whose keys every valid row of the tile sees (so both pages are whole, too) run
+      // without masking code: the first valid row has the smallest limit (tokens grow with the
+      // packed row). The pairs after them, and the last one, are boundary pairs.
+      const int first_limit = min(seg.last_visible(p, true, rows_map.token(row0)), seg.n_hi - 1);
+      const int inner_pairs = min(max(first_limit - seg.n_lo + 1, 0) / (2 * Traits::kBlockN), n_pairs - 1);
+      int pair_idx = 0;
       if (warpgroup == 0) {
-        for (int pair_idx = 0; pair_idx + 1 < n_pairs; ++pair_idx) {
-          even_warpgroup_pair<Element, true>(smem, st, pair_info(pair_idx), src, scale_log2, phase);
+        for (; pair_idx < inner_pairs; ++pair_idx) {
+          even_warpgroup_pair<Element, true, false>(smem, st, pair_info(pair_idx), src, scale_log2, phase);
         }
-        even_warpgroup_pair<Element, false>(smem, st, pair_info(n_pairs - 1), src, scale_log2, phase);
+        for (; pair_idx + 1 < n_pairs; ++pair_idx) {
+          even_warpgroup_pair<Element, true, true>(smem, st, pair_info(pair_idx), src, scale_log2, phase);
+        }
+        even_warpgroup_pair<Element, false, true>(smem, st, pair_info(n_pairs - 1), src, scale_log2, phase);
       } else {
-        for (int pair_idx = 0; pair_idx + 1 < n_pairs; ++pair_idx) {
-          odd_warpgroup_pair<Element, true>(smem, st, pair_info(pair_idx), src, scale_log2, phase);
+        for (; pair_idx < inner_pairs; ++pair_idx) {
+          odd_warpgroup_pair<Element, true, false>(smem, st, pair_info(pair_idx), src, scale_log2, phase);
         }
-        odd_warpgroup_pair<Element, false>(smem, st, pair_info(n_pairs - 1), src, scale_log2, phase);
+        for (; pair_idx + 1 < n_pairs; ++pair_idx) {
+          odd_warpgroup_pair<Element, true, true>(smem, st, pair_info(pair_idx), src, scale_log2, phase);
+        }
+        odd_warpgroup_pair<Element, false, true>(smem, st, pair_info(n_pairs - 1), src, scale_log2, phase);
       }
       pairs_done += n_pairs;
     }

@@ -135,8 +135,10 @@ __device__ __forceinline__ void finish_pair(WarpgroupState& st, uint32_t& phase)
 }
 
 /// kHasNext: another pair follows in the segment (compile-time: a wgmma issued under a runtime
-/// condition makes ptxas serialise every wgmma of the kernel).
-template <typename Element, bool kHasNext>
+/// condition makes ptxas serialise every wgmma of the kernel). kBoundary: some row may not see
+/// every key of the pair, or a page is partial or a zero page (masking and V tail zeroing);
+/// false for the pairs inside the segment, whose code then has no branch but the refills'.
+template <typename Element, bool kHasNext, bool kBoundary>
 __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo& pair,
                                                     const KvSource& src, float scale_log2, uint32_t& phase) {
   const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;
@@ -146,7 +148,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
 
   float tile_max[2], factor[2];
   trace(pair.slot, kTracePairStart);
-  page_rowmax(st.s, scale_log2, pair.n0, st.limit, tile_max);
+  page_rowmax<kBoundary>(st.s, scale_log2, pair.n0, st.limit, tile_max);
   fold_page(smem, smem.rescale[0], st.row, st.s, tile_max, scale_log2, factor, st.sum);
   handoff_arrive(smem, kMax0Ready);
   trace(pair.slot, kTraceMaxPublished);
@@ -154,7 +156,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
 
   AFrag p[Traits::kKSteps];
   to_a_fragments<Element>(st.s, p);
-  zero_tail<0, Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup0);
+  if constexpr (kBoundary) zero_tail<0, Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup0);
   fence_fragments(p);
   fence_accumulators(st.o);
   cute::warpgroup_arrive();
@@ -167,7 +169,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
 
   handoff_wait(smem, kMax1Ready, pair.parity);  // S1 is done and f1 is published
   trace(pair.slot, kTraceOtherReady);
-  zero_tail<0, Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup0);
+  if constexpr (kBoundary) zero_tail<0, Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup0);
 #pragma unroll
   for (int i = 0; i < 2; ++i) factor[i] = smem.rescale[1][st.row + 8 * i];
   rescale_rows(st.s, factor);
@@ -215,7 +217,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   trace(pair.slot, kTracePairEnd);
 }
 
-template <typename Element, bool kHasNext>
+template <typename Element, bool kHasNext, bool kBoundary>
 __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo& pair,
                                                    const KvSource& src, float scale_log2, uint32_t& phase) {
   const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;
@@ -227,7 +229,7 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
 
   float tile_max[2], factor[2], f0[2];
   trace(pair.slot, kTracePairStart);
-  page_rowmax(st.s, scale_log2, pair.n0 + Traits::kBlockN, st.limit, tile_max);
+  page_rowmax<kBoundary>(st.s, scale_log2, pair.n0 + Traits::kBlockN, st.limit, tile_max);
   handoff_wait(smem, kMax0Ready, pair.parity);  // S0 done, f0 and the maxima after the even page
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -245,8 +247,8 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   to_a_fragments<Element>(st.s, p);
   store_a_fragments(p1, st.row, p);
   fence_to_async_proxy();  // P1 is read by wg0's wgmma after kP1Ready
-  zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup1);
-  zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup1);
+  if constexpr (kBoundary) zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv1, pair.valid[1], kWarpgroup1);
+  if constexpr (kBoundary) zero_tail<Traits::kVBlocksPerWarpgroup, 2 * Traits::kVBlocksPerWarpgroup>(kv0, pair.valid[0], kWarpgroup1);
   fence_fragments(p);
   fence_accumulators(st.o);
   cute::warpgroup_arrive();

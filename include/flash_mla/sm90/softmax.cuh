@@ -13,12 +13,13 @@
 namespace flash_mla::sm90 {
 
 /// Row maxima (log2 domain) of a page's raw scores, columns past each row's last visible key
-/// masked to -inf in s; the compares are skipped on pages both rows see whole. s stays
-/// unscaled: fold_page applies the scale inside its exponentials (softmax_scale > 0).
+/// masked to -inf in s; the compares are skipped on pages both rows see whole, and left out of
+/// the code when kMayMask is false (a pair every row sees whole). s stays unscaled: fold_page applies the scale inside its exponentials (softmax_scale > 0).
+template <bool kMayMask>
 __device__ __forceinline__ void page_rowmax(float (&s)[Traits::kSTiles][4], float scale_log2, int col0,
                                             const int (&limit)[2], float (&row_max)[2]) {
   const int tq = threadIdx.x % 4;
-  if (col0 + Traits::kBlockN - 1 > min(limit[0], limit[1])) {
+  if (kMayMask && col0 + Traits::kBlockN - 1 > min(limit[0], limit[1])) {
 #pragma unroll
     for (int j = 0; j < Traits::kSTiles; ++j) {
 #pragma unroll
