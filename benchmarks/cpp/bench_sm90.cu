@@ -298,6 +298,8 @@ void run_case(const Case& c, int reps, bool trace, double copy_gbs, int pool, in
 #ifdef FLASH_MLA_SM90_TRACE
     std::vector<long long> zeros(2 * flash_mla::sm90::kTracePairs * flash_mla::sm90::kTraceEvents, 0);
     CUDA_OK(cudaMemcpyToSymbol(flash_mla::sm90::trace_clock, zeros.data(), zeros.size() * sizeof(long long)));
+    std::vector<unsigned long long> mb_zeros(2 * flash_mla::sm90::kTracePairs, 0);
+    CUDA_OK(cudaMemcpyToSymbol(flash_mla::sm90::trace_mblock_ns, mb_zeros.data(), mb_zeros.size() * sizeof(unsigned long long)));
     FLASH_MLA_OK(flash_mla::mla_decode(inputs[0]->p));
     CUDA_OK(cudaDeviceSynchronize());
     print_trace();
@@ -343,6 +345,21 @@ void print_trace() {
       std::printf(" %6lld |%6lld ", at(0, s, ev) ? at(0, s, ev) - base : -1, at(1, s, ev) ? at(1, s, ev) - base : -1);
     }
     std::printf("\n");
+  }
+  // Lock-step of the two m-block CTAs of part 0 (they read the same pages): pair start times.
+  std::vector<unsigned long long> mb(2 * kTracePairs);
+  CUDA_OK(cudaMemcpyFromSymbol(mb.data(), trace_mblock_ns, mb.size() * sizeof(unsigned long long)));
+  std::vector<double> lag;
+  for (int s = 0; s < kTracePairs; ++s) {
+    if (mb[s] && mb[kTracePairs + s]) lag.push_back(double(mb[kTracePairs + s]) - double(mb[s]));
+  }
+  if (!lag.empty()) {
+    std::vector<double> abs_lag;
+    for (double x : lag) abs_lag.push_back(std::fabs(x));
+    std::printf("  m-block CTAs 0 and 1 of part 0: pair start of CTA 1 minus CTA 0 over %zu pairs: median %.0f ns, "
+                "|lag| median %.0f ns, max %.0f ns; first/last: %.0f / %.0f ns\n",
+                lag.size(), median(lag), median(abs_lag), *std::max_element(abs_lag.begin(), abs_lag.end()),
+                lag.front(), lag.back());
   }
   std::printf("  %-32s %10s %10s\n", "event", "wg0", "wg1");
   for (int ev = 0; ev < kTraceEvents; ++ev) {

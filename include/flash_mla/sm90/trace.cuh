@@ -30,10 +30,20 @@ constexpr int kTraceCtas = 2048;  // CTAs whose start and end times (globaltimer
 #ifdef FLASH_MLA_SM90_TRACE
 __device__ long long trace_clock[2][kTracePairs][kTraceEvents];
 
+/// Global time (ns) at which warpgroup 0 of the first two m-block CTAs of SM part 0 starts each
+/// pair: how closely two CTAs that read the same pages keep in step.
+__device__ unsigned long long trace_mblock_ns[2][kTracePairs];
+
 __device__ __forceinline__ void trace(int slot, TraceEvent event) {
   const long long now = clock64();
   if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x % 128 == 0 && slot < kTracePairs) {
     trace_clock[threadIdx.x / 128][slot][event] = now;
+  }
+  if (event == kTracePairStart && blockIdx.x < 2 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0 &&
+      slot < kTracePairs) {
+    unsigned long long ns;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    trace_mblock_ns[blockIdx.x][slot] = ns;
   }
 }
 __device__ unsigned long long trace_cta_ns[kTraceCtas][2];
