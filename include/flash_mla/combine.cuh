@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "params.hpp"
+#include "common/launch.hpp"
 #include "common/numeric.cuh"
 
 namespace flash_mla {
@@ -195,16 +196,8 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) combine_ke
 /// wait in griddepcontrol.
 inline cudaError_t launch_combine_grid(const DecodeParams& p, bool overlap, void (*kernel)(DecodeParams), int y_blocks,
                                        int threads) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.batch, y_blocks < 65535 ? y_blocks : 65535);
-  config.blockDim = dim3(threads);
-  config.stream = p.stream;
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = overlap ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p);
+  return launch_kernel(kernel, dim3(p.batch, y_blocks < 65535 ? y_blocks : 65535), dim3(threads), 0, p.stream, overlap,
+                       p);
 }
 
 /// The combine of the split requests on p.stream (see launch_combine_grid for `overlap`).

@@ -319,8 +319,11 @@ Status launch_sm90(const DecodeParams& p) {
   const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 && p.q_head_stride % 8 == 0;
   const dim3 grid((p.rows_per_kv_head() + sm90::Traits::kBlockM - 1) / sm90::Traits::kBlockM, p.num_heads_kv,
                   p.num_sm_parts);
-  kernel<<<grid, sm90::Traits::kThreads, sm90::kSmemBytes, p.stream>>>(p, kv_map, q_vec16);
-  err = cudaGetLastError();
+  // A programmatic dependent launch: its set-up overlaps the previous kernel's tail, and it waits
+  // in griddepcontrol.wait (kernel.cuh) before touching global memory.
+  err = launch_kernel(kernel, grid, dim3(sm90::Traits::kThreads), sm90::kSmemBytes, p.stream, /*programmatic=*/true, p,
+                      kv_map, q_vec16);
+  if (err == cudaSuccess) err = cudaGetLastError();
   if (err == cudaSuccess) err = launch_combine<Element>(p, /*overlap=*/true);
   if (err != cudaSuccess) return Status::error(std::string("decode launch failed: ") + cudaGetErrorString(err));
   return Status::success();

@@ -56,8 +56,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
     for (int h = 0; h < kHandoffs; ++h) cutlass::arch::ClusterBarrier::init(&smem.handoff[h], Traits::kWarpgroupThreads);
     cutlass::arch::fence_barrier_init();
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&kv_map)) : "memory");
   }
   __syncthreads();
+  // Launched as a programmatic dependent of the stream's previous kernel (launch_sm90): the set-up
+  // above overlaps its tail; nothing in global memory is read or written before this wait.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
 
   const RowMap rows_map{p.num_heads_q / p.num_heads_kv, p.rows_per_kv_head(), static_cast<int>(blockIdx.y)};
   const int row0 = blockIdx.x * Traits::kBlockM;
