@@ -342,7 +342,10 @@ Status launch_decode(const DecodeParams& p, KernelChoice kernel) {
 }  // namespace detail
 
 /// Runs one decode step (one layer) on p.stream: the split-KV decode kernel, then the combine
-/// kernel; asynchronous, no host sync, no allocation. Checks p with validate() first and
+/// kernel; asynchronous, no host sync, no allocation. On sm_90 both are programmatic dependent
+/// launches: a kernel's set-up overlaps the tail of the one before it on the stream, and it waits
+/// for that kernel's completion (and memory) before it reads or writes global memory, so stream
+/// order is kept as for plain launches. Checks p with validate() first and
 /// resolves p.kernel for the current device (resolve_kernel()); batch == 0 is a no-op.
 /// Errors from the launches are returned; errors while the kernels run show up on the stream.
 inline Status mla_decode(const DecodeParams& p) {
