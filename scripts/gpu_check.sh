@@ -233,9 +233,10 @@ step_package() {
 }
 
 step_bench() {
-    echo "+ $PY benchmarks/bench_decode.py --json $BENCH_JSON $BENCH_ARGS"
+    # --cool 2: each case's eager calls after 2 s idle, below the board's power limit
+    echo "+ $PY benchmarks/bench_decode.py --json $BENCH_JSON --cool 2 $BENCH_ARGS"
     # shellcheck disable=SC2086
-    "$PY" benchmarks/bench_decode.py --json "$BENCH_JSON" $BENCH_ARGS
+    "$PY" benchmarks/bench_decode.py --json "$BENCH_JSON" --cool 2 $BENCH_ARGS
 }
 
 step_sanitize() {
