@@ -233,7 +233,7 @@ step_package() {
 }
 
 step_bench() {
-    # --cool 2: each case's eager calls after 2 s idle, below the board's power limit
+    # --cool 2: each case's burst replays after 2 s idle, below the board's power limit
     echo "+ $PY benchmarks/bench_decode.py --json $BENCH_JSON --cool 2 $BENCH_ARGS"
     # shellcheck disable=SC2086
     "$PY" benchmarks/bench_decode.py --json "$BENCH_JSON" --cool 2 $BENCH_ARGS

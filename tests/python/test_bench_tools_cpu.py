@@ -61,8 +61,8 @@ def test_clock_sampler_without_nvidia_smi(bench, monkeypatch, tmp_path):
         sampler.close()
 
 
-def test_report_shows_the_eager_column_and_its_regime(bench):
-    result = {"kernel": "auto", "kernel_name": "sm90", "ms": 0.55, "eager_ms": 0.495, "tflops": 545.0,
+def test_report_shows_the_burst_column_and_its_regime(bench):
+    result = {"kernel": "auto", "kernel_name": "sm90", "ms": 0.55, "burst_ms": 0.495, "tflops": 545.0,
               "gbps": 2300.0, "sanity": {"ok": True}, "clock": None}
     report = {"cases": [{"name": "one", "spec_ref": None, "results": [result]}], "ceilings": {},
               "settings": {"cool_s": 2.0}}
@@ -70,7 +70,7 @@ def test_report_shows_the_eager_column_and_its_regime(bench):
     lines = [line for line in text.splitlines() if "|" in line]
     header = [c.strip() for c in lines[0].split("|")]
     row = [c.strip() for c in lines[1].split("|")]
-    assert row[header.index("eager")] == "0.495 ms"
+    assert row[header.index("burst")] == "0.495 ms"
     assert row[header.index("time/call")] == "0.550 ms"
     assert "after 2 s idle" in text
     report["settings"] = {"cool_s": 0}
