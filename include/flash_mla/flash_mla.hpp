@@ -323,7 +323,6 @@ Status launch_sm90(const DecodeParams& p) {
   // in griddepcontrol.wait (kernel.cuh) before touching global memory.
   err = launch_kernel(kernel, grid, dim3(sm90::Traits::kThreads), sm90::kSmemBytes, p.stream, /*programmatic=*/true, p,
                       kv_map, q_vec16);
-  if (err == cudaSuccess) err = cudaGetLastError();
   if (err == cudaSuccess) err = launch_combine<Element>(p, /*overlap=*/true);
   if (err != cudaSuccess) return Status::error(std::string("decode launch failed: ") + cudaGetErrorString(err));
   return Status::success();
