@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
-# The "GPU round": environment, carried wheels, build + install, Python tests, C++ tests, the
-# C++ package check (install + out-of-tree examples/cpp) and the decode benchmark, on a GPU
-# machine without network. Run from the repository root:
+# The maintainers' GPU check, run on a GPU machine for every kernel change: environment, local
+# wheels, build + install, Python tests, C++ tests, the C++ package check (install +
+# out-of-tree examples/cpp), the decode benchmark and compute-sanitizer. It needs no network:
+# the nvidia-cutlass wheel (and any other wheel the machine lacks) goes in .whl/ (git-ignored).
+# Run from the repository root:
 #
 #     bash scripts/gpu_check.sh [OUTDIR]          # OUTDIR defaults to ${OUT:-./gpu_out}
 #
-# Through the device tool (the wheels in .whl/ are git-ignored, so carry them):
-#     run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
-#
 # Every step runs even when an earlier one failed (the benchmark runs after a failed test);
-# each step's output goes to stdout and to a log in OUTDIR; a short summary comes last (the
-# device tool returns only the tail of stdout) and is also written to OUTDIR/summary.txt.
+# each step's output goes to stdout and to a log in OUTDIR; a short summary comes last (so that
+# the tail of the output is enough) and is also written to OUTDIR/summary.txt.
 # Exit status: 0 when no step failed or timed out, 1 otherwise (skipped steps don't count).
 #
-# Files in OUTDIR (8, all at its top level; the device tool brings back at most 8):
+# Files in OUTDIR (8, all at its top level, for runners that collect a few flat files):
 #     setup.log (env + wheels), build.log, pytest.log, ctest.log (ctest + package), bench.log,
 #     bench.json, sanitize.log, summary.txt
 #
 # Environment knobs:
-#     SKIP_BUILD=1      skip the pip build/install (and the wheels when none are carried)
+#     SKIP_BUILD=1      skip the pip build/install (and the wheels step when .whl/ is empty)
 #     SKIP_TESTS=1      skip pytest, ctest and package (SKIP_PYTEST=1 / SKIP_CTEST=1 /
 #                       SKIP_PACKAGE=1: one of them)
 #     SKIP_BENCH=1      skip the benchmark
@@ -37,8 +36,9 @@
 #     PYTHON=python3    the interpreter (the one holding torch)
 #     GPU_CHECK_BUDGET_S=N  wall-clock budget of the whole script in seconds: a step is killed
 #                       when it would run past it and later steps are skipped, so that the
-#                       summary still gets printed inside the device tool's 600 s limit.
-#                       Default 560 when $OUT is set (under the device tool), else 0 = none.
+#                       summary still gets printed inside a runner's time limit.
+#                       Default 560 when $OUT is set (a runner with a 600 s limit per
+#                       command), else 0 = none.
 #                       Split a long round over calls: SKIP_TESTS=1 SKIP_BENCH=1 first, then
 #                       SKIP_BUILD=1 (build/ is git-ignored, so it stays on a warm machine).
 
@@ -66,7 +66,7 @@ export CMAKE_ARGS=${CMAKE_ARGS:-}
 export CTEST_ARGS=${CTEST_ARGS:-}
 export BUILD_DIR=${BUILD_DIR:-build-gpu}
 export SKIP_BUILD=${SKIP_BUILD:-0}
-# Default budget only under the device tool (OUT set), whose commands are killed at 600 s.
+# Default budget only when OUT is set (a runner whose commands are killed at 600 s).
 if [ -n "${OUT:-}" ]; then BUDGET_S=${GPU_CHECK_BUDGET_S:-560}; else BUDGET_S=${GPU_CHECK_BUDGET_S:-0}; fi
 RESERVE_S=15  # kept back for the summary
 
@@ -125,7 +125,7 @@ step_wheels() {
     shopt -s nullglob
     local whls=("$ROOT"/.whl/*.whl)
     if [ ${#whls[@]} -eq 0 ]; then
-        echo "no wheels in .whl/ -- carry it: run(..., carry=[\".whl\"])"
+        echo "no wheels in .whl/ -- put the nvidia-cutlass wheel there (pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl)"
         return 1
     fi
     printf 'wheel: %s\n' "${whls[@]##*/}"
@@ -152,6 +152,8 @@ try:
 except Exception as exc:  # informative only
     print("kernel_for_device:", repr(exc))
 EOF
+    # What a bug report would quote (version, build, GPUs, kernel per GPU); informative only.
+    (cd /tmp && "$PY" -m flash_mla) || echo "python -m flash_mla failed (rc=$?)"
 }
 
 step_smoke() {
@@ -446,7 +448,7 @@ N_FAIL=0
         esac
     done
     n_files=$(find "$OUTDIR" -type f | wc -l)
-    [ "$n_files" -le 8 ] || echo "WARNING: $n_files files in $OUTDIR; the device tool returns at most 8"
+    [ "$n_files" -le 8 ] || echo "WARNING: $n_files files in $OUTDIR; expected at most 8"
     if [ "$N_FAIL" -eq 0 ]; then
         echo "overall: PASS (${#STEP_NAMES[@]} steps, none failed); $n_files files in $OUTDIR"
     else

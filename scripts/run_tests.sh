@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command: the Python suite (GPU tests skip without a GPU) and the C++
-# tests through CTest. Run from the repository root after `pip install .`.
+# tests through CTest. Run from the repository root after `pip install ".[test]"` (README.md).
 #   BUILD_DIR   CMake build folder for the C++ tests (default build/cpp)
 #   PYTEST_ARGS extra pytest arguments
 set -euo pipefail

@@ -8,7 +8,8 @@ The two entry points keep FlashMLA's API:
 
 ``flash_mla.reference`` holds a plain-torch implementation of the same contract, and
 ``flash_mla.ops`` a framework-neutral API (any DLPack arrays, caller-provided outputs) that
-does not need torch.
+does not need torch. The full contract is in ``docs/api.md``; ``python -m flash_mla`` prints
+the version, how the build was made and the kernel each GPU gets (``--demo`` runs one decode).
 
 torch is imported lazily: ``import flash_mla.ops`` works without it. The torch API (and the
 ``torch.ops.flash_mla`` custom ops it registers) loads on first use of one of the names below,
@@ -44,7 +45,26 @@ def __dir__():
     return sorted(set(globals()) | set(_TORCH_API) | {"ops", "reference", "interface"})
 
 
+def _find_version() -> str:
+    """The version declared in pyproject.toml, as the build recorded it next to the compiled module
+    (``_build_info.py``), else from the installed distribution's metadata."""
+    try:
+        from ._build_info import version as built
+        return built
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return "0+unknown"
+    try:
+        return version("flash-mla")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _find_version()
+
+
 if "torch" in sys.modules:  # torch users: register the custom ops now
     __getattr__("flash_mla_with_kvcache")
-
-__version__ = "0.1.0"
