@@ -1,49 +1,106 @@
 #!/usr/bin/env python3
-"""Timing of the whole MLA decode call, ``flash_mla_with_kvcache``, against measured ceilings.
+"""Times the whole MLA decode call, ``flash_mla.flash_mla_with_kvcache``, against ceilings
+measured in the same run, and optionally against another implementation of the same API
+(FlashMLA itself) on the same inputs.
 
-What is timed: one ``flash_mla_with_kvcache`` call (split kernel + combine, output and
-workspace allocation included) with ``get_mla_metadata`` computed once per case beforehand and
-reused ("scheduler reuse" in docs/spec), captured N times (10-20) into one CUDA graph and
-replayed; the per-call time is the median replay time over N. The compute-bound rows run at the
-board's power limit by then; the "burst" column (3 replays before the timed ones, after
-``--cool`` seconds of idle GPU) shows the same call below it, the regime the spec's reference
-figures match (docs/perf-notes.md, session 5). Where one set of inputs
-(q + k_cache) would fit in a few L2 caches, the captured calls rotate among several sets, so
-the timing is not a cache measurement.
+What is timed
+    One ``flash_mla_with_kvcache`` call: the split-KV kernel and the combine, with the
+    allocation of the output, the lse and the workspace. ``get_mla_metadata`` runs once per case
+    beforehand and its result is reused, as a serving engine reuses it for every layer of a
+    decoding step. N calls (10 to 20) are captured into one CUDA graph and replayed; the time per
+    call is the median replay time divided by N. Where one set of inputs (q + k_cache) would fit
+    in a few L2 caches, the captured calls rotate among several sets, so the timing is not a
+    cache measurement. The KV slots past each request's length in its last page hold NaN (the
+    API allows any value there), so a kernel that reads them fails the sanity check.
 
-FLOPs and bytes are counted as the spec counts them (d = 576, dv = 512):
+    Compute-bound rows run at the board's power limit once the GPU is warm. The "burst" column
+    (3 replays before the timed ones, after --cool seconds of idle GPU) shows the same call
+    before the limit bites; "SM MHz" is the median SM clock while the timed replays ran
+    (nvidia-smi samples; "cap": held down by the power limit in most samples).
 
-    FLOPs = b * h_q * s_q * mean_L * 2 * (d + dv)        mean_L: mean of the lengths drawn
+FLOPs and bytes (d = 576, dv = 512, mean_L = mean of the lengths drawn)
+    FLOPs = b * h_q * s_q * mean_L * 2 * (d + dv)      QK^T and PV over every key (the
+                                                       causal mask's few saved keys not taken off)
     bytes = b * (mean_L * h_kv * d + s_q * h_q * (d + dv)) * 2
+                                                       the KV cache read once per KV head, q read,
+                                                       out written (2-byte elements)
+    The same run measures two ceilings: a device-to-device copy (2 GiB, bytes read + written)
+    and an 8192^3 bf16 GEMM on random data. Every row is given as a share of both.
 
-In the same run it measures the two ceilings: a device-to-device copy (2 GiB, bytes read +
-written) and an 8192^3 bf16 GEMM on random data; every row is given as a share of both.
+Cases
+    Default: the reference rows, the shapes for which FlashMLA publishes H200 figures (b = 128,
+    h_kv = 1; compute-bound s_q 1 and 2 at mean L 8K and 32K, memory-bound h_q 16 and 32, and
+    one imbalanced batch of four fixed lengths). Lengths are drawn from normal(mean, mean / 2),
+    truncated, at least s_q, with a seed derived from the case, so a case gets the same lengths
+    whatever else runs with it.
+    --sweep serving: the serving envelope in 34 rows, each with a kind that the summaries group
+    by: short (b = 128, mean L 128 to 2048, s_q 1 and 2, h_q 128 down to 8, b = 32),
+    compute (h_q = 128, s_q 1, 2 and 4, mean L 1K to 32K, causal), memory (s_q = 1, h_q 8 to 32,
+    mean L 4K to 16K), batch (b = 1, 8, 512; one request of 54K) and imbalanced (four fixed
+    lengths; one 32K request among seven of about 512). It turns --eager on.
+    --case K=V,...: extra cases; --no-defaults: only those (a named --sweep still runs);
+    --only KIND,...: keep the default or sweep rows of these kinds.
 
-Default cases are the rows of the spec's reference table (b = 128, h_kv = 1, lengths drawn from
-normal(mean, mean / 2) clipped to at least s_q, a fixed seed per case; the imbalanced row
-with its four fixed lengths).
+--compare MODULE
+    MODULE (an importable module name, a package directory or a .py file) must offer the seed
+    API: get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) and
+    flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
+    tile_scheduler_metadata, num_splits, softmax_scale=None, causal=False). When its
+    get_mla_metadata names a seqlen_q parameter, it is given s_q. A directory or file whose name
+    is already imported (a FlashMLA build is also called flash_mla) is imported apart, without
+    replacing the module already loaded. For each row both implementations get the same
+    inputs and their own metadata, are captured in separate CUDA graphs with the same number
+    of calls, and are timed interleaved: each round times a batch of replays of ours, then of
+    theirs. Medians over the rounds are reported with ratio = t_theirs / t_ours (> 1: flash_mla
+    is faster). Once per row the two outputs are compared (max |out| difference within 2% of
+    max |out|, lse within 1e-2 where both finite, the same non-finite entries); a disagreement
+    marks the row DIFF and makes the exit status 1. The summary gives the rows at >= 1.00x, the
+    geometric mean of the ratios (all rows, and rows of mean L <= 1024), the smallest ratio, and
+    the same per kind.
+
+--eager
+    Besides the graph timing, a plain Python loop of N calls on fixed inputs, metadata reused:
+    "wall" = elapsed time of the N back-to-back calls / N, GPU synchronised at both ends;
+    "host" = median over the loop of the CPU time of issuing one call (time.perf_counter
+    around the call alone; N is small enough that the GPU's launch queue never fills, so this is
+    the host cost of a call). For the compared module too, with the ratio of the wall times.
+
+--png PATH
+    Horizontal bar chart of the ratio per row with a line at 1.0 (and a panel for the eager
+    wall-time ratio when measured), titled with the GPU and the date. Needs matplotlib (Agg
+    backend); skipped with a message without it.
+
+--quick
+    10 timed rounds after 1 warm-up, 20 eager calls, no burst replays: the serving sweep with
+    --compare and --eager then takes a few minutes of GPU time. Each row captures one graph per
+    module (one per row and kernel without --compare, two with it); --dry-run prints the count,
+    and --max-captures bounds it.
+
+Each (case, kernel) also gets a cheap sanity check (not a correctness test): outputs finite
+where a row sees at least one key, exactly 0 / +inf where it sees none, and the rows of the
+shortest and longest request compared with a float32 torch computation of the same attention.
+
+Exit status: 0 when every (case, kernel) ran, passed its sanity check and (with --compare)
+agreed with the compared module where both ran; 1 otherwise; 2 for a usage error, a module
+that cannot be compared, or when no CUDA device is visible.
 
 Examples:
     python3 benchmarks/bench_decode.py --json out/bench.json
     python3 benchmarks/bench_decode.py --only memory --kernel auto,sm80_small
     python3 benchmarks/bench_decode.py --no-defaults \\
         --case b=64,s_q=1,h_q=128,mean_L=4096,causal=1 --case lens=100/5000/0/77,s_q=2,h_q=8
-    python3 benchmarks/bench_decode.py --dry-run          # list cases and lengths, no GPU
-
-Each (case, kernel) also gets a cheap sanity check (not a correctness test): outputs finite
-where a row sees at least one key, exactly 0 / +inf where it sees none, and the rows of the
-shortest and longest request compared with a float32 torch computation of the same attention.
-The KV slots past each request's length in its last page are filled with NaN, as the spec
-allows, so a kernel that reads them shows up here.
-
-Exit status: 0 when every (case, kernel) ran and passed its sanity check, 1 otherwise,
-2 for a usage error or when no CUDA device is visible.
+    python3 benchmarks/bench_decode.py --sweep serving --quick --compare path/to/flash_mla_ref \\
+        --png out/ratio.png --json out/sweep.json
+    python3 benchmarks/bench_decode.py --sweep serving --only short,batch --eager --quick
+    python3 benchmarks/bench_decode.py --sweep serving --dry-run   # list rows, no GPU needed
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import inspect
 import json
 import math
 import os
@@ -59,10 +116,11 @@ D = 576
 DV = 512
 PAGE = 64
 KNOWN_KERNELS = ("auto", "sm90", "sm80_large", "sm80_small")
-KINDS = ("compute", "memory", "imbalanced")
+KINDS = ("short", "compute", "memory", "batch", "imbalanced")
+SWEEPS = ("serving",)
 
-# Rows of the reference table of docs/spec (mla-decode.md): upstream FlashMLA, one H200.
-SPEC_ROWS = [
+# Reference rows: the shapes of FlashMLA's published H200 figures, with those figures.
+REFERENCE_ROWS = [
     dict(kind="compute", b=128, s_q=1, h_q=128, mean_L=8192, causal=True,
          ref_ms=0.43, ref_rate=630.0, ref_unit="TFLOP/s"),
     dict(kind="compute", b=128, s_q=1, h_q=128, mean_L=32768, causal=True,
@@ -78,8 +136,8 @@ SPEC_ROWS = [
     dict(kind="imbalanced", b=4, s_q=4, h_q=16, lens=[4641, 45118, 1730, 1696], causal=True,
          ref_ms=0.048, ref_rate=1280.0, ref_unit="GB/s"),
 ]
-SPEC_REF_NOTE = ("upstream FlashMLA on one H200, CUDA 13.0, one run (copy 4290 GB/s, "
-                 "GEMM 700-790 TFLOP/s there)")
+REF_NOTE = ("FlashMLA's published figures: one H200, CUDA 13.0, one run (copy 4290 GB/s, "
+            "GEMM 700-790 TFLOP/s there)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +154,7 @@ class Case:
         self.h_q = int(h_q)
         self.h_kv = int(h_kv)
         self.causal = bool(causal)
-        self.ref = ref  # dict(ms, rate, unit) for spec rows
+        self.ref = ref  # dict(ms, rate, unit) for the reference rows
         self.target_mean_L = mean_L
         if lens is not None:
             self.lens = [int(x) for x in lens]
@@ -126,6 +184,11 @@ class Case:
         return self.total_L / self.b
 
     @property
+    def nominal_mean_L(self):
+        """The mean asked for (drawn cases) or the mean of the explicit lengths."""
+        return self.target_mean_L if self.target_mean_L is not None else self.mean_L
+
+    @property
     def flops(self):
         # b * h_q * s_q * mean_L * 2 * (d + dv), with b * mean_L = sum of the lengths
         return float(self.h_q) * self.s_q * self.total_L * 2 * (D + DV)
@@ -138,8 +201,9 @@ class Case:
     def describe(self):
         return dict(name=self.name, kind=self.kind, b=self.b, s_q=self.s_q, h_q=self.h_q,
                     h_kv=self.h_kv, causal=self.causal, target_mean_L=self.target_mean_L,
+                    nominal_mean_L=self.nominal_mean_L,
                     mean_L=self.mean_L, min_L=min(self.lens), max_L=max(self.lens),
-                    flops=self.flops, bytes=self.bytes, spec_ref=self.ref, lengths=self.lens)
+                    flops=self.flops, bytes=self.bytes, ref=self.ref, lengths=self.lens)
 
 
 def draw_lengths(b, mean_L, s_q, seed, tag):
@@ -151,9 +215,9 @@ def draw_lengths(b, mean_L, s_q, seed, tag):
     return [int(max(rng.normalvariate(mean_L, mean_L / 2), s_q)) for _ in range(b)]
 
 
-def spec_cases(seed, only=None):
+def reference_cases(seed, only=None):
     out = []
-    for row in SPEC_ROWS:
+    for row in REFERENCE_ROWS:
         if only and row["kind"] not in only:
             continue
         ref = dict(ms=row["ref_ms"], rate=row["ref_rate"], unit=row["ref_unit"])
@@ -161,6 +225,61 @@ def spec_cases(seed, only=None):
                         mean_L=row.get("mean_L"), lens=row.get("lens"), causal=row["causal"],
                         ref=ref, seed=seed))
     return out
+
+
+def attach_ref(case, seed):
+    """A case with the lengths and shape of a reference row gets that row's figures."""
+    for ref_case in reference_cases(seed):
+        if (ref_case.lens == case.lens and ref_case.s_q == case.s_q and ref_case.h_q == case.h_q
+                and ref_case.h_kv == case.h_kv and ref_case.causal == case.causal):
+            case.ref = ref_case.ref
+    return case
+
+
+def serving_sweep(seed, only=None):
+    """The serving envelope: h_kv = 1, lengths normal(mean, mean / 2) at least s_q (b = 1: the
+    length itself); s_q > 1 rows causal, as speculative decoding runs them."""
+    cases = []
+
+    def add(kind, b, s_q, h_q, mean_L=None, lens=None, causal=None, name=None):
+        if causal is None:
+            causal = s_q > 1
+        if b == 1 and lens is None:
+            lens, mean_L = [mean_L], None
+        cases.append(attach_ref(Case(kind, b, s_q, h_q, 1, mean_L=mean_L, lens=lens,
+                                     causal=causal, name=name, seed=seed), seed))
+
+    # Short contexts: where fixed costs (launch, combine, scheduling) show.
+    for L in (128, 256, 512, 1024, 2048):
+        add("short", 128, 1, 128, L)
+    add("short", 128, 2, 128, 1024)
+    add("short", 32, 1, 128, 1024)
+    for h_q in (64, 32, 16, 8):
+        add("short", 128, 1, h_q, 1024)
+    add("short", 32, 1, 16, 1024)
+    # Long contexts, compute-bound (h_q = 128, causal as the reference rows).
+    for s_q in (1, 2):
+        for L in (4096, 8192, 32768):
+            add("compute", 128, s_q, 128, L, causal=True)
+    for L in (1024, 4096):
+        add("compute", 128, 4, 128, L, causal=True)
+    # Memory-bound: few query heads per GPU (tensor parallelism).
+    for h_q in (16, 32):
+        for L in (4096, 8192, 16384):
+            add("memory", 128, 1, h_q, L)
+    add("memory", 128, 1, 8, 8192)
+    # Batch sizes (b = 32 and 128 at L 1024 are short rows above).
+    for b in (1, 8, 512):
+        add("batch", b, 1, 128, 1024)
+    add("batch", 1, 1, 128, 54 * 1024)
+    add("batch", 512, 1, 16, 2048)
+    # Imbalanced batches: the reference row, and one long request among short ones.
+    add("imbalanced", 4, 4, 16, lens=[4641, 45118, 1730, 1696], causal=True)
+    add("imbalanced", 8, 1, 128, lens=[512, 471, 32768, 540, 498, 523, 455, 509],
+        name="imbalanced b=8 L=32768+7x~500 sq=1 hq=128")
+    names = [c.name for c in cases]
+    assert len(set(names)) == len(names), "serving sweep: duplicate row"
+    return [c for c in cases if not only or c.kind in only]
 
 
 _CASE_KEYS = {
@@ -216,42 +335,63 @@ def parse_case(text, seed):
         raise ValueError(f"--case {text!r}: h_q must be a multiple of h_kv")
     case = Case(fields.get("kind", "custom"), b, s_q, h_q, h_kv, mean_L=mean_L, lens=lens,
                 causal=causal_s in ("1", "true", "yes"), name=fields.get("name"), seed=seed)
-    # A custom case equal to a spec row gets that row's reference figures.
-    for ref_case in spec_cases(seed):
-        if (ref_case.lens == case.lens and ref_case.s_q == case.s_q and ref_case.h_q == case.h_q
-                and ref_case.h_kv == case.h_kv and ref_case.causal == case.causal):
-            case.ref = ref_case.ref
-    return case
+    return attach_ref(case, seed)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Time flash_mla_with_kvcache by CUDA-graph replay against copy/GEMM ceilings.",
+        description="Time flash_mla_with_kvcache by CUDA-graph replay against copy/GEMM ceilings "
+                    "and, with --compare, against another implementation of the same API.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:" + __doc__.split("Examples:", 1)[1].split("\n\n", 1)[0])
     p.add_argument("--kernel", default="auto",
                    help="comma-separated kernel choices passed as kernel=... "
                         f"({', '.join(KNOWN_KERNELS)}); each case runs with each (default auto)")
+    p.add_argument("--sweep", choices=SWEEPS, default=None,
+                   help="run a named set of rows instead of the reference rows: 'serving' is "
+                        "the serving envelope (short/compute/memory/batch/imbalanced); turns "
+                        "--eager on")
     p.add_argument("--only", default=None,
-                   help=f"comma-separated kinds of spec rows to run ({', '.join(KINDS)})")
-    p.add_argument("--no-defaults", action="store_true", help="run only the --case cases")
+                   help=f"comma-separated kinds of default or sweep rows to run ({', '.join(KINDS)})")
+    p.add_argument("--no-defaults", action="store_true",
+                   help="drop the reference rows: run only the --case cases (and --sweep)")
     p.add_argument("--case", action="append", default=[], metavar="K=V,...",
                    help="extra case, repeatable: b=, s_q=, h_q=, h_kv=, mean_L=, causal=0|1, "
                         "lens=a/b/c (explicit lengths instead of mean_L), name=, kind=")
+    p.add_argument("--compare", default=None, metavar="MODULE",
+                   help="time this implementation of FlashMLA's API too, interleaved with "
+                        "flash_mla on the same inputs: a module name, a package directory or a "
+                        ".py file")
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time a plain loop of calls (wall and host time per call); on with "
+                        "--sweep")
+    p.add_argument("--eager-calls", type=int, default=None,
+                   help="calls in the eager loop, 1 to 200 (default 50, --quick 20)")
+    p.add_argument("--png", default=None, metavar="PATH",
+                   help="bar chart of the --compare ratios (needs matplotlib)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all results here")
     p.add_argument("--seed", type=int, default=0, help="seed of lengths and data (default 0)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--pages", choices=("contiguous", "shuffled"), default="contiguous",
-                   help="physical page order: each request's pages consecutive (as upstream's "
+                   help="physical page order: each request's pages consecutive (as FlashMLA's "
                         "benchmark) or a random permutation (default contiguous)")
-    p.add_argument("--reps", type=int, default=20, help="timed graph replays (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed graph replays (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer rounds (10) and warm-ups (1), 20 eager calls, no burst replays")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed graph replays, or rounds with --compare (default 20, --quick 10)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed graph replays (default 3, --quick 1)")
+    p.add_argument("--replays-per-round", type=int, default=0,
+                   help="with --compare: graph replays per timed section of each module, "
+                        "0 = auto, enough for about 1 ms (default 0)")
     p.add_argument("--cool", type=float, default=0.0, metavar="SECONDS",
                    help="idle time before each case's burst replays, so that they run below the "
                         "board's power limit (the 'burst' column; default 0: they run in "
-                        "whatever state the case before left)")
+                        "whatever state the case before left; no effect with --quick)")
     p.add_argument("--calls-per-graph", type=int, default=0,
                    help="calls captured per graph; 0 = auto, 10 to 20 (default 0)")
+    p.add_argument("--max-captures", type=int, default=200,
+                   help="refuse to run more CUDA-graph captures than this (default 200)")
     p.add_argument("--max-sets", type=int, default=8,
                    help="most q/k_cache sets rotated through (default 8)")
     p.add_argument("--l2-factor", type=float, default=4.0,
@@ -263,7 +403,8 @@ def parse_args(argv=None):
                    help="skip the float32 comparison of two requests")
     p.add_argument("--device", type=int, default=None, help="CUDA device index (default current)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the cases, lengths, FLOPs and bytes, then exit (no GPU needed)")
+                   help="print the cases, lengths, FLOPs, bytes and the number of rows and graph "
+                        "captures, then exit (no GPU, no torch needed)")
     args = p.parse_args(argv)
 
     args.kernels = [k.strip() for k in args.kernel.split(",") if k.strip()]
@@ -277,9 +418,27 @@ def parse_args(argv=None):
         bad = [k for k in only if k not in KINDS]
         if bad:
             p.error(f"--only: unknown kind(s) {bad}; choose from {', '.join(KINDS)}")
-    if args.reps < 1 or args.warmup < 0 or args.max_sets < 1 or args.calls_per_graph < 0 or args.cool < 0:
-        p.error("--reps, --max-sets must be >= 1; --warmup, --calls-per-graph, --cool >= 0")
-    cases = [] if args.no_defaults else spec_cases(args.seed, only)
+    if args.reps is None:
+        args.reps = 10 if args.quick else 20
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 3
+    if args.eager_calls is None:
+        args.eager_calls = 20 if args.quick else 50
+    if args.eager is None:
+        args.eager = args.sweep is not None
+    args.burst = not args.quick
+    if (args.reps < 1 or args.warmup < 0 or args.max_sets < 1 or args.calls_per_graph < 0
+            or args.cool < 0 or args.replays_per_round < 0 or args.max_captures < 1):
+        p.error("--reps, --max-sets, --max-captures must be >= 1; --warmup, --calls-per-graph, "
+                "--replays-per-round, --cool >= 0")
+    if not 1 <= args.eager_calls <= 200:
+        p.error("--eager-calls must be 1 to 200 (the launch queue must not fill)")
+    if args.sweep == "serving":
+        cases = serving_sweep(args.seed, only)
+    elif args.no_defaults:
+        cases = []
+    else:
+        cases = reference_cases(args.seed, only)
     for text in args.case:
         try:
             cases.append(parse_case(text, args.seed))
@@ -287,12 +446,118 @@ def parse_args(argv=None):
             p.error(str(exc))
     if not cases:
         p.error("no cases selected")
+    names = [c.name for c in cases]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        p.error(f"cases named twice: {dup} (give name=... to a --case)")
     args.cases = cases
+    if args.compare is not None:
+        looks_like_path, path = compare_target_path(args.compare)
+        if looks_like_path and not os.path.exists(path):
+            p.error(f"--compare {args.compare!r}: no such file or directory")
+    if capture_count(args) > args.max_captures:
+        p.error(f"{capture_count(args)} CUDA-graph captures planned ({len(cases)} cases x "
+                f"{len(args.kernels)} kernels{' x 2 modules' if args.compare else ''}); "
+                f"more than --max-captures {args.max_captures}")
     return args
 
 
+def capture_count(args):
+    """CUDA-graph captures of a run: one per (case, kernel), two with --compare."""
+    return len(args.cases) * len(args.kernels) * (2 if args.compare else 1)
+
+
 # ----------------------------------------------------------------------------------------------
-# Formatting (standard library only)
+# The module compared against (standard library only; imported only when the GPU part runs)
+# ----------------------------------------------------------------------------------------------
+
+REQUIRED_FUNCTIONS = ("get_mla_metadata", "flash_mla_with_kvcache")
+
+
+def compare_target_path(text):
+    """(looks like a path, absolute path) of a --compare argument. A name with no path
+    separator that is neither an existing file or directory nor ends in .py is a module name."""
+    path = os.path.abspath(os.path.expanduser(text))
+    looks = (os.sep in text or (os.altsep or os.sep) in text or text.endswith(".py")
+             or os.path.exists(text))
+    return looks, path
+
+
+def _module_names(name):
+    return [k for k in sys.modules if k == name or k.startswith(name + ".")]
+
+
+def _import_from(parent, name):
+    """Import top-level module or package ``name`` from folder ``parent``. Modules of that name
+    already imported (e.g. this library, when the compared build is also called flash_mla) are
+    set aside during the import and put back after it: the module returned keeps its own
+    submodules through its globals. ``parent`` stays on sys.path, last, for imports the module
+    makes when called."""
+    saved = {k: sys.modules.pop(k) for k in _module_names(name)}
+    sys.path.insert(0, parent)
+    try:
+        importlib.invalidate_caches()
+        module = importlib.import_module(name)
+    finally:
+        sys.path.remove(parent)
+        if parent not in sys.path:
+            sys.path.append(parent)
+        if saved:
+            for k in _module_names(name):
+                del sys.modules[k]
+            sys.modules.update(saved)
+    origin = os.path.abspath(getattr(module, "__file__", "") or "")
+    if os.path.dirname(origin) != parent and os.path.dirname(os.path.dirname(origin)) != parent:
+        raise ImportError(f"imported {name!r} from {origin or '?'}, not from {parent}")
+    return module
+
+
+def load_compare_module(text):
+    """The module --compare names: an importable module name, a package directory (imported
+    under the directory's name) or a .py file. It must have FlashMLA's two seed functions."""
+    looks_like_path, path = compare_target_path(text)
+    if looks_like_path:
+        path = path.rstrip(os.sep) or path
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "__init__.py")):
+                raise ValueError(f"--compare {text!r}: a directory without __init__.py is not a "
+                                 "package")
+            parent, name = os.path.split(path)
+        elif os.path.isfile(path) and path.endswith(".py"):
+            parent, name = os.path.dirname(path), os.path.basename(path)[:-3]
+        elif os.path.exists(path):
+            raise ValueError(f"--compare {text!r}: neither a .py file nor a package directory")
+        else:
+            raise ValueError(f"--compare {text!r}: no such file or directory")
+        if not name.isidentifier():
+            raise ValueError(f"--compare {text!r}: {name!r} is not a valid module name")
+        module = _import_from(parent, name)
+    else:
+        module = importlib.import_module(text)
+    missing = [f for f in REQUIRED_FUNCTIONS if not callable(getattr(module, f, None))]
+    if missing:
+        raise ValueError(f"--compare {text!r}: module {module.__name__} has no "
+                         f"{' or '.join(missing)}")
+    return module
+
+
+def takes_keyword(fn, name):
+    """Does fn name a parameter ``name`` that can be passed by keyword (not only **kwargs)?"""
+    try:
+        param = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                inspect.Parameter.KEYWORD_ONLY)
+
+
+def module_label(module):
+    version = getattr(module, "__version__", None)
+    return module.__name__ + (f" {version}" if version else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting and summaries (standard library only; matplotlib only for --png)
 # ----------------------------------------------------------------------------------------------
 
 def fmt_time(ms):
@@ -301,8 +566,16 @@ def fmt_time(ms):
     return f"{ms * 1e3:.1f} us" if ms < 0.1 else f"{ms:.3f} ms"
 
 
+def fmt_us(us):
+    return "-" if us is None else f"{us:.1f} us"
+
+
 def fmt_num(x, digits=0, suffix=""):
     return "-" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def fmt_ratio(x):
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def fmt_ref(ref):
@@ -311,10 +584,14 @@ def fmt_ref(ref):
     return f"{fmt_time(ref['ms'])} {ref['rate']:.0f} {ref['unit']}"
 
 
+def _first_line(msg, width=51):
+    msg = (msg or "error").splitlines()[0] if msg else "error"
+    return msg[:width - 3] + "..." if len(msg) > width else msg
+
+
 def check_label(res):
     if res.get("error"):
-        msg = res["error"].splitlines()[0] if res["error"] else "error"
-        return "ERROR " + (msg[:48] + "..." if len(msg) > 51 else msg)
+        return "ERROR " + _first_line(res["error"])
     s = res.get("sanity") or {}
     if not s:
         return "-"
@@ -327,16 +604,34 @@ def check_label(res):
     return label
 
 
-def table_rows(results):
+def agree_label(cmp):
+    """The --compare column: 'ok', 'DIFF ...', 'ERROR ...' (theirs failed) or '-'."""
+    if not cmp:
+        return "-"
+    if cmp.get("error"):
+        return "ERROR " + _first_line(cmp["error"], 40)
+    a = cmp.get("agreement")
+    if not a:
+        return "-"
+    if a.get("ok"):
+        return "ok"
+    return "DIFF " + "; ".join(a.get("problems", []))[:60]
+
+
+def case_ref(case):
+    return case.get("ref") or case.get("spec_ref")  # older JSON files call it spec_ref
+
+
+def table_rows(results, compare=False):
     """results: list of (case_dict, result_dict)."""
     rows = []
     for case, res in results:
-        ref = case.get("spec_ref")
+        ref = case_ref(case)
         ms = res.get("ms")
         vs = None
         if ref and ms:
             vs = ref["ms"] / ms
-        rows.append([
+        row = [
             case["name"],
             res["kernel"] + (f" ({res['kernel_name']})" if res.get("kernel_name")
                              and res["kernel_name"] != res["kernel"] else ""),
@@ -349,17 +644,33 @@ def table_rows(results):
             fmt_ref(ref),
             "-" if vs is None else f"x{vs:.2f}",
             clock_label(res.get("clock")),
-            check_label(res),
-        ])
+        ]
+        if compare:
+            cmp = res.get("compare") or {}
+            row += [fmt_time(cmp.get("ms")), fmt_ratio(cmp.get("ratio")), agree_label(cmp)]
+        row.append(check_label(res))
+        rows.append(row)
     return rows
 
 
 TABLE_HEADER = ["case", "kernel", "time/call", "burst", "TFLOP/s", "GB/s", "%GEMM", "%copy",
-                "spec ref (H200)", "ref/ours", "SM MHz", "check"]
+                "ref (H200)", "ref/ours", "SM MHz", "check"]
+COMPARE_COLUMNS = ["theirs", "ratio", "agree"]
+NUMERIC_COLUMNS = {"time/call", "burst", "TFLOP/s", "GB/s", "%GEMM", "%copy", "ref/ours",
+                   "theirs", "ratio", "b", "s_q", "h_q", "h_kv", "causal", "mean L", "min L",
+                   "max L", "GFLOP", "MB", "ours wall", "ours host", "theirs wall",
+                   "theirs host", "wall ratio", "host ratio"}
 
 
-def format_table(header, rows, numeric=(2, 3, 4, 5, 6, 7, 9)):
-    """Plain-text table; columns whose index is in numeric are right-aligned."""
+def table_header(compare=False):
+    return TABLE_HEADER[:-1] + (COMPARE_COLUMNS if compare else []) + TABLE_HEADER[-1:]
+
+
+def format_table(header, rows, numeric=None):
+    """Plain-text table; columns whose index is in numeric (default: those whose name is in
+    NUMERIC_COLUMNS) are right-aligned."""
+    if numeric is None:
+        numeric = {i for i, h in enumerate(header) if h in NUMERIC_COLUMNS}
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
 
     def line(r):
@@ -373,9 +684,32 @@ def format_table(header, rows, numeric=(2, 3, 4, 5, 6, 7, 9)):
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
+def result_pairs(report):
+    return [(case, res) for case in report.get("cases", []) for res in case.get("results", [])]
+
+
+def eager_table(pairs):
+    """Rows of the eager loop: wall and host time per call, ours and theirs."""
+    rows = []
+    for case, res in pairs:
+        e = res.get("eager")
+        if not e:
+            continue
+        cmp = res.get("compare") or {}
+        te = cmp.get("eager") or {}
+        rows.append([case["name"], res["kernel"], fmt_us(e.get("wall_us")),
+                     fmt_us(e.get("host_us")), fmt_us(te.get("wall_us")),
+                     fmt_us(te.get("host_us")), fmt_ratio(cmp.get("eager_ratio")),
+                     fmt_ratio(cmp.get("host_ratio"))])
+    header = ["case", "kernel", "ours wall", "ours host", "theirs wall", "theirs host",
+              "wall ratio", "host ratio"]
+    return format_table(header, rows) if rows else None
+
+
 def format_report(report):
     lines = []
-    cool = (report.get("settings") or {}).get("cool_s", 0)
+    settings = report.get("settings") or {}
+    cool = settings.get("cool_s", 0)
     env = report.get("env", {})
     if env:
         lines.append(f"GPU: {env.get('gpu_name', '?')} ({env.get('sm_count', '?')} SMs, "
@@ -390,28 +724,181 @@ def format_report(report):
               f"SM MHz {clock_label(gm.get('clock'))})"
               if gm.get("tflops") else gm.get("error", "not measured"))
     lines.append(f"ceilings: copy {copy_s}, GEMM {gemm_s}")
-    pairs = [(case, res) for case in report.get("cases", []) for res in case.get("results", [])]
-    lines.append(format_table(TABLE_HEADER, table_rows(pairs)))
+    pairs = result_pairs(report)
+    compare = bool(report.get("compare")) or any(res.get("compare") for _, res in pairs)
+    lines.append(format_table(table_header(compare), table_rows(pairs, compare)))
+    burst = ("burst: the median of 3 graph replays (after 1 untimed) before the timed ones, per "
+             "call" + (f", each case after {cool:g} s idle, below the power limit" if cool else
+                       ", in the state the case before left") + "; the rates are the median's.")
+    if settings.get("burst") is False:
+        burst = "burst: not measured (--quick)."
     lines.append("time/call: median over graph replays / calls per graph; ref/ours > 1 means "
-                 "faster than the spec figure (" + SPEC_REF_NOTE + "). SM MHz: median SM clock "
+                 "faster than the reference figure (" + REF_NOTE + "). SM MHz: median SM clock "
                  "while the replays ran (nvidia-smi, 50 ms samples), 'cap': the board's power "
-                 "limit held it down in most samples. burst: the median of 3 graph replays (after "
-                 "1 untimed) before the timed ones, per call" + (f", each case after {cool:g} s "
-                 "idle, below the power limit" if cool else ", in the state the case before "
-                 "left") + "; the rates are the median's.")
+                 "limit held it down in most samples. " + burst)
+    if compare:
+        name = (report.get("compare") or {}).get("label", "the compared module")
+        lines.append(f"theirs: {name}, same inputs, own graph, timed interleaved with ours; "
+                     "ratio = t_theirs / t_ours (> 1: flash_mla faster); agree: outputs within "
+                     "2% of max |out|, lse within 1e-2.")
+    et = eager_table(pairs)
+    if et:
+        lines.append("")
+        lines.append("eager loop (no graph, metadata reused): wall = elapsed / calls between two "
+                     "synchronisations; host = median CPU time of issuing one call")
+        lines.append(et)
+    summ = report.get("compare_summary") or {}
+    if summ.get("lines"):
+        lines.append("")
+        lines.extend(summ["lines"])
     return "\n".join(lines)
 
 
+def geomean(xs):
+    xs = [x for x in xs if x is not None and x > 0 and math.isfinite(x)]
+    if not xs:
+        return None
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def ratio_entries(report, key="ratio"):
+    """(row name, kind, nominal mean L, ratio) of every result with a --compare ratio under key
+    ('ratio': graph timing; 'eager_ratio': eager wall time)."""
+    pairs = result_pairs(report)
+    kernels = {res.get("kernel") for _, res in pairs}
+    out = []
+    for case, res in pairs:
+        r = (res.get("compare") or {}).get(key)
+        if r is None:
+            continue
+        name = case["name"] + (f" [{res.get('kernel')}]" if len(kernels) > 1 else "")
+        mean_L = case.get("nominal_mean_L")
+        if mean_L is None:
+            mean_L = case.get("target_mean_L") or case.get("mean_L")
+        out.append(dict(name=name, kind=case.get("kind", "custom"), mean_L=mean_L, ratio=r))
+    return out
+
+
+def _group_stats(entries):
+    rs = [e["ratio"] for e in entries]
+    low = min(entries, key=lambda e: e["ratio"]) if entries else None
+    return dict(n=len(rs), n_at_least_1=sum(1 for r in rs if r >= 1.0), geomean=geomean(rs),
+                min=low["ratio"] if low else None, min_row=low["name"] if low else None)
+
+
+def summarize_ratios(entries, short_L=1024):
+    """Rows >= 1.00x, geomean of all rows and of rows with mean L <= short_L, the smallest
+    ratio, and the same per kind (KINDS order first)."""
+    out = _group_stats(entries)
+    short = [e for e in entries if e["mean_L"] is not None and e["mean_L"] <= short_L]
+    out["short_L"] = short_L
+    out["n_short"] = len(short)
+    out["geomean_short"] = geomean([e["ratio"] for e in short])
+    kinds = [k for k in KINDS if any(e["kind"] == k for e in entries)]
+    kinds += sorted({e["kind"] for e in entries} - set(kinds))
+    out["by_kind"] = {k: _group_stats([e for e in entries if e["kind"] == k]) for k in kinds}
+    return out
+
+
+def format_ratio_summary(summ, title):
+    if not summ or not summ.get("n"):
+        return [f"{title}: no rows"]
+    lines = [f"{title}: {summ['n']} rows, {summ['n_at_least_1']} at >= 1.00x, geomean "
+             f"{fmt_ratio(summ['geomean'])}, mean L <= {summ['short_L']}: "
+             f"{fmt_ratio(summ['geomean_short'])} ({summ['n_short']} rows), min "
+             f"{fmt_ratio(summ['min'])} ({summ['min_row']})"]
+    for kind, g in summ["by_kind"].items():
+        lines.append(f"  {kind:<10} {g['n']:3d} rows, {g['n_at_least_1']:3d} at >= 1.00x, geomean "
+                     f"{fmt_ratio(g['geomean'])}, min {fmt_ratio(g['min'])} ({g['min_row']})")
+    return lines
+
+
+def compare_summary(report):
+    """Summaries of the graph and eager ratios and of the output agreement (dict with 'lines')."""
+    label = (report.get("compare") or {}).get("label", "the compared module")
+    pairs = result_pairs(report)
+    cmps = [(case, res.get("compare")) for case, res in pairs if res.get("compare")]
+    out = dict(graph=summarize_ratios(ratio_entries(report, "ratio")))
+    lines = format_ratio_summary(out["graph"], f"vs {label}, CUDA graph, t_theirs / t_ours")
+    eager = ratio_entries(report, "eager_ratio")
+    if eager:
+        out["eager"] = summarize_ratios(eager)
+        lines += format_ratio_summary(out["eager"], f"vs {label}, eager wall time per call")
+    checked = [(case, c) for case, c in cmps if c.get("agreement")]
+    differ = [case["name"] for case, c in checked if not c["agreement"].get("ok")]
+    failed = [case["name"] for case, c in cmps if c.get("error")]
+    out.update(n_checked=len(checked), differ=differ, their_errors=failed)
+    lines.append(f"outputs: {len(checked) - len(differ)} of {len(checked)} compared rows agree"
+                 + (f"; DIFFER: {', '.join(differ)}" if differ else "")
+                 + (f"; {len(failed)} rows where theirs failed: {', '.join(failed)}"
+                    if failed else ""))
+    out["lines"] = lines
+    return out
+
+
 def summary_line(report, json_path=None):
-    pairs = [res for case in report.get("cases", []) for res in case.get("results", [])]
+    pairs = [res for _, res in result_pairs(report)]
     bad = [r for r in pairs if r.get("error") or not (r.get("sanity") or {}).get("ok")]
     c = report.get("ceilings", {})
     cp, gm = c.get("copy") or {}, c.get("gemm") or {}
+    cmp = ""
+    summ = report.get("compare_summary") or {}
+    g = summ.get("graph") or {}
+    if g.get("n"):
+        cmp = (f"; vs {(report.get('compare') or {}).get('label', '?')}: {g['n_at_least_1']}/"
+               f"{g['n']} rows >= 1.00x, geomean {fmt_ratio(g['geomean'])}, min "
+               f"{fmt_ratio(g['min'])}, {len(summ.get('differ', []))} disagree")
     return (f"bench_decode: {len(report.get('cases', []))} cases x "
             f"{len(report.get('kernels', []))} kernels, {len(pairs) - len(bad)} ok, "
             f"{len(bad)} failed; copy {fmt_num(cp.get('gbps'), 0)} GB/s, GEMM "
-            f"{fmt_num(gm.get('tflops'), 0)} TFLOP/s"
+            f"{fmt_num(gm.get('tflops'), 0)} TFLOP/s" + cmp
             + (f"; json: {json_path}" if json_path else ""))
+
+
+def write_png(report, path):
+    """Bar chart of the --compare ratios (graph, and eager wall time when measured). Returns a
+    one-line message saying what was written or why nothing was."""
+    panels = [(t, e) for t, e in (
+        ("CUDA graph: t_theirs / t_ours", ratio_entries(report, "ratio")),
+        ("eager loop: wall time theirs / ours", ratio_entries(report, "eager_ratio"))) if e]
+    if not panels:
+        return "--png: no ratios to plot (it needs --compare and rows that ran)"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"--png skipped: matplotlib not importable ({exc})"
+    env = report.get("env") or {}
+    when = (env.get("time_utc") or datetime.datetime.now(datetime.timezone.utc)
+            .isoformat(timespec="seconds"))[:10]
+    label = (report.get("compare") or {}).get("label", "compared module")
+    n = max(len(e) for _, e in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 1.2 + 0.28 * n),
+                             squeeze=False)
+    for ax, (title, entries) in zip(axes[0], panels):
+        names = [e["name"] for e in entries][::-1]
+        ratios = [e["ratio"] for e in entries][::-1]
+        colors = ["tab:green" if r >= 1.0 else "tab:red" for r in ratios]
+        ax.barh(range(len(ratios)), ratios, color=colors, height=0.7)
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_yticks(range(len(ratios)))
+        ax.set_yticklabels(names, fontsize=7)
+        ax.set_ylim(-0.6, len(ratios) - 0.4)
+        hi = max(ratios + [1.0])
+        ax.set_xlim(0, hi * 1.15)
+        for y, r in enumerate(ratios):
+            ax.text(r + hi * 0.01, y, f"{r:.2f}", va="center", fontsize=6)
+        g = geomean(ratios)
+        ax.set_title(f"{title}\ngeomean {fmt_ratio(g)}, > 1: flash_mla faster", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"flash_mla vs {label} on {env.get('gpu_name', 'GPU ?')}, {when}", fontsize=10)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return f"--png: wrote {path} ({sum(len(e) for _, e in panels)} bars)"
 
 
 def _json_safe(x):
@@ -438,17 +925,30 @@ def write_json(path, report):
 
 
 def dry_run(args):
-    print(f"{len(args.cases)} cases, kernels: {', '.join(args.kernels)}, dtype {args.dtype}, "
-          f"seed {args.seed}")
+    print(f"{len(args.cases)} cases{f' (sweep {args.sweep})' if args.sweep else ''}, kernels: "
+          f"{', '.join(args.kernels)}, dtype {args.dtype}, seed {args.seed}")
     rows = []
     for c in args.cases:
         rows.append([c.name, c.b, c.s_q, c.h_q, c.h_kv, int(c.causal), f"{c.mean_L:.1f}",
                      min(c.lens), max(c.lens), f"{c.flops / 1e9:.2f}", f"{c.bytes / 1e6:.1f}",
                      fmt_ref(c.ref)])
     print(format_table(["case", "b", "s_q", "h_q", "h_kv", "causal", "mean L", "min L", "max L",
-                        "GFLOP", "MB", "spec ref (H200)"], rows, numeric=range(1, 11)))
+                        "GFLOP", "MB", "ref (H200)"], rows))
     for c in args.cases:
         print(f"lengths[{c.name}]: {c.lens}")
+    kinds = {}
+    for c in args.cases:
+        kinds[c.kind] = kinds.get(c.kind, 0) + 1
+    n_rows = len(args.cases) * len(args.kernels)
+    calls = args.calls_per_graph or 20
+    replays = args.warmup + args.reps + (4 if args.burst else 0)
+    print(f"estimate: {n_rows} rows ({len(args.cases)} cases x {len(args.kernels)} kernels; "
+          + ", ".join(f"{k} {v}" for k, v in kinds.items()) + f"), {capture_count(args)} "
+          f"CUDA-graph captures of at most {calls} calls, {replays} replays each"
+          + (f" (x replays per round, interleaved with {args.compare})" if args.compare else "")
+          + (f"; eager loop of {args.eager_calls} calls per row and module" if args.eager else ""))
+    if args.compare:
+        print(f"compare: {args.compare} (imported only when run on a GPU)")
     return 0
 
 
@@ -603,7 +1103,7 @@ class Inputs:
             order = torch.randperm(num_pages, generator=gen_cpu).tolist()
         else:
             order = list(range(num_pages))
-        # Columns past ceil(L/64) hold junk, as the spec allows: valid page ids, not ours.
+        # Columns past ceil(L/64) hold junk, as the API allows: valid page ids, not ours.
         table = torch.randint(0, num_pages, (b, width), generator=gen_cpu, dtype=torch.int32)
         tail = []  # flat token slots past L in each request's last page
         off = 0
@@ -721,7 +1221,137 @@ def sanity(torch, case, inp, out, lse, set_idx, spot, scale):
     return info
 
 
-def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler):
+def _sync_quietly(torch):
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - a sticky CUDA error; later steps report it
+        pass
+
+
+def capture_graph(torch, call, n_calls, n_sets):
+    """One CUDA graph of call(0) .. call(n_calls - 1); returns (graph, outputs of the last call).
+    Each input set is first run once on a side stream (lazy initialisation must not happen
+    during the capture), then torch.cuda.graph captures the calls on its own capture stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for j in range(min(n_sets, n_calls)):
+            call(j)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    last = None
+    with torch.cuda.graph(graph):
+        for j in range(n_calls):
+            last = call(j)
+    torch.cuda.synchronize()
+    return graph, last
+
+
+def time_interleaved(torch, replays, rounds, warmup, per_round):
+    """replays: one callable per module (a graph's replay). Each round times, for each module in
+    turn, per_round back-to-back calls between two events on the current stream. Returns one
+    list of round times in ms per module."""
+    for _ in range(warmup):
+        for fn in replays:
+            fn()
+    torch.cuda.synchronize()
+    evs = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(rounds)] for _ in replays]
+    for r in range(rounds):
+        for fn, ev in zip(replays, evs):
+            ev[r][0].record()
+            for _ in range(per_round):
+                fn()
+            ev[r][1].record()
+    torch.cuda.synchronize()
+    return [[s.elapsed_time(e) for s, e in ev] for ev in evs]
+
+
+def eager_loop(torch, fn, n, warm=3):
+    """n back-to-back calls of fn() from Python, no graph. wall_us: elapsed time / n between two
+    synchronisations; host_us: median CPU time of one call (perf_counter around it alone). n is
+    at most 200, a few launches each: the launch queue does not fill, so the host never waits on
+    the GPU inside a call."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    host = []
+    t_start = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t_start) / n
+    return dict(calls=n, wall_us=wall * 1e6, host_us=_median(host) * 1e6,
+                host_us_min=min(host) * 1e6, host_us_p90=_pct(host, 0.9) * 1e6)
+
+
+def agreement(torch, out, lse, t_out, t_lse, out_rel=2e-2, lse_atol=1e-2):
+    """Do two implementations' outputs on the same inputs agree? out: max |difference| within
+    out_rel * max |out| where both are finite; lse: max |difference| within lse_atol where both
+    are finite; and the same entries finite in both."""
+    problems = []
+    if tuple(t_out.shape) != tuple(out.shape) or tuple(t_lse.shape) != tuple(lse.shape):
+        return dict(ok=False, problems=[f"shapes theirs out {tuple(t_out.shape)} lse "
+                                        f"{tuple(t_lse.shape)}, ours {tuple(out.shape)} "
+                                        f"{tuple(lse.shape)}"])
+    info = {}
+    for name, a, b in (("out", out, t_out), ("lse", lse, t_lse)):
+        a, b = a.float(), b.float()
+        fa, fb = torch.isfinite(a), torch.isfinite(b)
+        both = fa & fb
+        info[f"{name}_nonfinite_mismatch"] = int((fa != fb).sum())
+        info[f"{name}_max_abs_diff"] = float((a - b)[both].abs().max()) if bool(both.any()) else 0.0
+        info[f"{name}_max_abs"] = float(a[fa].abs().max()) if bool(fa.any()) else 0.0
+        if info[f"{name}_nonfinite_mismatch"]:
+            problems.append(f"{name}: {info[f'{name}_nonfinite_mismatch']} entries finite in "
+                            "one only")
+    out_tol = out_rel * max(info["out_max_abs"], 1e-6)
+    info.update(out_tol=out_tol, lse_tol=lse_atol)
+    if not info["out_max_abs_diff"] <= out_tol:
+        problems.append(f"out max diff {info['out_max_abs_diff']:.2e} > {out_tol:.2e}")
+    if not info["lse_max_abs_diff"] <= lse_atol:
+        problems.append(f"lse max diff {info['lse_max_abs_diff']:.2e} > {lse_atol:.0e}")
+    info["ok"] = not problems
+    info["problems"] = problems
+    return info
+
+
+class Compared:
+    """The --compare module on one case at a time: the same input tensors as ours, its own
+    metadata (computed once per case, reused by every call, as ours)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.label = module_label(module)
+        self.seqlen_q = takes_keyword(module.get_mla_metadata, "seqlen_q")
+        self.case = self.inp = self.meta = self.splits = None
+        self.error = None
+
+    def prepare(self, torch, case, inp):
+        self.case, self.inp, self.meta, self.splits, self.error = case, inp, None, None, None
+        try:
+            kw = {"seqlen_q": case.s_q} if self.seqlen_q else {}
+            self.meta, self.splits = self.module.get_mla_metadata(
+                inp.cache_seqlens, case.s_q * case.h_q // case.h_kv, case.h_kv, **kw)
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            self.error = f"get_mla_metadata: {type(exc).__name__}: {exc}"
+            _sync_quietly(torch)
+
+    def call(self, j):
+        inp, s = self.inp, j % self.inp.n_sets
+        return self.module.flash_mla_with_kvcache(inp.qs[s], inp.ks[s], inp.block_table,
+                                                  inp.cache_seqlens, DV, self.meta, self.splits,
+                                                  causal=self.case.causal)
+
+    def release(self):
+        self.case = self.inp = self.meta = self.splits = None
+
+
+def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler, other=None):
     res = dict(kernel=kernel)
     try:
         res["kernel_name"] = fm.kernel_for_device(inp.block_table.device, kernel)
@@ -735,11 +1365,30 @@ def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler):
         return fm.flash_mla_with_kvcache(inp.qs[s], inp.ks[s], inp.block_table, inp.cache_seqlens,
                                          DV, meta, splits, causal=case.causal, **kw)
 
-    # Eager call: argument errors surface here, before any capture; then the sanity check.
+    # Eager call: argument errors surface here, before any capture; then the sanity check and,
+    # with --compare, the other module's call on the same inputs (which also plans its
+    # schedule where it plans on first use).
     out, lse = call(0)
     torch.cuda.synchronize()
     res["sanity"] = sanity(torch, case, inp, out, lse, 0, not args.no_spot_check, scale)
+    cmp = None
+    if other is not None:
+        cmp = res["compare"] = dict(module=other.label)
+        if other.error:
+            cmp["error"] = other.error
+        else:
+            try:
+                t_out, t_lse = other.call(0)
+                torch.cuda.synchronize()
+                cmp["agreement"] = agreement(torch, out, lse, t_out, t_lse)
+                del t_out, t_lse
+            except Exception as exc:  # noqa: BLE001 - theirs failing is reported, ours goes on
+                cmp["error"] = f"call: {type(exc).__name__}: {exc}"
+                _sync_quietly(torch)
     del out, lse
+
+    def theirs_ok():
+        return cmp is not None and not cmp.get("error")
 
     eager = time_events(torch, lambda: call(0), 5, 2)
     res["eager_ms"] = _median(eager)
@@ -747,21 +1396,50 @@ def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler):
                                                                            1e-3))))
     res["calls_per_graph"] = n_calls
     res["n_sets"] = inp.n_sets
+    if args.eager:
+        res["eager"] = eager_loop(torch, lambda: call(0), args.eager_calls)
+        if theirs_ok():
+            try:
+                cmp["eager"] = eager_loop(torch, lambda: other.call(0), args.eager_calls)
+                cmp["eager_ratio"] = cmp["eager"]["wall_us"] / res["eager"]["wall_us"]
+                cmp["host_ratio"] = cmp["eager"]["host_us"] / res["eager"]["host_us"]
+            except Exception as exc:  # noqa: BLE001
+                cmp["error"] = f"eager loop: {type(exc).__name__}: {exc}"
+                _sync_quietly(torch)
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for j in range(n_calls):
-                g_out, g_lse = call(j)
+        graph, (g_out, g_lse) = capture_graph(torch, call, n_calls, inp.n_sets)
+        their_graph = None
+        if theirs_ok():
+            try:
+                their_graph, _ = capture_graph(torch, other.call, n_calls, inp.n_sets)
+            except Exception as exc:  # noqa: BLE001
+                cmp["error"] = f"graph capture: {type(exc).__name__}: {exc}"
+                _sync_quietly(torch)
         # Burst: the first replays after --cool seconds of idle GPU, below the board's power limit.
-        if args.cool > 0:
-            torch.cuda.synchronize()
-            time.sleep(args.cool)
-        res["burst_ms"] = _median(time_events(torch, graph.replay, 3, 1)) / n_calls
+        if args.burst:
+            if args.cool > 0:
+                torch.cuda.synchronize()
+                time.sleep(args.cool)
+            res["burst_ms"] = _median(time_events(torch, graph.replay, 3, 1)) / n_calls
+        graphs = [graph] + ([their_graph] if their_graph is not None else [])
+        per_round = 1
+        if their_graph is not None:
+            replay_ms = max(res["eager_ms"] * n_calls, 1e-3)
+            per_round = args.replays_per_round or max(1, min(8, math.ceil(1.0 / replay_ms)))
         t0 = time.perf_counter()
-        times = time_events(torch, graph.replay, args.reps, args.warmup)
+        times = time_interleaved(torch, [g.replay for g in graphs], args.reps, args.warmup,
+                                 per_round)
         res["clock"] = sampler.window(t0, time.perf_counter())
-        per_call = [t / n_calls for t in times]
+        per_call = [t / (per_round * n_calls) for t in times[0]]
         res["timing"] = "graph"
+        res["replays_per_round"] = per_round
+        if their_graph is not None:
+            theirs = [t / (per_round * n_calls) for t in times[1]]
+            cmp.update(ms=_median(theirs), ms_min=min(theirs), ms_p10=_pct(theirs, 0.1),
+                       ms_p90=_pct(theirs, 0.9), rounds=len(theirs), replays_per_round=per_round,
+                       calls_per_graph=n_calls)
+            cmp["ratio"] = cmp["ms"] / _median(per_call)
+            cmp["ratio_paired_median"] = _median([t / o for t, o in zip(theirs, per_call)])
         # The graph's last outputs: finite where expected after replay too.
         vis = visible_mask(torch, case, g_out.device)
         bad = int((~torch.isfinite(g_out) & vis[:, :, None, None]).sum()) + \
@@ -769,7 +1447,7 @@ def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler):
         if bad:
             res["sanity"]["ok"] = False
             res["sanity"]["problems"].append(f"graph replay: {bad} non-finite")
-        del graph, g_out, g_lse
+        del graph, their_graph, graphs, g_out, g_lse
     except Exception as exc:  # noqa: BLE001 - capture failing is itself a finding
         res["graph_error"] = f"{type(exc).__name__}: {exc}"
         res["timing"] = "eager"
@@ -777,6 +1455,8 @@ def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler):
         per_call = time_events(torch, lambda: call(0), args.reps, args.warmup)
         res["sanity"]["ok"] = False
         res["sanity"]["problems"].append("CUDA-graph capture failed")
+        if cmp is not None and "ms" not in cmp and not cmp.get("error"):
+            cmp["error"] = "not timed: our CUDA-graph capture failed"
     ms = _median(per_call)
     res.update(ms=ms, ms_min=min(per_call), ms_p10=_pct(per_call, 0.1),
                ms_p90=_pct(per_call, 0.9), reps=len(per_call),
@@ -788,6 +1468,34 @@ def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler):
     if case.ref:
         res["ref_over_ours"] = case.ref["ms"] / ms
     return res
+
+
+def row_failed(res):
+    """Ours failed, its sanity check failed, or the compared module disagreed with it."""
+    if res.get("error") or not (res.get("sanity") or {}).get("ok"):
+        return True
+    a = (res.get("compare") or {}).get("agreement")
+    return bool(a) and not a.get("ok")
+
+
+def progress_line(case, res):
+    r = res
+    cmp = r.get("compare") or {}
+    theirs = ""
+    if cmp:
+        theirs = (f"; theirs {fmt_time(cmp.get('ms'))}, ratio {fmt_ratio(cmp.get('ratio'))}, "
+                  f"{agree_label(cmp)}")
+    eager = ""
+    if r.get("eager"):
+        eager = (f"; eager wall {fmt_us(r['eager'].get('wall_us'))} host "
+                 f"{fmt_us(r['eager'].get('host_us'))}")
+        if cmp.get("eager"):
+            eager += (f" (theirs {fmt_us(cmp['eager'].get('wall_us'))} / "
+                      f"{fmt_us(cmp['eager'].get('host_us'))})")
+    return (f"  {case.name} [{r['kernel']}]: {fmt_time(r.get('ms'))} (fastest "
+            f"{fmt_time(r.get('ms_min'))}, burst {fmt_time(r.get('burst_ms'))}), "
+            f"{fmt_num(r.get('tflops'), 1)} TFLOP/s, {fmt_num(r.get('gbps'), 0)} GB/s, SM MHz "
+            f"{clock_label(r.get('clock'))}, {check_label(r)}{theirs}{eager}")
 
 
 def run_gpu(args):
@@ -808,13 +1516,18 @@ def run_gpu(args):
     report = dict(tool="benchmarks/bench_decode.py", env=env_info(torch, dev),
                   settings=dict(seed=args.seed, dtype=args.dtype, pages=args.pages, reps=args.reps,
                                 warmup=args.warmup, calls_per_graph=args.calls_per_graph or "auto",
-                                cool_s=args.cool,
+                                cool_s=args.cool, quick=args.quick, burst=args.burst,
+                                sweep=args.sweep, eager=args.eager, eager_calls=args.eager_calls,
+                                replays_per_round=args.replays_per_round or "auto",
                                 max_sets=args.max_sets, l2_factor=args.l2_factor, d=D, dv=DV,
                                 page_block_size=PAGE),
                   formulas=dict(flops="b*h_q*s_q*mean_L*2*(d+dv)",
                                 bytes="b*(mean_L*h_kv*d + s_q*h_q*(d+dv))*2",
-                                time="median over graph replays of (replay time / calls per graph)"),
-                  spec_ref_note=SPEC_REF_NOTE, kernels=args.kernels, ceilings={}, cases=[])
+                                time="median over graph replays of (replay time / calls per graph)",
+                                ratio="t_theirs / t_ours, medians over interleaved rounds",
+                                eager="wall: elapsed / calls between two synchronisations; host: "
+                                      "median perf_counter time around one call"),
+                  ref_note=REF_NOTE, kernels=args.kernels, ceilings={}, cases=[])
     fm = None
     try:
         import flash_mla as fm  # noqa: F811
@@ -830,6 +1543,20 @@ def run_gpu(args):
         report["env"]["flash_mla"] = None
         report["flash_mla_import_error"] = f"{type(exc).__name__}: {exc}"
         print(f"bench_decode: import flash_mla failed: {exc}", file=sys.stderr)
+    other = None
+    if args.compare:
+        try:
+            other = Compared(load_compare_module(args.compare))
+        except Exception as exc:  # noqa: BLE001 - a usage error: nothing measured yet
+            print(f"bench_decode: --compare: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        mod = other.module
+        report["compare"] = dict(arg=args.compare, label=other.label, module=mod.__name__,
+                                 file=getattr(mod, "__file__", None),
+                                 version=getattr(mod, "__version__", None),
+                                 metadata_seqlen_q=other.seqlen_q)
+        print(f"compare: {other.label} from {getattr(mod, '__file__', '?')}"
+              + (" (get_mla_metadata given seqlen_q)" if other.seqlen_q else ""), flush=True)
     write_json(args.json, report)
 
     ceil = report["ceilings"]
@@ -869,26 +1596,23 @@ def run_gpu(args):
             setup_err = None
         except Exception as exc:  # noqa: BLE001
             setup_err = f"setup: {type(exc).__name__}: {exc}"
+        if other is not None and setup_err is None:
+            other.prepare(torch, case, inp)
         for kernel in args.kernels:
             if setup_err:
                 entry["results"].append(dict(kernel=kernel, error=setup_err))
                 continue
             try:
-                res = run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler)
+                res = run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler,
+                                 other)
             except Exception as exc:  # noqa: BLE001
                 res = dict(kernel=kernel, error=f"{type(exc).__name__}: {exc}")
-                try:
-                    torch.cuda.synchronize()
-                except Exception:  # noqa: BLE001 - a sticky CUDA error; later cases report it
-                    pass
+                _sync_quietly(torch)
             entry["results"].append(res)
-            r = res
-            print(f"  {case.name} [{kernel}]: {fmt_time(r.get('ms'))} (fastest replay "
-                  f"{fmt_time(r.get('ms_min'))}, burst {fmt_time(r.get('burst_ms'))}), "
-                  f"{fmt_num(r.get('tflops'), 1)} TFLOP/s, "
-                  f"{fmt_num(r.get('gbps'), 0)} GB/s, SM MHz {clock_label(r.get('clock'))}, "
-                  f"{check_label(r)}", flush=True)
+            print(progress_line(case, res), flush=True)
         entry["wall_s"] = time.perf_counter() - t0
+        if other is not None:
+            other.release()
         del inp, meta, splits
         try:
             torch.cuda.empty_cache()
@@ -897,14 +1621,19 @@ def run_gpu(args):
         write_json(args.json, report)
 
     sampler.close()
+    if other is not None:
+        report["compare_summary"] = compare_summary(report)
     print()
     print(format_report(report))
+    if args.png:
+        msg = write_png(report, args.png)
+        report["png"] = msg
+        print(msg)
     line = summary_line(report, args.json)
     report["summary"] = line
     write_json(args.json, report)
     print(line)
-    pairs = [r for c in report["cases"] for r in c["results"]]
-    failed = any(r.get("error") or not (r.get("sanity") or {}).get("ok") for r in pairs)
+    failed = any(row_failed(r) for _, r in result_pairs(report))
     return 1 if failed or fm is None else 0
 
 
