@@ -174,11 +174,13 @@ inline DeviceInfo query_device(int device) {
   if (info.error == cudaSuccess) {
     info.error = cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
-  // The sm90 kernel exists only where this binary holds sm_90a code (its stub reports less).
+  // The sm90 kernel exists only where this binary holds sm_90a code (its stub reports less). A
+  // stub JIT-compiled from the compute_80 PTX for an sm_90 GPU (CUDA_FORCE_PTX_JIT=1, or a build
+  // without 90a) also reports binaryVersion 90, but ptxVersion 80.
   cudaFuncAttributes attr{};
   info.sm90_built = info.error == cudaSuccess &&
                     cudaFuncGetAttributes(&attr, sm90::decode_kernel<__nv_bfloat16>) == cudaSuccess &&
-                    attr.binaryVersion == 90;
+                    attr.binaryVersion == 90 && attr.ptxVersion >= 90;
   cudaGetLastError();  // a failed query must not leak into the launch check
   return info;
 }
