@@ -7,7 +7,7 @@
 //
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -Iinclude -I$CUTLASS/include benchmarks/cpp/bench_sm90.cu -o bench_sm90 [-DMACRO=V ...]
-//   ./bench_sm90 [--reps N] [--cases c1,c2,c3,c4,m1,m2,imb,c5] [--trace] [--pool PAGES] [--parts N] [--check]
+//   ./bench_sm90 [--reps N] [--cases c1,c2,c3,c4,m1,m2,imb,c5,s1,...,s6] [--trace] [--pool PAGES] [--parts N] [--check]
 //   (scripts/build_cpp_bench.sh builds one binary per variant.)
 //
 // --trace needs a build with -DFLASH_MLA_SM90_TRACE (include/flash_mla/sm90/trace.cuh): after
@@ -67,6 +67,10 @@ std::vector<Case> all_cases() {
       {"m1", 128, 1, 16, 8192, false, {}},   {"m2", 128, 1, 32, 16384, false, {}},
       {"imb", 4, 4, 16, 0, true, {4641, 45118, 1730, 1696}},
       {"c5", 128, 1, 64, 8192, true, {}},  // c1 with one m-block: no page shared by two CTAs
+      // Short contexts, where the fixed costs of a segment dominate.
+      {"s1", 128, 1, 128, 256, false, {}},  {"s2", 128, 1, 128, 1024, false, {}},
+      {"s3", 128, 2, 128, 1024, true, {}},  {"s4", 128, 1, 16, 1024, false, {}},
+      {"s5", 32, 1, 128, 1024, false, {}},  {"s6", 128, 1, 128, 2048, false, {}},
   };
 }
 
@@ -212,6 +216,7 @@ double copy_ceiling_gbs() {
 }
 
 [[maybe_unused]] void print_trace();
+[[maybe_unused]] void print_segment_trace();
 [[maybe_unused]] void print_cta_times(const Case& c, const Inputs& in, const std::vector<int>& lens);
 
 /// out and lse of one call of `kernel` on `in`, copied to the host.
@@ -302,7 +307,15 @@ void run_case(const Case& c, int reps, bool trace, double copy_gbs, int pool, in
     CUDA_OK(cudaMemcpyToSymbol(flash_mla::sm90::trace_mblock_ns, mb_zeros.data(), mb_zeros.size() * sizeof(unsigned long long)));
     FLASH_MLA_OK(flash_mla::mla_decode(inputs[0]->p));
     CUDA_OK(cudaDeviceSynchronize());
+    {
+      std::vector<long long> seg_zeros(size_t(flash_mla::sm90::kTraceSegCtas) * flash_mla::sm90::kTraceSegments *
+                                       flash_mla::sm90::kSegEvents, 0);
+      CUDA_OK(cudaMemcpyToSymbol(flash_mla::sm90::trace_seg_clock, seg_zeros.data(), seg_zeros.size() * sizeof(long long)));
+    }
+    FLASH_MLA_OK(flash_mla::mla_decode(inputs[0]->p));
+    CUDA_OK(cudaDeviceSynchronize());
     print_trace();
+    print_segment_trace();
     print_cta_times(c, *inputs[0], lens);
 #else
     std::printf("--trace: this binary was built without -DFLASH_MLA_SM90_TRACE\n");
@@ -377,6 +390,32 @@ void print_trace() {
 /// at its end (the plan's imbalance plus the last pairs' drain); and a least-squares fit of each
 /// CTA's end time to its work (page pairs and segments, from the metadata), whose ratio is what
 /// a segment really costs in pages (the plan charges kSegmentFixedCost).
+/// Median clocks of each phase of a segment over the stamped CTAs and segments (first segment of a
+/// CTA apart: its loads are not overlapped with a previous segment).
+void print_segment_trace() {
+  using namespace flash_mla::sm90;
+  std::vector<long long> t(size_t(kTraceSegCtas) * kTraceSegments * kSegEvents);
+  CUDA_OK(cudaMemcpyFromSymbol(t.data(), trace_seg_clock, t.size() * sizeof(long long)));
+  static const char* names[kSegEvents] = {"top -> loads ready", "ready -> first S done", "first S -> pairs done",
+                                          "pairs done -> sums", "sums -> stores issued"};
+  const auto at = [&](int cta, int seg, int ev) { return t[(size_t(cta) * kTraceSegments + seg) * kSegEvents + ev]; };
+  for (int first = 1; first >= 0; --first) {
+    std::printf("segment phases (%s segment of a CTA), median clk over CTAs (x=y=0, z<%d):\n",
+                first ? "first" : "later", kTraceSegCtas);
+    for (int ev = 0; ev + 1 < kSegEvents; ++ev) {
+      std::vector<double> d;
+      for (int cta = 0; cta < kTraceSegCtas; ++cta) {
+        for (int seg = first ? 0 : 1; seg < (first ? 1 : kTraceSegments); ++seg) {
+          const long long a = at(cta, seg, ev), b = at(cta, seg, ev + 1);
+          if (a && b && at(cta, seg, kSegReady)) d.push_back(double(b - a));
+        }
+      }
+      std::printf("  %-26s %8.0f  (p90 %.0f, n %zu)\n", names[ev], d.empty() ? -1.0 : median(d),
+                  d.empty() ? -1.0 : [&] { auto e = d; std::sort(e.begin(), e.end()); return e[e.size() * 9 / 10]; }(), d.size());
+    }
+  }
+}
+
 void print_cta_times(const Case& c, const Inputs& in, const std::vector<int>& lens) {
   using namespace flash_mla::sm90;
   std::vector<unsigned long long> t(size_t(kTraceCtas) * 2);
@@ -447,6 +486,7 @@ void print_cta_times(const Case& c, const Inputs& in, const std::vector<int>& le
 }
 #else
 void print_trace() {}
+void print_segment_trace() {}
 void print_cta_times(const Case&, const Inputs&, const std::vector<int>&) {}
 #endif
 

@@ -6,11 +6,11 @@
 
 #include <cuda.h>
 
-#include "../common/epilogue.cuh"
 #include "../common/q_chunk.cuh"
 #include "../common/segment.cuh"
 #include "../params.hpp"
 #include "../sm80/ptx.cuh"
+#include "epilogue.cuh"
 #include "mainloop.cuh"
 #include "tma.hpp"
 #include "traits.hpp"
@@ -18,23 +18,38 @@
 
 namespace flash_mla::sm90 {
 
-/// All threads copy the Q tile of (request, KV head, m-block) into the swizzled layout.
+/// All threads start copying the Q tile of (request, KV head, m-block) into the swizzled layout
+/// (cp.async, one commit group; the caller waits with cp_async_wait_all before Q is read).
 template <typename Element>
-__device__ __forceinline__ void load_q(uint8_t* sq, const DecodeParams& p, const RowMap& rows_map, int req, int row0,
-                                       bool q_vec16) {
+__device__ __forceinline__ void start_q_load(uint8_t* sq, const DecodeParams& p, const RowMap& rows_map, int req,
+                                             int row0, bool q_vec16) {
   constexpr int kChunks = kHeadDim / 8;
   for (int idx = threadIdx.x; idx < Traits::kBlockM * kChunks; idx += Traits::kThreads) {
     const int row = idx / kChunks, col = (idx % kChunks) * 8;
     copy_q_chunk(reinterpret_cast<Element*>(sq + Traits::offset(row, col)), p, rows_map, req, row0 + row, col, q_vec16);
   }
   sm80::cp_async_commit();
-  sm80::cp_async_wait_all();
 }
 
 /// Physical page of the segment's `block`-th page; -1 (a zero page) past the segment.
 __device__ __forceinline__ int segment_page(const DecodeParams& p, const Segment& seg, int req, int block) {
   const int logical = seg.n_lo / kPageSize + block;
   return block < seg.n_tiles && logical < p.max_blocks_per_seq ? p.block_table[req * p.block_table_stride + logical] : -1;
+}
+
+/// Starts every load a segment needs before its first S: its first two pages (TMA, issued by
+/// thread 0) and its Q tile (cp.async by all threads). Called when Q and both KV buffers are free:
+/// at the end of the previous segment, so that the loads overlap its epilogue, or at the start of
+/// the CTA's first segment.
+template <typename Element>
+__device__ __forceinline__ void start_segment_loads(SharedStorage& smem, const DecodeParams& p, const RowMap& rows_map,
+                                                    const KvSource& src, const Segment& seg, int req, int row0,
+                                                    bool q_vec16) {
+  if (threadIdx.x == 0) {
+    src.load<0, Traits::kColBlocks>(smem.kv[0], smem.kv_bar[0], segment_page(p, seg, req, 0));
+    src.load<0, Traits::kColBlocks>(smem.kv[1], smem.kv_bar[1], segment_page(p, seg, req, 1));
+  }
+  start_q_load<Element>(smem.q, p, rows_map, req, row0, q_vec16);
 }
 
 template <typename Element>
@@ -76,6 +91,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   uint32_t phase = 0;       // of this warpgroup's KV buffer barriers
   uint32_t pairs_done = 0;  // page pairs of all segments so far: the hand-offs' phase parity
 
+  bool loads_started = false;  // the segment's first pages and Q were requested by the previous one
   for (int req = first_req; req <= last_req; ++req) {
     const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
 #pragma unroll
@@ -87,16 +103,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int j = 0; j < Traits::kOTiles; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
     st.sum[0] = st.sum[1] = 0.f;
 
+    const int seg_slot = req - first_req;
+    trace_segment(seg_slot, kSegTop);
     __syncthreads();  // the previous segment is done with Q, the KV buffers and the row statistics
     if (seg.n_tiles > 0) {
-      if (threadIdx.x == 0) {
-        src.load<0, Traits::kColBlocks>(smem.kv[0], smem.kv_bar[0], segment_page(p, seg, req, 0));
-        src.load<0, Traits::kColBlocks>(smem.kv[1], smem.kv_bar[1], segment_page(p, seg, req, 1));
-      }
+      if (!loads_started) start_segment_loads<Element>(smem, p, rows_map, src, seg, req, row0, q_vec16);
       if (threadIdx.x < Traits::kBlockM) smem.row_max[threadIdx.x] = -INFINITY;
-      load_q<Element>(smem.q, p, rows_map, req, row0, q_vec16);
+      sm80::cp_async_wait_all();
       fence_to_async_proxy();
       __syncthreads();
+      trace_segment(seg_slot, kSegReady);
 
       // S of the first pair: each warpgroup its own page.
       uint8_t* kv = smem.kv[warpgroup];
@@ -108,6 +124,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cute::warpgroup_wait<0>();
       fence_accumulators(st.s);
       phase ^= 1;
+      trace_segment(seg_slot, kSegFirstS);
 
       const int n_pairs = (seg.n_tiles + 1) / 2;
       const auto pair_info = [&](int pair_idx) {
@@ -148,6 +165,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         odd_warpgroup_pair<Element, false, true>(smem, st, pair_info(n_pairs - 1), src, scale_log2, phase);
       }
       pairs_done += n_pairs;
+      trace_segment(seg_slot, kSegPairsDone);
     }
 
     // Full row sums: reduce over the quad, then add the other warpgroup's share.
@@ -164,10 +182,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       row_sum[i] = smem.row_sum[0][st.row + 8 * i] + smem.row_sum[1][st.row + 8 * i];
       row_max[i] = seg.n_tiles > 0 ? smem.row_max[st.row + 8 * i] : -INFINITY;
     }
+    trace_segment(seg_slot, kSegSummed);
+    // Every wgmma of the segment has completed: Q and both KV buffers are free. The next segment's
+    // Q starts loading now; each warpgroup stages its O in its own KV buffer and, once the copy
+    // engine has read it, requests its page of the next segment. The stores drain meanwhile.
+    Segment next{};
+    const bool next_loads = req < last_req && (next = Segment::of<Traits::kBlockN>(p, meta, req + 1)).n_tiles > 0;
+    if (next_loads) start_q_load<Element>(smem.q, p, rows_map, req + 1, row0, q_vec16);
     const int split = req == meta[0] ? meta[4] : 0;
-    store_segment<Traits::kOTiles, Element>(p, rows_map, req, split, row0 + st.row, warpgroup * Traits::kDvPerWarpgroup,
-                                            st.o, row_max, row_sum);
+    store_segment_async<Element>(smem.kv[warpgroup], p, rows_map, req, split, row0, st.row,
+                                 warpgroup * Traits::kDvPerWarpgroup, st.o, row_max, row_sum,
+                                 warpgroup == 0 ? kWarpgroup0 : kWarpgroup1);
+    if (next_loads && threadIdx.x % Traits::kWarpgroupThreads == 0) {
+      src.load<0, Traits::kColBlocks>(smem.kv[warpgroup], smem.kv_bar[warpgroup], segment_page(p, next, req + 1, warpgroup));
+    }
+    loads_started = next_loads;
+    trace_segment(seg_slot, kSegStored);
   }
+  bulk_wait_all();  // the output rows this thread handed to the copy engine are written
   trace_cta(true);
 #endif
 }

@@ -24,7 +24,21 @@ enum TraceEvent : int {
   kTraceEvents
 };
 
+/// Events of one request segment, stamped by thread 0 (see kernel.cuh): where a segment's fixed
+/// cost goes.
+enum TraceSegmentEvent : int {
+  kSegTop = 0,     // loop top, before the barrier that ends the previous segment's use of shared memory
+  kSegReady,       // Q and the first pages' loads waited for (cp.async) and the barrier passed
+  kSegFirstS,      // S of the first pair done
+  kSegPairsDone,   // every pair of the segment done
+  kSegSummed,      // row sums exchanged (barrier passed)
+  kSegStored,      // output (final or partial) stores issued
+  kSegEvents
+};
+
 constexpr int kTracePairs = 96;
+constexpr int kTraceSegCtas = 64;   // CTAs (x = y = 0, z < this) whose segments are stamped
+constexpr int kTraceSegments = 8;   // segments stamped per CTA
 constexpr int kTraceCtas = 2048;  // CTAs whose start and end times (globaltimer, ns) are kept
 
 #ifdef FLASH_MLA_SM90_TRACE
@@ -46,6 +60,15 @@ __device__ __forceinline__ void trace(int slot, TraceEvent event) {
     trace_mblock_ns[blockIdx.x][slot] = ns;
   }
 }
+__device__ long long trace_seg_clock[kTraceSegCtas][kTraceSegments][kSegEvents];
+
+__device__ __forceinline__ void trace_segment(int segment, TraceSegmentEvent event) {
+  const long long now = clock64();
+  if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z < kTraceSegCtas && threadIdx.x == 0 && segment < kTraceSegments) {
+    trace_seg_clock[blockIdx.z][segment][event] = now;
+  }
+}
+
 __device__ unsigned long long trace_cta_ns[kTraceCtas][2];
 
 /// Thread 0 of every CTA stamps the global timer when the CTA starts (end = false) and ends: the
@@ -60,6 +83,7 @@ __device__ __forceinline__ void trace_cta(bool end) {
 }
 #else
 __device__ __forceinline__ void trace(int, TraceEvent) {}
+__device__ __forceinline__ void trace_segment(int, TraceSegmentEvent) {}
 __device__ __forceinline__ void trace_cta(bool) {}
 #endif
 
