@@ -1,4 +1,11 @@
-// nanobind module flash_mla._C: DLPack arrays in, one round of checks, params structs out.
+// nanobind module flash_mla._C: arrays in, one round of checks, params structs out.
+//
+// Two ways in, one set of checks:
+// * DLPack arrays of any framework (flash_mla.ops; `mla_decode`, `get_mla_metadata`, ...);
+// * torch tensors read directly (`torch_decode`, `torch_get_mla_metadata`, ...): shape, strides,
+//   dtype, device and data pointer are read from the tensor's attributes, which costs a fraction
+//   of a DLPack export. This is the eager path of flash_mla_with_kvcache; outputs are allocated
+//   through a Python callable (torch.empty, graph-pool aware) once every check has passed.
 //
 // Every check runs before any launch, shapes and dtypes before devices (so argument errors
 // are testable with CPU tensors). Errors name the argument: TypeError for a wrong type or
@@ -33,42 +40,154 @@ namespace {
 [[noreturn]] void type_error(const std::string& msg) { throw nb::type_error(msg.c_str()); }
 [[noreturn]] void value_error(const std::string& msg) { throw nb::value_error(msg.c_str()); }
 
-constexpr nb::dlpack::dtype kBF16{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
-constexpr nb::dlpack::dtype kFP16{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 16, 1};
-constexpr nb::dlpack::dtype kFP32{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 32, 1};
-constexpr nb::dlpack::dtype kI32{static_cast<uint8_t>(nb::dlpack::dtype_code::Int), 32, 1};
-constexpr nb::dlpack::dtype kI64{static_cast<uint8_t>(nb::dlpack::dtype_code::Int), 64, 1};
+// ---------------------------------------------------------------------------------------------
+// A checked view of one array argument, whatever framework it came from
+// ---------------------------------------------------------------------------------------------
 
-std::string dtype_name(nb::dlpack::dtype dt) {
-  if (dt == kBF16) return "bfloat16";
-  if (dt == kFP16) return "float16";
-  if (dt == kFP32) return "float32";
-  if (dt == kI32) return "int32";
-  if (dt == kI64) return "int64";
+/// The element types the checks distinguish; kOther carries its name in View::other_dtype.
+enum class DT : uint8_t { kBF16, kFP16, kFP32, kI32, kI64, kOther };
+
+const char* dt_name(DT dt) {
+  switch (dt) {
+    case DT::kBF16: return "bfloat16";
+    case DT::kFP16: return "float16";
+    case DT::kFP32: return "float32";
+    case DT::kI32: return "int32";
+    case DT::kI64: return "int64";
+    default: return "?";
+  }
+}
+
+/// Dims kept per view (ranks above it are rejected by every rank check; messages elide them).
+constexpr int kMaxDims = 8;
+
+struct View {
+  const char* name = "";
+  void* data = nullptr;
+  int ndim = 0;
+  int64_t dims[kMaxDims] = {};
+  int64_t strides[kMaxDims] = {};  // elements
+  DT dtype = DT::kOther;
+  std::string other_dtype;  // name of a dtype outside DT
+  bool cuda = false;
+  int device_id = -1;
+  std::string where;  // what the device is, for a non-CUDA array ("the CPU", ...)
+
+  std::string prefix() const { return std::string(name) + ": "; }
+  std::string dtype_str() const { return dtype == DT::kOther ? other_dtype : dt_name(dtype); }
+  std::string shape_str() const {
+    std::string s = "(";
+    for (int i = 0; i < ndim && i < kMaxDims; ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+    if (ndim > kMaxDims) s += ", ...";
+    return s + (ndim == 1 ? ",)" : ")");
+  }
+  void dtype_in(std::initializer_list<DT> allowed, const char* expected) const {
+    for (DT dt : allowed)
+      if (dtype == dt) return;
+    type_error(prefix() + "expected dtype " + expected + ", got " + dtype_str());
+  }
+  void rank(int n, const char* layout) const {
+    if (ndim != n) {
+      value_error(prefix() + "expected " + std::to_string(n) + " dims " + layout + ", got shape " + shape_str());
+    }
+  }
+  void dim(int i, int64_t expected, const std::string& what) const {
+    if (dims[i] != expected) {
+      value_error(prefix() + what + " (dim " + std::to_string(i) + ") must be " + std::to_string(expected) +
+                  ", got shape " + shape_str());
+    }
+  }
+  void last_dim_contiguous() const {
+    if (ndim > 0 && ndim <= kMaxDims && dims[ndim - 1] > 1 && strides[ndim - 1] != 1) {
+      value_error(prefix() + "the last dim must be contiguous (stride 1), got stride " +
+                  std::to_string(strides[ndim - 1]));
+    }
+  }
+  void contiguous() const {
+    int64_t expected = 1;
+    for (int i = ndim; i-- > 0;) {
+      if (dims[i] > 1 && strides[i] != expected) value_error(prefix() + "must be contiguous");
+      expected *= dims[i];
+    }
+  }
+  /// Stride of dim i in elements; 0 for a dim of size <= 1 (its stride may be anything).
+  int64_t stride(int i) const { return dims[i] > 1 ? strides[i] : 0; }
+  int size(int i) const {
+    if (dims[i] > static_cast<int64_t>(INT32_MAX)) {
+      value_error(prefix() + "dim " + std::to_string(i) + " is too large, got shape " + shape_str());
+    }
+    return static_cast<int>(dims[i]);
+  }
+  bool aligned(uintptr_t bytes) const { return reinterpret_cast<uintptr_t>(data) % bytes == 0; }
+};
+
+/// Device checks, after every shape and dtype check: all on one CUDA device. Returns its id.
+int common_cuda_device(std::initializer_list<const View*> views) {
+  int device = -1;
+  const char* first = nullptr;
+  for (const View* v : views) {
+    if (v == nullptr) continue;
+    if (!v->cuda) value_error(v->prefix() + "must be a CUDA tensor, got one on " + v->where);
+    if (device < 0) {
+      device = v->device_id;
+      first = v->name;
+    } else if (v->device_id != device) {
+      value_error(v->prefix() + "is on cuda:" + std::to_string(v->device_id) + " but " + first + " is on cuda:" +
+                  std::to_string(device));
+    }
+  }
+  return device;
+}
+
+// ---------------------------------------------------------------------------------------------
+// DLPack arrays (flash_mla.ops, any framework)
+// ---------------------------------------------------------------------------------------------
+
+constexpr nb::dlpack::dtype kDlBF16{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
+constexpr nb::dlpack::dtype kDlFP16{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 16, 1};
+constexpr nb::dlpack::dtype kDlFP32{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 32, 1};
+constexpr nb::dlpack::dtype kDlI32{static_cast<uint8_t>(nb::dlpack::dtype_code::Int), 32, 1};
+constexpr nb::dlpack::dtype kDlI64{static_cast<uint8_t>(nb::dlpack::dtype_code::Int), 64, 1};
+
+std::string dl_dtype_name(nb::dlpack::dtype dt) {
   static const char* codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
   const std::string code = dt.code < 7 ? codes[dt.code] : "code" + std::to_string(dt.code);
   return code + std::to_string(dt.bits);
 }
 
-std::string shape_str(const Array& a) {
-  std::string s = "(";
-  for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-/// A named argument converted to a DLPack view.
+/// A named argument converted to a DLPack view (kept alive as long as the Arg).
 struct Arg {
-  const char* name;
   Array a;
+  View v;
 
   /// Inputs are imported read-only (producers that flag their buffers read-only, such as
   /// JAX, are accepted); `writable` arguments (outputs, workspace) must be writable.
-  Arg(const char* n, nb::handle h, bool writable = false) : name(n) {
+  Arg(const char* n, nb::handle h, bool writable = false) {
+    v.name = n;
+    import(h, writable);
+    const nb::dlpack::dtype dt = a.dtype();
+    v.dtype = dt == kDlBF16 ? DT::kBF16 : dt == kDlFP16 ? DT::kFP16 : dt == kDlFP32 ? DT::kFP32
+            : dt == kDlI32  ? DT::kI32  : dt == kDlI64  ? DT::kI64  : DT::kOther;
+    if (v.dtype == DT::kOther) v.other_dtype = dl_dtype_name(dt);
+    v.ndim = static_cast<int>(a.ndim());
+    for (int i = 0; i < v.ndim && i < kMaxDims; ++i) {
+      v.dims[i] = static_cast<int64_t>(a.shape(i));
+      v.strides[i] = a.stride(i);
+    }
+    v.data = a.data();
+    const int type = a.device_type();
+    v.cuda = type == nb::device::cuda::value;
+    v.device_id = a.device_id();
+    if (!v.cuda) v.where = type == nb::device::cpu::value ? "the CPU" : "device type " + std::to_string(type);
+  }
+
+ private:
+  void import(nb::handle h, bool writable) {
     ReadOnlyArray ro;
     if (writable) {
       if (nb::try_cast(h, a)) return;
       if (nb::try_cast(h, ro)) {
-        type_error(prefix() + "the array is read-only; outputs and workspace must be writable buffers "
+        type_error(v.prefix() + "the array is read-only; outputs and workspace must be writable buffers "
                    "(JAX arrays are immutable: pass a CuPy or torch buffer and import the result into JAX "
                    "with jax.dlpack.from_dlpack)");
       }
@@ -80,116 +199,172 @@ struct Arg {
     if (nb::hasattr(h, "requires_grad") && nb::getattr(h, "requires_grad").equal(nb::bool_(true))) {
       hint = " (it requires grad: pass .detach())";
     }
-    type_error(prefix() + "expected a tensor or array supporting DLPack, got " + nb::type_name(h.type()).c_str() + hint);
+    type_error(v.prefix() + "expected a tensor or array supporting DLPack, got " + nb::type_name(h.type()).c_str() +
+               hint);
   }
-  std::string prefix() const { return std::string(name) + ": "; }
-  void dtype_in(std::initializer_list<nb::dlpack::dtype> allowed, const char* expected) const {
-    for (auto dt : allowed)
-      if (a.dtype() == dt) return;
-    type_error(prefix() + "expected dtype " + expected + ", got " + dtype_name(a.dtype()));
-  }
-  void ndim(size_t n, const char* layout) const {
-    if (a.ndim() != n) {
-      value_error(prefix() + "expected " + std::to_string(n) + " dims " + layout + ", got shape " + shape_str(a));
-    }
-  }
-  void dim(size_t i, int64_t expected, const std::string& what) const {
-    if (static_cast<int64_t>(a.shape(i)) != expected) {
-      value_error(prefix() + what + " (dim " + std::to_string(i) + ") must be " + std::to_string(expected) +
-                  ", got shape " + shape_str(a));
-    }
-  }
-  void last_dim_contiguous() const {
-    if (a.ndim() > 0 && a.shape(a.ndim() - 1) > 1 && a.stride(a.ndim() - 1) != 1) {
-      value_error(prefix() + "the last dim must be contiguous (stride 1), got stride " +
-                  std::to_string(a.stride(a.ndim() - 1)));
-    }
-  }
-  void contiguous() const {
-    int64_t expected = 1;
-    for (size_t i = a.ndim(); i-- > 0;) {
-      if (a.shape(i) > 1 && a.stride(i) != expected) value_error(prefix() + "must be contiguous");
-      expected *= static_cast<int64_t>(a.shape(i));
-    }
-  }
-  int64_t stride(size_t i) const { return a.shape(i) > 1 ? a.stride(i) : 0; }
-  int size(size_t i) const {
-    if (a.shape(i) > static_cast<size_t>(INT32_MAX)) {
-      value_error(prefix() + "dim " + std::to_string(i) + " is too large, got shape " + shape_str(a));
-    }
-    return static_cast<int>(a.shape(i));
-  }
-  bool aligned(uintptr_t bytes) const { return reinterpret_cast<uintptr_t>(a.data()) % bytes == 0; }
 };
 
-/// Device checks, after every shape and dtype check: all on one CUDA device. Returns its id.
-int common_cuda_device(std::initializer_list<const Arg*> args) {
-  int device = -1;
-  const char* first = nullptr;
-  for (const Arg* arg : args) {
-    if (arg->a.device_type() != nb::device::cuda::value) {
-      const int type = arg->a.device_type();
-      const std::string where = type == nb::device::cpu::value ? "the CPU" : "device type " + std::to_string(type);
-      value_error(arg->prefix() + "must be a CUDA tensor, got one on " + where);
-    }
-    if (device < 0) {
-      device = arg->a.device_id();
-      first = arg->name;
-    } else if (arg->a.device_id() != device) {
-      value_error(arg->prefix() + "is on cuda:" + std::to_string(arg->a.device_id()) + " but " + first +
-                  " is on cuda:" + std::to_string(device));
+// ---------------------------------------------------------------------------------------------
+// torch tensors, read through their Python attributes (no DLPack export)
+// ---------------------------------------------------------------------------------------------
+
+/// torch objects handed over once by flash_mla._torch_ops (torch_setup); references are kept
+/// for the life of the process (never released: they outlive the interpreter's teardown order).
+struct TorchApi {
+  PyTypeObject* tensor = nullptr;
+  PyTypeObject* parameter = nullptr;
+  PyObject* dtypes[5] = {};  // in DT order: bfloat16, float16, float32, int32, int64
+  PyObject *s_shape = nullptr, *s_stride = nullptr, *s_data_ptr = nullptr, *s_dtype = nullptr, *s_is_cuda = nullptr,
+           *s_get_device = nullptr, *s_requires_grad = nullptr, *s_device = nullptr, *s_type = nullptr;
+  bool ready() const { return tensor != nullptr; }
+} g_torch;
+
+/// An owned reference from a CPython call; a null result raises the pending Python error.
+class Ref {
+ public:
+  explicit Ref(PyObject* p) : p_(p) {
+    if (p_ == nullptr) throw nb::python_error();
+  }
+  Ref(const Ref&) = delete;
+  Ref& operator=(const Ref&) = delete;
+  ~Ref() { Py_DECREF(p_); }
+  PyObject* get() const { return p_; }
+
+ private:
+  PyObject* p_;
+};
+
+int64_t py_int64(PyObject* o) {
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) throw nb::python_error();
+  return v;
+}
+
+/// Exactly a torch.Tensor (or nn.Parameter): anything else (subclasses with their own
+/// __torch_function__ / __torch_dispatch__, other objects) takes the custom-op path.
+bool is_plain_tensor(nb::handle h) {
+  const PyTypeObject* t = Py_TYPE(h.ptr());
+  return t == g_torch.tensor || t == g_torch.parameter;
+}
+
+void read_int_tuple(PyObject* tuple, const char* what, int64_t* out, int n) {
+  if (!PyTuple_Check(tuple)) type_error(std::string("torch returned a non-tuple ") + what);
+  for (int i = 0; i < n; ++i) out[i] = py_int64(PyTuple_GET_ITEM(tuple, i));
+}
+
+View torch_view(const char* name, nb::handle h) {
+  PyObject* o = h.ptr();
+  View v;
+  v.name = name;
+  {
+    Ref grad(PyObject_GetAttr(o, g_torch.s_requires_grad));
+    if (grad.get() == Py_True) {
+      type_error(v.prefix() + "the tensor requires grad; flash-mla computes no gradients: pass .detach()");
     }
   }
-  return device;
+  {
+    Ref dtype(PyObject_GetAttr(o, g_torch.s_dtype));
+    for (int i = 0; i < 5; ++i) {
+      if (dtype.get() == g_torch.dtypes[i]) v.dtype = static_cast<DT>(i);
+    }
+    if (v.dtype == DT::kOther) {
+      std::string s = nb::borrow<nb::str>(Ref(PyObject_Str(dtype.get())).get()).c_str();
+      v.other_dtype = s.rfind("torch.", 0) == 0 ? s.substr(6) : s;
+    }
+  }
+  {
+    Ref shape(PyObject_GetAttr(o, g_torch.s_shape));
+    if (!PyTuple_Check(shape.get())) type_error(v.prefix() + "torch returned a non-tuple shape");
+    v.ndim = static_cast<int>(PyTuple_GET_SIZE(shape.get()));
+    const int n = v.ndim < kMaxDims ? v.ndim : kMaxDims;
+    read_int_tuple(shape.get(), "shape", v.dims, n);
+    Ref strides(PyObject_CallMethodNoArgs(o, g_torch.s_stride));
+    if (PyTuple_Check(strides.get()) && PyTuple_GET_SIZE(strides.get()) < n) {
+      type_error(v.prefix() + "torch returned fewer strides than dims");
+    }
+    read_int_tuple(strides.get(), "stride", v.strides, n);
+  }
+  {
+    Ref ptr(PyObject_CallMethodNoArgs(o, g_torch.s_data_ptr));
+    v.data = PyLong_AsVoidPtr(ptr.get());
+    if (v.data == nullptr && PyErr_Occurred()) throw nb::python_error();
+  }
+  {
+    Ref cuda(PyObject_GetAttr(o, g_torch.s_is_cuda));
+    v.cuda = cuda.get() == Py_True;
+  }
+  if (v.cuda) {
+    Ref index(PyObject_CallMethodNoArgs(o, g_torch.s_get_device));
+    v.device_id = static_cast<int>(py_int64(index.get()));
+  } else {
+    Ref device(PyObject_GetAttr(o, g_torch.s_device));
+    Ref type(PyObject_GetAttr(device.get(), g_torch.s_type));
+    const std::string t = PyUnicode_Check(type.get()) ? PyUnicode_AsUTF8(type.get()) : "?";
+    v.where = t == "cpu" ? "the CPU" : "device type " + t;
+  }
+  return v;
 }
+
+/// data_ptr() of a tensor allocated by the torch side for this call (shape, dtype and device
+/// are what was asked for: nothing else to check).
+void* tensor_data(nb::handle t) {
+  Ref ptr(PyObject_CallMethodNoArgs(t.ptr(), g_torch.s_data_ptr));
+  void* d = PyLong_AsVoidPtr(ptr.get());
+  if (d == nullptr && PyErr_Occurred()) throw nb::python_error();
+  return d;
+}
+
+void require_torch() {
+  if (!g_torch.ready()) throw std::runtime_error("flash_mla: torch_setup() was not called (import flash_mla.interface)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// checks shared by both ways in
+// ---------------------------------------------------------------------------------------------
 
 int positive_int(int64_t v, const char* name) {
   if (v <= 0 || v > (1 << 30)) value_error(std::string(name) + ": must be a positive int, got " + std::to_string(v));
   return static_cast<int>(v);
 }
 
-void check_seqlens(const Arg& seqlens) {
-  seqlens.dtype_in({kI32}, "int32");
-  seqlens.ndim(1, "(batch,)");
+void check_seqlens(const View& seqlens) {
+  seqlens.dtype_in({DT::kI32}, "int32");
+  seqlens.rank(1, "(batch,)");
   seqlens.contiguous();
 }
 
-void check_metadata_out(const Arg& meta, const Arg& splits, int batch) {
-  meta.dtype_in({kI32}, "int32");
-  meta.ndim(2, "(num_sm_parts, 8)");
+void check_metadata_out(const View& meta, const View& splits, int batch) {
+  meta.dtype_in({DT::kI32}, "int32");
+  meta.rank(2, "(num_sm_parts, 8)");
   meta.dim(1, kMetaInts, "ints per SM part");
   if (meta.size(0) < 1 || meta.size(0) > 65535) value_error(meta.prefix() + "num_sm_parts (dim 0) must be in [1, 65535]");
   meta.contiguous();
-  splits.dtype_in({kI32}, "int32");
-  splits.ndim(1, "(batch + 1,)");
+  splits.dtype_in({DT::kI32}, "int32");
+  splits.rank(1, "(batch + 1,)");
   splits.dim(0, batch + 1, "batch + 1");
   splits.contiguous();
 }
 
-/// Everything flash_mla_with_kvcache needs from its inputs, checked.
+/// Everything flash_mla_with_kvcache needs from its inputs, checked (devices excepted: the
+/// callers check them after the outputs' shapes, all arrays together). `meta` and `splits` may
+/// be null: their checks are skipped and the params' metadata fields left unset.
 struct DecodeInputs {
-  Arg q, k_cache, block_table, cache_seqlens, meta, splits;
   flash_mla::DecodeParams params;
-  int device = -1;
 
-  /// check_device = false leaves the device check (and `device`) to the caller, which checks
-  /// the outputs' shapes first and then the devices of all arrays together.
-  DecodeInputs(nb::handle q_, nb::handle k_, nb::handle bt_, nb::handle sl_, int64_t head_dim_v, nb::handle meta_,
-               nb::handle splits_, double softmax_scale, bool check_device = true)
-      : q("q", q_), k_cache("k_cache", k_), block_table("block_table", bt_), cache_seqlens("cache_seqlens", sl_),
-        meta("tile_scheduler_metadata", meta_), splits("num_splits", splits_) {
-    q.dtype_in({kBF16, kFP16}, "bfloat16 or float16");
-    q.ndim(4, "(batch, s_q, h_q, 576)");
+  DecodeInputs(const View& q, const View& k_cache, const View& block_table, const View& cache_seqlens,
+               int64_t head_dim_v, const View* meta, const View* splits, double softmax_scale) {
+    q.dtype_in({DT::kBF16, DT::kFP16}, "bfloat16 or float16");
+    q.rank(4, "(batch, s_q, h_q, 576)");
     q.dim(3, kHeadDim, "head dim d");
     q.last_dim_contiguous();
     const int batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2);
-    if (seqlen_q < 1) value_error("q: s_q (dim 1) must be >= 1, got shape " + shape_str(q.a));
-    if (heads_q < 1) value_error("q: h_q (dim 2) must be >= 1, got shape " + shape_str(q.a));
+    if (seqlen_q < 1) value_error("q: s_q (dim 1) must be >= 1, got shape " + q.shape_str());
+    if (heads_q < 1) value_error("q: h_q (dim 2) must be >= 1, got shape " + q.shape_str());
 
-    if (k_cache.a.dtype() != q.a.dtype()) {
-      type_error("k_cache: dtype must match q (" + dtype_name(q.a.dtype()) + "), got " + dtype_name(k_cache.a.dtype()));
+    if (k_cache.dtype != q.dtype) {
+      type_error("k_cache: dtype must match q (" + q.dtype_str() + "), got " + k_cache.dtype_str());
     }
-    k_cache.ndim(4, "(num_blocks, 64, h_kv, 576)");
+    k_cache.rank(4, "(num_blocks, 64, h_kv, 576)");
     k_cache.dim(1, kPageSize, "page_block_size");
     k_cache.dim(3, kHeadDim, "head dim d");
     k_cache.last_dim_contiguous();
@@ -201,21 +376,19 @@ struct DecodeInputs {
     }
     if (head_dim_v != kHeadDimV) value_error("head_dim_v: must be 512, got " + std::to_string(head_dim_v));
 
-    block_table.dtype_in({kI32}, "int32");
-    block_table.ndim(2, "(batch, max_blocks_per_seq)");
+    block_table.dtype_in({DT::kI32}, "int32");
+    block_table.rank(2, "(batch, max_blocks_per_seq)");
     block_table.dim(0, batch, "batch");
     block_table.last_dim_contiguous();
     check_seqlens(cache_seqlens);
     cache_seqlens.dim(0, batch, "batch");
-    check_metadata_out(meta, splits, batch);
+    if (meta != nullptr && splits != nullptr) check_metadata_out(*meta, *splits, batch);
     if (!(softmax_scale > 0.0) || !std::isfinite(softmax_scale)) {
       value_error("softmax_scale: must be finite and > 0, got " + std::to_string(softmax_scale));
     }
 
-    if (check_device) device = common_cuda_device({&q, &k_cache, &block_table, &cache_seqlens, &meta, &splits});
-
     auto& p = params;
-    p.dtype = q.a.dtype() == kBF16 ? flash_mla::DType::kBF16 : flash_mla::DType::kFP16;
+    p.dtype = q.dtype == DT::kBF16 ? flash_mla::DType::kBF16 : flash_mla::DType::kFP16;
     p.batch = batch;
     p.seqlen_q = seqlen_q;
     p.num_heads_q = heads_q;
@@ -223,25 +396,49 @@ struct DecodeInputs {
     p.num_blocks = k_cache.size(0);
     p.max_blocks_per_seq = block_table.size(1);
     p.softmax_scale = static_cast<float>(softmax_scale);
-    p.q = q.a.data();
+    p.q = q.data;
     p.q_batch_stride = q.stride(0);
     p.q_seq_stride = q.stride(1);
     p.q_head_stride = q.stride(2);
-    p.k_cache = k_cache.a.data();
+    p.k_cache = k_cache.data;
     p.k_block_stride = k_cache.stride(0);
     p.k_token_stride = k_cache.stride(1);
     p.k_head_stride = k_cache.stride(2);
-    p.block_table = static_cast<const int32_t*>(block_table.a.data());
+    p.block_table = static_cast<const int32_t*>(block_table.data);
     p.block_table_stride = block_table.stride(0);
-    p.cache_seqlens = static_cast<const int32_t*>(cache_seqlens.a.data());
-    p.tile_scheduler_metadata = static_cast<const int32_t*>(meta.a.data());
-    p.num_sm_parts = meta.size(0);
-    p.num_splits = static_cast<const int32_t*>(splits.a.data());
-    p.max_splits = workspace_splits();
+    p.cache_seqlens = static_cast<const int32_t*>(cache_seqlens.data);
+    if (meta != nullptr && splits != nullptr) {
+      p.tile_scheduler_metadata = static_cast<const int32_t*>(meta->data);
+      p.num_sm_parts = meta->size(0);
+      p.num_splits = static_cast<const int32_t*>(splits->data);
+      p.max_splits = workspace_splits();
+    }
   }
 
   int workspace_splits() const { return flash_mla::max_splits_of(params.batch, params.num_sm_parts); }
+  int64_t rows() const { return static_cast<int64_t>(params.seqlen_q) * params.num_heads_q; }
 };
+
+/// out (batch, s_q, h_q, 512) in q's dtype and lse (batch, h_q, s_q) float32, contiguous.
+void check_out(const View& out, const flash_mla::DecodeParams& p) {
+  const DT q_dtype = p.dtype == flash_mla::DType::kBF16 ? DT::kBF16 : DT::kFP16;
+  if (out.dtype != q_dtype) type_error("out: dtype must match q");
+  out.rank(4, "(batch, s_q, h_q, 512)");
+  out.dim(0, p.batch, "batch");
+  out.dim(1, p.seqlen_q, "s_q");
+  out.dim(2, p.num_heads_q, "h_q");
+  out.dim(3, kHeadDimV, "head_dim_v");
+  out.contiguous();
+}
+
+void check_lse(const View& lse, const flash_mla::DecodeParams& p) {
+  lse.dtype_in({DT::kFP32}, "float32");
+  lse.rank(3, "(batch, h_q, s_q)");
+  lse.dim(0, p.batch, "batch");
+  lse.dim(1, p.num_heads_q, "h_q");
+  lse.dim(2, p.seqlen_q, "s_q");
+  lse.contiguous();
+}
 
 /// Sets the current CUDA device for the lifetime of the guard.
 struct DeviceGuard {
@@ -267,6 +464,145 @@ flash_mla::KernelChoice kernel_choice(int kernel) {
   return static_cast<flash_mla::KernelChoice>(kernel);
 }
 
+/// SM count of a device, queried once per device and process.
+int sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};  // guarded by the GIL (only called from bound functions)
+  if (device >= 0 && device < kMaxDevices && cache[device] > 0) return cache[device];
+  int count = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    value_error("device: cannot query cuda:" + std::to_string(device) + ": " + cudaGetErrorString(err));
+  }
+  if (device >= 0 && device < kMaxDevices) cache[device] = count;
+  return count;
+}
+
+uintptr_t stream_handle_of(nb::handle h) {
+  const unsigned long long v = PyLong_AsUnsignedLongLong(h.ptr());
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw nb::python_error();
+  return static_cast<uintptr_t>(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the torch entry points
+// ---------------------------------------------------------------------------------------------
+
+/// flash_mla_with_kvcache on torch tensors. Returns (out, lse), or None when an argument is not
+/// a plain torch.Tensor (the caller then takes the custom-op path, which handles the rest).
+/// `prepare(q, out, lse, batch, s_q, h_q, workspace_splits)` runs after every check: it returns
+/// (out, lse, workspace, stream) with the missing outputs and the float32 workspace of
+/// workspace_splits * s_q * h_q * 513 elements allocated on q's device, and the stream handle.
+nb::object torch_decode(nb::handle q_h, nb::handle k_h, nb::handle bt_h, nb::handle sl_h, int64_t head_dim_v,
+                        nb::handle meta_h, nb::handle splits_h, nb::handle out_h, nb::handle lse_h, double softmax_scale,
+                        bool causal, int kernel, nb::handle prepare) {
+  require_torch();
+  const bool has_out = !out_h.is_none(), has_lse = !lse_h.is_none();
+  for (nb::handle h : {q_h, k_h, bt_h, sl_h, meta_h, splits_h}) {
+    if (!is_plain_tensor(h)) return nb::none();
+  }
+  if ((has_out && !is_plain_tensor(out_h)) || (has_lse && !is_plain_tensor(lse_h))) return nb::none();
+
+  const View q = torch_view("q", q_h), k = torch_view("k_cache", k_h), bt = torch_view("block_table", bt_h),
+             sl = torch_view("cache_seqlens", sl_h), meta = torch_view("tile_scheduler_metadata", meta_h),
+             splits = torch_view("num_splits", splits_h);
+  View out, lse;
+  if (has_out) out = torch_view("out", out_h);
+  if (has_lse) lse = torch_view("lse", lse_h);
+  DecodeInputs in(q, k, bt, sl, head_dim_v, &meta, &splits, softmax_scale);
+  auto& p = in.params;
+  if (has_out) {
+    check_out(out, p);
+    if (!out.aligned(16)) value_error("out: must be 16-byte aligned");
+  }
+  if (has_lse) {
+    check_lse(lse, p);
+    if (!lse.aligned(4)) value_error("lse, lse_accum: must be 4-byte aligned");
+  }
+  const flash_mla::KernelChoice choice = kernel_choice(kernel);
+  const int device = common_cuda_device({&q, &k, &bt, &sl, &meta, &splits, has_out ? &out : nullptr,
+                                         has_lse ? &lse : nullptr});
+
+  // Every check passed: allocate what is missing (torch, on q's device) and launch.
+  const int splits_n = in.workspace_splits();
+  nb::object ready = nb::borrow(prepare)(q_h, out_h, lse_h, p.batch, p.seqlen_q, p.num_heads_q, splits_n);
+  if (!PyTuple_Check(ready.ptr()) || PyTuple_GET_SIZE(ready.ptr()) != 4) {
+    throw std::runtime_error("flash_mla: prepare() must return (out, lse, workspace, stream)");
+  }
+  nb::handle out_t = PyTuple_GET_ITEM(ready.ptr(), 0), lse_t = PyTuple_GET_ITEM(ready.ptr(), 1),
+             ws_t = PyTuple_GET_ITEM(ready.ptr(), 2), stream_t = PyTuple_GET_ITEM(ready.ptr(), 3);
+  p.out = has_out ? out.data : tensor_data(out_t);
+  p.lse = static_cast<float*>(has_lse ? lse.data : tensor_data(lse_t));
+  float* ws = static_cast<float*>(tensor_data(ws_t));
+  p.o_accum = ws;
+  p.lse_accum = ws + static_cast<int64_t>(splits_n) * in.rows() * kHeadDimV;
+  p.max_splits = splits_n;
+  p.causal = causal;
+  p.kernel = choice;
+  p.stream = reinterpret_cast<cudaStream_t>(stream_handle_of(stream_t));
+  {
+    DeviceGuard guard(device);
+    raise_if_failed(flash_mla_ext::run_decode(p));
+  }
+  return nb::make_tuple(out_t, lse_t);
+}
+
+/// The checks of torch_decode without a launch (tensor subclasses accepted); meta / splits may
+/// be None (their checks skipped). Returns (batch, s_q, h_q, h_kv, workspace_splits or 0).
+std::tuple<int, int, int, int, int> torch_check_decode(nb::handle q_h, nb::handle k_h, nb::handle bt_h,
+                                                       nb::handle sl_h, int64_t head_dim_v, nb::handle meta_h,
+                                                       nb::handle splits_h, double softmax_scale, bool check_device) {
+  require_torch();
+  const bool has_meta = !meta_h.is_none() && !splits_h.is_none();
+  const View q = torch_view("q", q_h), k = torch_view("k_cache", k_h), bt = torch_view("block_table", bt_h),
+             sl = torch_view("cache_seqlens", sl_h);
+  View meta, splits;
+  if (has_meta) {
+    meta = torch_view("tile_scheduler_metadata", meta_h);
+    splits = torch_view("num_splits", splits_h);
+  }
+  DecodeInputs in(q, k, bt, sl, head_dim_v, has_meta ? &meta : nullptr, has_meta ? &splits : nullptr, softmax_scale);
+  if (check_device) {
+    common_cuda_device({&q, &k, &bt, &sl, has_meta ? &meta : nullptr, has_meta ? &splits : nullptr});
+  }
+  const auto& p = in.params;
+  return {p.batch, p.seqlen_q, p.num_heads_q, p.num_heads_kv, has_meta ? in.workspace_splits() : 0};
+}
+
+/// get_mla_metadata on a torch tensor. Returns (tile_scheduler_metadata, num_splits), or None
+/// when cache_seqlens is not a plain torch.Tensor. `prepare(cache_seqlens, num_sm_parts, batch)`
+/// runs after the checks and returns (meta, splits, stream): new int32 tensors (num_sm_parts, 8)
+/// and (batch + 1,) on cache_seqlens' device, and the stream handle.
+nb::object torch_get_mla_metadata(nb::handle sl_h, int64_t rows_per_kv_head, int64_t heads_kv, nb::handle prepare) {
+  require_torch();
+  if (!is_plain_tensor(sl_h)) return nb::none();
+  const View sl = torch_view("cache_seqlens", sl_h);
+  check_seqlens(sl);
+  const int rows = positive_int(rows_per_kv_head, "num_heads_per_head_k");
+  const int kv = positive_int(heads_kv, "num_heads_k");
+  const int device = common_cuda_device({&sl});
+  const int batch = sl.size(0);
+  const int parts = flash_mla::num_sm_parts_for(sm_count(device), rows, kv);
+  nb::object ready = nb::borrow(prepare)(sl_h, parts, batch);
+  if (!PyTuple_Check(ready.ptr()) || PyTuple_GET_SIZE(ready.ptr()) != 3) {
+    throw std::runtime_error("flash_mla: prepare() must return (meta, splits, stream)");
+  }
+  nb::handle meta_t = PyTuple_GET_ITEM(ready.ptr(), 0), splits_t = PyTuple_GET_ITEM(ready.ptr(), 1);
+  flash_mla::MetadataParams p;
+  p.cache_seqlens = static_cast<const int32_t*>(sl.data);
+  p.tile_scheduler_metadata = static_cast<int32_t*>(tensor_data(meta_t));
+  p.num_splits = static_cast<int32_t*>(tensor_data(splits_t));
+  p.batch = batch;
+  p.num_sm_parts = parts;
+  p.stream = reinterpret_cast<cudaStream_t>(stream_handle_of(PyTuple_GET_ITEM(ready.ptr(), 2)));
+  {
+    DeviceGuard guard(device);
+    raise_if_failed(flash_mla_ext::run_metadata(p));
+  }
+  return nb::make_tuple(meta_t, splits_t);
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -280,24 +616,24 @@ NB_MODULE(_C, m) {
 
   m.def("check_metadata_args", [](nb::handle seqlens_h, int64_t rows_per_kv_head, int64_t heads_kv) {
     Arg seqlens("cache_seqlens", seqlens_h);
-    check_seqlens(seqlens);
+    check_seqlens(seqlens.v);
     positive_int(rows_per_kv_head, "num_heads_per_head_k");
     positive_int(heads_kv, "num_heads_k");
-    common_cuda_device({&seqlens});
+    common_cuda_device({&seqlens.v});
   }, nb::arg("cache_seqlens"), nb::arg("num_heads_per_head_k"), nb::arg("num_heads_k"));
 
   m.def("get_mla_metadata", [](nb::handle seqlens_h, nb::handle meta_h, nb::handle splits_h, uintptr_t stream) {
     Arg seqlens("cache_seqlens", seqlens_h), meta("tile_scheduler_metadata", meta_h, true),
         splits("num_splits", splits_h, true);
-    check_seqlens(seqlens);
-    check_metadata_out(meta, splits, seqlens.size(0));
-    const int device = common_cuda_device({&seqlens, &meta, &splits});
+    check_seqlens(seqlens.v);
+    check_metadata_out(meta.v, splits.v, seqlens.v.size(0));
+    const int device = common_cuda_device({&seqlens.v, &meta.v, &splits.v});
     flash_mla::MetadataParams p;
-    p.cache_seqlens = static_cast<const int32_t*>(seqlens.a.data());
-    p.tile_scheduler_metadata = static_cast<int32_t*>(meta.a.data());
-    p.num_splits = static_cast<int32_t*>(splits.a.data());
-    p.batch = seqlens.size(0);
-    p.num_sm_parts = meta.size(0);
+    p.cache_seqlens = static_cast<const int32_t*>(seqlens.v.data);
+    p.tile_scheduler_metadata = static_cast<int32_t*>(meta.v.data);
+    p.num_splits = static_cast<int32_t*>(splits.v.data);
+    p.batch = seqlens.v.size(0);
+    p.num_sm_parts = meta.v.size(0);
     p.stream = reinterpret_cast<cudaStream_t>(stream);
     DeviceGuard guard(device);
     raise_if_failed(flash_mla_ext::run_metadata(p));
@@ -305,7 +641,10 @@ NB_MODULE(_C, m) {
 
   m.def("check_decode_inputs", [](nb::handle q, nb::handle k, nb::handle bt, nb::handle sl, int64_t head_dim_v,
                                   nb::handle meta, nb::handle splits, double softmax_scale, bool check_device) {
-    DecodeInputs in(q, k, bt, sl, head_dim_v, meta, splits, softmax_scale, check_device);
+    Arg aq("q", q), ak("k_cache", k), abt("block_table", bt), asl("cache_seqlens", sl),
+        ameta("tile_scheduler_metadata", meta), asplits("num_splits", splits);
+    DecodeInputs in(aq.v, ak.v, abt.v, asl.v, head_dim_v, &ameta.v, &asplits.v, softmax_scale);
+    if (check_device) common_cuda_device({&aq.v, &ak.v, &abt.v, &asl.v, &ameta.v, &asplits.v});
     const auto& p = in.params;
     return std::make_tuple(p.batch, p.seqlen_q, p.num_heads_q, p.num_heads_kv, in.workspace_splits());
   }, nb::arg("q"), nb::arg("k_cache"), nb::arg("block_table"), nb::arg("cache_seqlens"), nb::arg("head_dim_v"),
@@ -317,47 +656,39 @@ NB_MODULE(_C, m) {
   m.def("mla_decode", [](nb::handle q, nb::handle k, nb::handle bt, nb::handle sl, int64_t head_dim_v, nb::handle meta,
                          nb::handle splits, nb::handle out_h, nb::handle lse_h, nb::handle o_accum_h,
                          nb::handle lse_accum_h, double softmax_scale, bool causal, int kernel, uintptr_t stream) {
-    DecodeInputs in(q, k, bt, sl, head_dim_v, meta, splits, softmax_scale, /*check_device=*/false);
+    Arg aq("q", q), ak("k_cache", k), abt("block_table", bt), asl("cache_seqlens", sl),
+        ameta("tile_scheduler_metadata", meta), asplits("num_splits", splits);
+    DecodeInputs in(aq.v, ak.v, abt.v, asl.v, head_dim_v, &ameta.v, &asplits.v, softmax_scale);
     auto& p = in.params;
     Arg out("out", out_h, true), lse("lse", lse_h, true), o_accum("o_accum", o_accum_h, true),
         lse_accum("lse_accum", lse_accum_h, true);
-    const int64_t rows = static_cast<int64_t>(p.seqlen_q) * p.num_heads_q;
-    if (out.a.dtype() != in.q.a.dtype()) type_error("out: dtype must match q");
-    out.ndim(4, "(batch, s_q, h_q, 512)");
-    out.dim(0, p.batch, "batch");
-    out.dim(1, p.seqlen_q, "s_q");
-    out.dim(2, p.num_heads_q, "h_q");
-    out.dim(3, kHeadDimV, "head_dim_v");
-    out.contiguous();
-    lse.dtype_in({kFP32}, "float32");
-    lse.ndim(3, "(batch, h_q, s_q)");
-    lse.dim(0, p.batch, "batch");
-    lse.dim(1, p.num_heads_q, "h_q");
-    lse.dim(2, p.seqlen_q, "s_q");
-    lse.contiguous();
-    o_accum.dtype_in({kFP32}, "float32");
-    o_accum.ndim(3, "(splits, s_q * h_q, 512)");
-    if (o_accum.size(0) < in.workspace_splits()) {
+    const int64_t rows = in.rows();
+    check_out(out.v, p);
+    check_lse(lse.v, p);
+    const View& oa = o_accum.v;
+    const View& la = lse_accum.v;
+    oa.dtype_in({DT::kFP32}, "float32");
+    oa.rank(3, "(splits, s_q * h_q, 512)");
+    if (oa.size(0) < in.workspace_splits()) {
       value_error("o_accum: needs at least " + std::to_string(in.workspace_splits()) + " splits (dim 0)");
     }
-    o_accum.dim(1, rows, "s_q * h_q");
-    o_accum.dim(2, kHeadDimV, "head_dim_v");
-    o_accum.contiguous();
-    lse_accum.dtype_in({kFP32}, "float32");
-    lse_accum.ndim(2, "(splits, s_q * h_q)");
-    lse_accum.dim(0, o_accum.size(0), "splits of o_accum");
-    lse_accum.dim(1, rows, "s_q * h_q");
-    lse_accum.contiguous();
-    if (!out.aligned(16)) value_error("out: must be 16-byte aligned");
-    if (!o_accum.aligned(16)) value_error("o_accum: must be 16-byte aligned");
-    if (!lse.aligned(4) || !lse_accum.aligned(4)) value_error("lse, lse_accum: must be 4-byte aligned");
-    const int device = common_cuda_device({&in.q, &in.k_cache, &in.block_table, &in.cache_seqlens, &in.meta,
-                                           &in.splits, &out, &lse, &o_accum, &lse_accum});
-    p.out = out.a.data();
-    p.lse = static_cast<float*>(lse.a.data());
-    p.o_accum = static_cast<float*>(o_accum.a.data());
-    p.lse_accum = static_cast<float*>(lse_accum.a.data());
-    p.max_splits = o_accum.size(0);
+    oa.dim(1, rows, "s_q * h_q");
+    oa.dim(2, kHeadDimV, "head_dim_v");
+    oa.contiguous();
+    la.dtype_in({DT::kFP32}, "float32");
+    la.rank(2, "(splits, s_q * h_q)");
+    la.dim(0, oa.size(0), "splits of o_accum");
+    la.dim(1, rows, "s_q * h_q");
+    la.contiguous();
+    if (!out.v.aligned(16)) value_error("out: must be 16-byte aligned");
+    if (!oa.aligned(16)) value_error("o_accum: must be 16-byte aligned");
+    if (!lse.v.aligned(4) || !la.aligned(4)) value_error("lse, lse_accum: must be 4-byte aligned");
+    const int device = common_cuda_device({&aq.v, &ak.v, &abt.v, &asl.v, &ameta.v, &asplits.v, &out.v, &lse.v, &oa, &la});
+    p.out = out.v.data;
+    p.lse = static_cast<float*>(lse.v.data);
+    p.o_accum = static_cast<float*>(oa.data);
+    p.lse_accum = static_cast<float*>(la.data);
+    p.max_splits = oa.size(0);
     p.causal = causal;
     p.kernel = kernel_choice(kernel);
     p.stream = reinterpret_cast<cudaStream_t>(stream);
@@ -366,6 +697,58 @@ NB_MODULE(_C, m) {
   }, nb::arg("q"), nb::arg("k_cache"), nb::arg("block_table"), nb::arg("cache_seqlens"), nb::arg("head_dim_v"),
      nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"), nb::arg("out"), nb::arg("lse"), nb::arg("o_accum"),
      nb::arg("lse_accum"), nb::arg("softmax_scale"), nb::arg("causal"), nb::arg("kernel"), nb::arg("stream"));
+
+  // ---- the torch path (flash_mla._torch_ops): tensors read without DLPack ----
+
+  m.def("torch_setup", [](nb::handle tensor_type, nb::handle parameter_type, nb::handle bf16, nb::handle fp16,
+                          nb::handle fp32, nb::handle i32, nb::handle i64) {
+    if (!PyType_Check(tensor_type.ptr()) || !PyType_Check(parameter_type.ptr())) {
+      type_error("torch_setup: expected torch.Tensor and torch.nn.Parameter");
+    }
+    // Kept for the life of the process (see TorchApi).
+    const auto keep = [](nb::handle h) {
+      Py_INCREF(h.ptr());
+      return h.ptr();
+    };
+    g_torch.parameter = reinterpret_cast<PyTypeObject*>(keep(parameter_type));
+    PyObject* dtypes[5] = {keep(bf16), keep(fp16), keep(fp32), keep(i32), keep(i64)};
+    for (int i = 0; i < 5; ++i) g_torch.dtypes[i] = dtypes[i];
+    const auto intern = [](const char* s) {
+      PyObject* o = PyUnicode_InternFromString(s);
+      if (o == nullptr) throw nb::python_error();
+      return o;
+    };
+    g_torch.s_shape = intern("shape");
+    g_torch.s_stride = intern("stride");
+    g_torch.s_data_ptr = intern("data_ptr");
+    g_torch.s_dtype = intern("dtype");
+    g_torch.s_is_cuda = intern("is_cuda");
+    g_torch.s_get_device = intern("get_device");
+    g_torch.s_requires_grad = intern("requires_grad");
+    g_torch.s_device = intern("device");
+    g_torch.s_type = intern("type");
+    g_torch.tensor = reinterpret_cast<PyTypeObject*>(keep(tensor_type));  // last: marks the API ready
+  }, nb::arg("tensor_type"), nb::arg("parameter_type"), nb::arg("bfloat16"), nb::arg("float16"), nb::arg("float32"),
+     nb::arg("int32"), nb::arg("int64"),
+     "Hands torch's Tensor types and dtypes to the torch entry points (called once by flash_mla._torch_ops).");
+
+  m.def("torch_decode", &torch_decode, nb::arg("q"), nb::arg("k_cache"), nb::arg("block_table"),
+        nb::arg("cache_seqlens"), nb::arg("head_dim_v"), nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"),
+        nb::arg("out").none(), nb::arg("lse").none(), nb::arg("softmax_scale"), nb::arg("causal"), nb::arg("kernel"),
+        nb::arg("prepare"),
+        "Decode on torch tensors: checks everything once, calls prepare() for the missing outputs, the\n"
+        "workspace and the stream, launches. Returns (out, lse), or None for arguments that are not\n"
+        "plain torch.Tensors.");
+
+  m.def("torch_check_decode", &torch_check_decode, nb::arg("q"), nb::arg("k_cache"), nb::arg("block_table"),
+        nb::arg("cache_seqlens"), nb::arg("head_dim_v"), nb::arg("tile_scheduler_metadata").none(),
+        nb::arg("num_splits").none(), nb::arg("softmax_scale"), nb::arg("check_device") = true,
+        "The checks of torch_decode; returns (batch, s_q, h_q, h_kv, workspace_splits).");
+
+  m.def("torch_get_mla_metadata", &torch_get_mla_metadata, nb::arg("cache_seqlens"), nb::arg("num_heads_per_head_k"),
+        nb::arg("num_heads_k"), nb::arg("prepare"),
+        "Scheduler metadata on a torch tensor: checks, prepare() for the outputs and stream, launch.\n"
+        "Returns (tile_scheduler_metadata, num_splits), or None when cache_seqlens is not a plain torch.Tensor.");
 
   m.def("host_plan", [](const std::vector<int32_t>& seqlens, int64_t num_sm_parts) {
     const flash_mla::HostPlan plan = flash_mla::host_plan(seqlens, positive_int(num_sm_parts, "num_sm_parts"));
@@ -386,29 +769,30 @@ NB_MODULE(_C, m) {
 
   m.def("check_paged_inputs", [](nb::handle bt_h, nb::handle sl_h, int64_t num_blocks, nb::handle result_h,
                                  uintptr_t stream) {
-    Arg block_table("block_table", bt_h), seqlens("cache_seqlens", sl_h), result("result", result_h, true);
-    block_table.dtype_in({kI32}, "int32");
-    block_table.ndim(2, "(batch, max_blocks_per_seq)");
+    Arg abt("block_table", bt_h), asl("cache_seqlens", sl_h), ares("result", result_h, true);
+    const View &block_table = abt.v, &seqlens = asl.v, &result = ares.v;
+    block_table.dtype_in({DT::kI32}, "int32");
+    block_table.rank(2, "(batch, max_blocks_per_seq)");
     block_table.last_dim_contiguous();
     check_seqlens(seqlens);
     seqlens.dim(0, block_table.size(0), "batch (block_table rows)");
     if (num_blocks < 0 || num_blocks > INT32_MAX) {
       value_error("num_blocks: must be in [0, 2^31 - 1], got " + std::to_string(num_blocks));
     }
-    result.dtype_in({kI64}, "int64");
-    result.ndim(1, "(8,)");
+    result.dtype_in({DT::kI64}, "int64");
+    result.rank(1, "(8,)");
     result.dim(0, flash_mla::kInputCheckWords, "length");
     result.contiguous();
     if (!result.aligned(8)) value_error("result: must be 8-byte aligned");
     const int device = common_cuda_device({&block_table, &seqlens, &result});
     flash_mla::InputCheckParams p;
-    p.block_table = static_cast<const int32_t*>(block_table.a.data());
+    p.block_table = static_cast<const int32_t*>(block_table.data);
     p.block_table_stride = block_table.stride(0);
-    p.cache_seqlens = static_cast<const int32_t*>(seqlens.a.data());
+    p.cache_seqlens = static_cast<const int32_t*>(seqlens.data);
     p.batch = seqlens.size(0);
     p.max_blocks_per_seq = block_table.size(1);
     p.num_blocks = static_cast<int>(num_blocks);
-    p.result = static_cast<int64_t*>(result.a.data());
+    p.result = static_cast<int64_t*>(result.data);
     p.stream = reinterpret_cast<cudaStream_t>(stream);
     DeviceGuard guard(device);
     raise_if_failed(flash_mla_ext::run_input_check(p));
@@ -429,12 +813,6 @@ NB_MODULE(_C, m) {
       cudaGetLastError();
       throw std::runtime_error("flash_mla: no CUDA device available");
     }
-    int count = 0;
-    const cudaError_t err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) {
-      cudaGetLastError();
-      value_error("device: cannot query cuda:" + std::to_string(device) + ": " + cudaGetErrorString(err));
-    }
-    return count;
+    return sm_count(device);
   }, nb::arg("device") = -1, "Number of SMs of a CUDA device (-1: the current device).");
 }

@@ -1,4 +1,16 @@
-"""torch.library custom ops behind the torch API (namespace ``flash_mla``).
+"""torch side of the API: the direct eager path and the torch.library custom ops (``flash_mla``).
+
+Eager calls (nothing tracing: no torch.compile, no FakeTensor / dispatch mode, no functorch
+transform; see ``eager_direct``) go straight to the compiled module: ``decode`` and
+``metadata`` hand the tensors to ``flash_mla._C.torch_decode`` / ``torch_get_mla_metadata``,
+which read shapes, strides, dtypes, devices and data pointers from the tensors' attributes
+(no DLPack export), check every argument once, and only then call back into ``_prepare_*`` to
+allocate the missing outputs and the workspace with torch (graph-pool aware under capture) and
+to get the current stream of q's device. Those entry points answer None for arguments that are
+not plain tensors; the caller then takes the custom-op path, whose checks and messages are the
+same.
+
+The custom ops (the path under torch.compile, torch.export, make_fx and FakeTensorMode):
 
     torch.ops.flash_mla.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
         -> (tile_scheduler_metadata, num_splits)
@@ -9,14 +21,19 @@
 
 Each has a fake (meta) implementation giving the output shapes, so torch.compile (also with
 fullgraph=True), torch.export, make_fx and FakeTensorMode trace through the public functions
-without graph breaks. The real implementations check everything in flash_mla._C and launch on
-the current stream; the workspace is allocated with torch (graph-pool aware under capture).
+without graph breaks. Their real implementations run the same compiled entry points as the
+direct path.
+
+Setting the environment variable ``FLASH_MLA_CUSTOM_OP_ONLY=1`` before import (or
+``flash_mla._torch_ops.DIRECT_EAGER = False`` at run time) sends eager calls through the custom
+ops too (for measuring the dispatch cost, or for tools that must see every op).
 
 This module is imported by ``flash_mla.interface``; with torch < 2.4 (no
-``torch.library.custom_op``) the same names are plain functions (eager only).
+``torch.library.custom_op``) the custom-op names are plain functions (eager only).
 """
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -29,14 +46,24 @@ from .ops import HEAD_DIM_V, INPUT_CHECK_WORDS, META_INTS, input_check_error
 # (shape propagation only: nothing runs there).
 _FAKE_NUM_SMS = 132
 
+_C.torch_setup(torch.Tensor, torch.nn.Parameter, torch.bfloat16, torch.float16, torch.float32, torch.int32,
+               torch.int64)
+
 
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def stream_of(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    """Handle of torch's current CUDA stream on ``device``."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 def _fake_num_sms(device: torch.device) -> int:
@@ -46,50 +73,92 @@ def _fake_num_sms(device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# real implementations
+# the direct eager path
+# ----------------------------------------------------------------------------------------------
+
+DIRECT_EAGER = os.environ.get("FLASH_MLA_CUSTOM_OP_ONLY", "") in ("", "0")
+
+try:
+    _is_compiling = torch.compiler.is_compiling
+except AttributeError:  # torch < 2.3
+    from torch._dynamo import is_compiling as _is_compiling
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def eager_direct(t) -> bool:
+    """True when a call with first tensor ``t`` may bypass torch.library dispatch: plain eager
+    execution (torch.compile / export not tracing, no TorchDispatchMode such as FakeTensorMode
+    or make_fx's proxy mode, no vmap / grad transform) on a plain, non-meta tensor."""
+    return (DIRECT_EAGER and not _is_compiling() and type(t) is Tensor and not t.is_meta
+            and not _dispatch_modes() and not _functorch_active())
+
+
+def _prepare_decode(q: Tensor, out: Optional[Tensor], lse: Optional[Tensor], batch: int, seqlen_q: int,
+                    heads_q: int, workspace_splits: int):
+    """Called back by _C.torch_decode once every argument is checked: the missing outputs, the
+    split workspace (o_accum then lse_accum, one float32 buffer) and the stream."""
+    device = q.device
+    if out is None:
+        out = torch.empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=q.dtype, device=device)
+    if lse is None:
+        lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=device)
+    workspace = torch.empty((workspace_splits * seqlen_q * heads_q * (HEAD_DIM_V + 1),), dtype=torch.float32,
+                            device=device)
+    return out, lse, workspace, stream_of(device)
+
+
+def _prepare_metadata(cache_seqlens: Tensor, parts: int, batch: int):
+    device = cache_seqlens.device
+    meta = torch.empty((parts, META_INTS), dtype=torch.int32, device=device)
+    splits = torch.empty((batch + 1,), dtype=torch.int32, device=device)
+    return meta, splits, stream_of(device)
+
+
+def decode(q, k_cache, block_table, cache_seqlens, head_dim_v: int, meta, splits, softmax_scale: float,
+           causal: bool, kernel: int, out=None, lse=None):
+    """(out, lse) of one decode call, or None when an argument is not a plain torch.Tensor.
+    ``out`` / ``lse``: preallocated outputs or None (allocated here after the checks)."""
+    return _C.torch_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse,
+                           softmax_scale, causal, kernel, _prepare_decode)
+
+
+def metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int):
+    """(tile_scheduler_metadata, num_splits), or None when cache_seqlens is not a plain tensor."""
+    return _C.torch_get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k, _prepare_metadata)
+
+
+def _not_plain(what: str):
+    return TypeError(f"{what}: expected plain torch.Tensor arguments")
+
+
+# ----------------------------------------------------------------------------------------------
+# real implementations of the custom ops: the same entry points
 # ----------------------------------------------------------------------------------------------
 
 
 def _metadata_impl(cache_seqlens: Tensor, num_heads_per_head_k: int, num_heads_k: int):
-    _C.check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
-    device = cache_seqlens.device
-    parts = _C.num_sm_parts(num_sms(device.index), num_heads_per_head_k, num_heads_k)
-    meta = torch.empty((parts, META_INTS), dtype=torch.int32, device=device)
-    splits = torch.empty((cache_seqlens.shape[0] + 1,), dtype=torch.int32, device=device)
-    _C.get_mla_metadata(cache_seqlens, meta, splits, stream_of(device))
-    return meta, splits
-
-
-def _launch(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, softmax_scale,
-            causal, kernel, shapes):
-    _, seqlen_q, heads_q, _, workspace_splits = shapes
-    rows = seqlen_q * heads_q
-    o_accum = torch.empty((workspace_splits, rows, HEAD_DIM_V), dtype=torch.float32, device=q.device)
-    lse_accum = torch.empty((workspace_splits, rows), dtype=torch.float32, device=q.device)
-    stream = stream_of(q.device) if q.device.type == "cuda" else 0  # else _C raises (device check)
-    _C.mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, o_accum,
-                  lse_accum, softmax_scale, causal, kernel, stream)
+    result = metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    if result is None:
+        raise _not_plain("get_mla_metadata")
+    return result
 
 
 def _decode_impl(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale, causal,
                  kernel):
-    shapes = _C.check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits,
-                                    softmax_scale)
-    batch, seqlen_q, heads_q = shapes[:3]
-    out = torch.empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    _launch(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, softmax_scale, causal,
-            kernel, shapes)
-    return out, lse
+    result = decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale, causal,
+                    kernel)
+    if result is None:
+        raise _not_plain("flash_mla_with_kvcache")
+    return result
 
 
 def _decode_out_impl(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, softmax_scale,
                      causal, kernel):
-    # Devices are checked by _C.mla_decode, after the shapes of out / lse (testable on the CPU).
-    shapes = _C.check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits,
-                                    softmax_scale, False)
-    _launch(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, softmax_scale, causal,
-            kernel, shapes)
+    result = decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale, causal,
+                    kernel, out, lse)
+    if result is None:
+        raise _not_plain("flash_mla_with_kvcache")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +245,7 @@ def check_inputs_on_device(q, k_cache, block_table, cache_seqlens, head_dim_v, m
                            softmax_scale: float) -> None:
     """Raises ValueError when a used block_table entry is not a page of k_cache or a
     cache_seqlens value is outside [0, 64 * max_blocks_per_seq]. Synchronises with the host."""
-    _C.check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale)
+    _C.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale)
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("check_inputs=True reads its verdict back to the host and cannot run during CUDA "
                            "graph capture: check the inputs before capturing, or leave check_inputs=False")

@@ -1,14 +1,17 @@
 """torch-facing API: output and workspace allocation, streams, scheduler objects.
 
-All argument checking happens in the compiled module (``flash_mla._C``), once per call and
-before any launch; this file only allocates with torch and forwards. Tensor calls go through
-the torch.library custom ops of ``_torch_ops`` (torch.compile / CUDA-graph friendly).
+Tensor checks happen in the compiled module (``flash_mla._C``), once per call and before any
+launch; this file checks the scalar arguments and forwards. Eager calls go straight to the
+compiled module (``_torch_ops.decode`` / ``_torch_ops.metadata``: one call that checks,
+allocates with torch and launches); under torch.compile, torch.export, make_fx,
+FakeTensorMode or a functorch transform they go through the torch.library custom ops of
+``_torch_ops`` instead (see ``_torch_ops.eager_direct``). Both are CUDA-graph friendly.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -21,24 +24,53 @@ HEAD_DIM_V = 512
 META_INTS = 8
 
 _KERNELS = {"auto": 0, "sm80_large": 1, "sm80_small": 2, "sm90": 3}
+DEFAULT_SOFTMAX_SCALE = 1.0 / math.sqrt(HEAD_DIM)
+
+_Tensor = torch.Tensor
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _int_arg(value, name: str):
+    """An int argument: bool, float, str, None ... raise a TypeError naming it. SymInts (shapes
+    under torch.compile with dynamic shapes) pass through."""
+    if type(value) is int:
+        return value
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError as exc:  # e.g. a float tensor, which has __index__ but refuses it
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}: {exc}") from None
 
 
-def _stream_of(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+def _head_count(value, name: str):
+    """A head count of get_mla_metadata: an int in [1, 2^30] (TypeError / ValueError naming it)."""
+    value = _int_arg(value, name)
+    if type(value) is int and not 0 < value <= 1 << 30:
+        raise ValueError(f"{name}: must be a positive int, got {value}")
+    return value
 
 
-def _plan_into(cache_seqlens: torch.Tensor, rows_per_kv_head: int, num_heads_k: int):
-    num_parts = _C.num_sm_parts(_num_sms(cache_seqlens.device.index), rows_per_kv_head, num_heads_k)
-    batch = cache_seqlens.shape[0]
-    meta = torch.empty((num_parts, META_INTS), dtype=torch.int32, device=cache_seqlens.device)
-    splits = torch.empty((batch + 1,), dtype=torch.int32, device=cache_seqlens.device)
-    _C.get_mla_metadata(cache_seqlens, meta, splits, _stream_of(cache_seqlens.device))
-    return meta, splits
+def _scale_of(softmax_scale) -> float:
+    """softmax_scale as a float: numbers (Python, NumPy, 0-d tensors) accepted; bool, str and
+    other types raise a TypeError. Finiteness and sign are checked in the compiled module."""
+    if softmax_scale is None:
+        return DEFAULT_SOFTMAX_SCALE
+    if isinstance(softmax_scale, (bool, str, bytes, complex)) or not hasattr(type(softmax_scale), "__float__"):
+        raise TypeError(f"softmax_scale: expected a float, got {type(softmax_scale).__name__}")
+    try:
+        return float(softmax_scale)
+    except OverflowError:
+        raise ValueError(f"softmax_scale: must be finite and > 0, got {softmax_scale!r}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a tensor of several elements
+        raise TypeError(f"softmax_scale: expected a float, got {type(softmax_scale).__name__}: {exc}") from None
+
+
+def _bool_of(value, name: str) -> bool:
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 class FlashMLASchedMeta:
@@ -80,15 +112,24 @@ def get_mla_metadata(
     ``num_q_tokens_per_head_k`` is accepted as an alias of ``num_heads_per_head_k`` and
     ``num_heads_q`` is ignored; ``is_fp8_kvcache=True`` and ``topk`` raise NotImplementedError.
     """
-    if "num_q_tokens_per_head_k" in kwargs:
-        if num_heads_per_head_k is not None:
-            raise TypeError("get_mla_metadata(): give num_heads_per_head_k or num_q_tokens_per_head_k, not both")
-        num_heads_per_head_k = kwargs.pop("num_q_tokens_per_head_k")
-    _reject_unsupported(dict(kwargs, is_fp8_kvcache=is_fp8_kvcache, topk=topk), what="get_mla_metadata")
+    if kwargs:
+        if "num_q_tokens_per_head_k" in kwargs:
+            if num_heads_per_head_k is not None:
+                raise TypeError("get_mla_metadata(): give num_heads_per_head_k or num_q_tokens_per_head_k, not both")
+            num_heads_per_head_k = kwargs.pop("num_q_tokens_per_head_k")
+        _reject_unsupported(kwargs, what="get_mla_metadata")
+    if is_fp8_kvcache or topk is not None:
+        _reject_unsupported(dict(is_fp8_kvcache=is_fp8_kvcache, topk=topk), what="get_mla_metadata")
     if cache_seqlens is None:
         return FlashMLASchedMeta(), None
     if num_heads_per_head_k is None or num_heads_k is None:
         raise TypeError("get_mla_metadata() needs cache_seqlens, num_heads_per_head_k and num_heads_k")
+    num_heads_per_head_k = _head_count(num_heads_per_head_k, "num_heads_per_head_k")
+    num_heads_k = _head_count(num_heads_k, "num_heads_k")
+    if _torch_ops.eager_direct(cache_seqlens):
+        result = _torch_ops.metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+        if result is not None:
+            return result
     _require_tensors(cache_seqlens=cache_seqlens)
     return _torch_ops.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
 
@@ -177,25 +218,45 @@ def flash_mla_with_kvcache(
         out (batch, s_q, h_q, 512) in q's dtype and lse (batch, h_q, s_q) float32
         (natural log; +inf and out = 0 for rows that see no key).
     """
-    _reject_unsupported(dict(is_fp8_kvcache=is_fp8_kvcache, indices=indices, attn_sink=attn_sink,
-                             extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
-                             topk_length=topk_length, extra_topk_length=extra_topk_length),
-                        what="flash_mla_with_kvcache")
-    if kernel not in _KERNELS:
+    if (is_fp8_kvcache or indices is not None or attn_sink is not None or extra_k_cache is not None
+            or extra_indices_in_kvcache is not None or topk_length is not None or extra_topk_length is not None):
+        _reject_unsupported(dict(is_fp8_kvcache=is_fp8_kvcache, indices=indices, attn_sink=attn_sink,
+                                 extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
+                                 topk_length=topk_length, extra_topk_length=extra_topk_length),
+                            what="flash_mla_with_kvcache")
+    kernel_id = _KERNELS.get(kernel) if type(kernel) is str else None
+    if kernel_id is None:
         raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
-    if isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
+    if type(head_dim_v) is not int:
+        head_dim_v = _int_arg(head_dim_v, "head_dim_v")
+    if head_dim_v != HEAD_DIM_V:
+        raise ValueError(f"head_dim_v: must be 512, got {head_dim_v}")
+    if softmax_scale is None:
+        softmax_scale = DEFAULT_SOFTMAX_SCALE
+    elif type(softmax_scale) is not float:
+        softmax_scale = _scale_of(softmax_scale)
+    if causal is not False and causal is not True:
+        causal = _bool_of(causal, "causal")
+    if type(tile_scheduler_metadata) is not _Tensor and isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
         tile_scheduler_metadata, num_splits = _plan_sched(
-            tile_scheduler_metadata, q, k_cache, block_table, cache_seqlens, head_dim_v,
-            _scale_of(softmax_scale), causal)
+            tile_scheduler_metadata, q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
     elif num_splits is None:
         raise ValueError("num_splits: None is only valid with a FlashMLASchedMeta from get_mla_metadata(); "
                          "pass the num_splits returned together with tile_scheduler_metadata")
-    _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-                     tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
-    softmax_scale, causal, kernel_id = _scale_of(softmax_scale), bool(causal), _KERNELS[kernel]
     if check_inputs:
+        _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+                         tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
         _torch_ops.check_inputs_on_device(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                           tile_scheduler_metadata, num_splits, softmax_scale)
+    if _torch_ops.eager_direct(q):
+        # One call into the compiled module: every check, the allocations (torch), the launch.
+        result = _torch_ops.decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                                   num_splits, softmax_scale, causal, kernel_id, out, lse)
+        if result is not None:
+            return result
+    # Traced (torch.compile, export, FakeTensorMode, ...) or arguments that are not plain tensors.
+    _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+                     tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
     if out is None and lse is None:
         return _torch_ops.mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                      tile_scheduler_metadata, num_splits, softmax_scale, causal, kernel_id)
@@ -203,15 +264,6 @@ def flash_mla_with_kvcache(
     _torch_ops.mla_decode_out(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                               num_splits, out, lse, softmax_scale, causal, kernel_id)
     return out, lse
-
-
-def _scale_of(softmax_scale) -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(HEAD_DIM)
-    try:
-        return float(softmax_scale)
-    except OverflowError:
-        raise ValueError(f"softmax_scale: must be finite and > 0, got {softmax_scale!r}") from None
 
 
 def _outputs_for(q: torch.Tensor, out, lse):
@@ -238,12 +290,10 @@ def _plan_sched(sched: FlashMLASchedMeta, q, k_cache, block_table, cache_seqlens
                 causal):
     _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens)
     if sched.config is None and not _is_traced(q):
-        # Every input check before the planning launch: placeholder metadata of the right shape.
+        # Every input check before the planning launch (the metadata's come with the decode).
         # (Under torch.compile the custom ops' fake implementations check shapes instead.)
-        batch = q.shape[0] if q.dim() > 0 else 0
-        _C.check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                               torch.zeros((1, META_INTS), dtype=torch.int32),
-                               torch.zeros((batch + 1,), dtype=torch.int32), softmax_scale, check_device=False)
+        _C.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, None, None, softmax_scale,
+                              check_device=False)
         for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table)):
             if t.device != cache_seqlens.device:
                 raise ValueError(f"{name}: must be on cache_seqlens' device ({cache_seqlens.device}), got {t.device}")
@@ -252,7 +302,12 @@ def _plan_sched(sched: FlashMLASchedMeta, q, k_cache, block_table, cache_seqlens
     config = (batch, seqlen_q, heads_q, page, heads_kv, bool(causal))
     if sched.config is None:
         rows = seqlen_q * heads_q // heads_kv
-        sched.tile_scheduler_metadata, sched.num_splits = _torch_ops.get_mla_metadata(cache_seqlens, rows, heads_kv)
+        planned = None
+        if _torch_ops.eager_direct(cache_seqlens):
+            planned = _torch_ops.metadata(cache_seqlens, rows, heads_kv)
+        if planned is None:
+            planned = _torch_ops.get_mla_metadata(cache_seqlens, rows, heads_kv)
+        sched.tile_scheduler_metadata, sched.num_splits = planned
         sched.config = config
     elif sched.config != config:
         names = ("batch", "s_q", "h_q", "page_block_size", "h_kv", "causal")
@@ -273,10 +328,20 @@ def host_plan(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int, num_sm
 
 
 def kernel_for_device(device=None, kernel: str = "auto") -> str:
-    """Name of the decode kernel that runs on ``device`` for the given choice."""
-    if kernel not in _KERNELS:
+    """Name of the decode kernel that runs on ``device`` (a CUDA device, its index, or None for
+    the current one) for the given choice. RuntimeError without a usable CUDA device."""
+    if type(kernel) is not str or kernel not in _KERNELS:
         raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
-    index = torch.device(device if device is not None else "cuda").index
-    if index is None:
-        index = torch.cuda.current_device()
+    if device is None:
+        dev = torch.device("cuda")
+    elif isinstance(device, (str, torch.device)):
+        dev = torch.device(device)
+    else:  # an index (torch.device(int) needs an accelerator to resolve it)
+        dev = torch.device("cuda", _int_arg(device, "device"))
+    if dev.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device, got {dev}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("flash_mla: no CUDA device is available (torch.cuda.is_available() is False: no GPU, "
+                           "no driver, or a CPU-only build of torch)")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
     return _C.kernel_name(index, _KERNELS[kernel])

@@ -9,12 +9,18 @@ exercised with CPU tensors. Conventions:
   softmax_scale / head_dim_v -> ValueError;
 * everything right but on the CPU -> ValueError mentioning CUDA;
 * each message names the offending argument.
+
+Eager calls take the direct path into the compiled module; the tables of accepted and rejected
+arguments also run through the torch.library custom ops (``path`` = "custom_op"), which must
+give the same exceptions.
 """
 
 from __future__ import annotations
 
 import math
 import re
+
+import numpy as np
 
 import pytest
 import torch
@@ -37,6 +43,15 @@ ORDER = ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v",
 
 def call(args, **kwargs):
     return flash_mla_with_kvcache(*(args[name] for name in ORDER), **kwargs)
+
+
+@pytest.fixture(params=["direct", "custom_op"])
+def path(request, monkeypatch):
+    """Runs a test on the direct eager path and again through the torch.library custom ops."""
+    from flash_mla import _torch_ops
+
+    monkeypatch.setattr(_torch_ops, "DIRECT_EAGER", request.param == "direct")
+    return request.param
 
 
 def last_dim_strided(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +99,7 @@ ACCEPTED = {
 
 
 @pytest.mark.parametrize("kwargs", list(ACCEPTED.values()), ids=list(ACCEPTED))
-def test_cpu_tensors_rejected_with_cuda_message(kwargs):
+def test_cpu_tensors_rejected_with_cuda_message(kwargs, path):
     with pytest.raises(ValueError, match=CUDA):
         call(cpu_decode_args(**kwargs))
 
@@ -104,7 +119,7 @@ ACCEPTED_LAYOUTS = {
 
 
 @pytest.mark.parametrize("mutate", list(ACCEPTED_LAYOUTS.values()), ids=list(ACCEPTED_LAYOUTS))
-def test_valid_layouts_reach_device_check(mutate):
+def test_valid_layouts_reach_device_check(mutate, path):
     args = cpu_decode_args()
     mutate(args)
     with pytest.raises(ValueError, match=CUDA):
@@ -220,7 +235,7 @@ REJECTED = {
 
 
 @pytest.mark.parametrize("mutate, exc, match", list(REJECTED.values()), ids=list(REJECTED))
-def test_rejected_arguments(mutate, exc, match):
+def test_rejected_arguments(mutate, exc, match, path):
     args = cpu_decode_args()
     mutate(args)
     with pytest.raises(exc, match=match) as info:
@@ -441,3 +456,149 @@ def test_package_exports():
     for name in ("FlashMLASchedMeta", "flash_mla_with_kvcache", "get_mla_metadata", "host_plan",
                  "kernel_for_device"):
         assert callable(getattr(flash_mla, name)), name
+
+
+# ----------------------------------------------------------------------------------------------
+# scalar arguments: TypeError naming the argument (not a dispatcher message)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [1.5, 16.0, "16", None, True, False, [16], np.float32(16)],
+                         ids=["float", "float_integral", "str", "none", "true", "false", "list", "np_float"])
+@pytest.mark.parametrize("name", ["num_heads_per_head_k", "num_heads_k"])
+def test_get_mla_metadata_head_count_types(name, value):
+    kwargs = dict(num_heads_per_head_k=16, num_heads_k=1)
+    kwargs[name] = value
+    with pytest.raises(TypeError, match=name) as info:
+        get_mla_metadata(seqlens(), **kwargs)
+    if value is not None:
+        assert "expected an int" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [2 ** 31, 2 ** 63, 2 ** 70, -(2 ** 63)], ids=["2^31", "2^63", "2^70", "-2^63"])
+@pytest.mark.parametrize("name", ["num_heads_per_head_k", "num_heads_k"])
+def test_get_mla_metadata_head_count_range(name, value):
+    kwargs = dict(num_heads_per_head_k=16, num_heads_k=1)
+    kwargs[name] = value
+    with pytest.raises(ValueError, match=name):
+        get_mla_metadata(seqlens(), **kwargs)
+
+
+@pytest.mark.parametrize("value", [np.int64(16), np.int32(16), torch.tensor(16)], ids=["np_int64", "np_int32", "tensor"])
+def test_get_mla_metadata_integer_like_head_counts_accepted(value):
+    with pytest.raises(ValueError, match=CUDA):
+        get_mla_metadata(seqlens(), value, 1)
+    with pytest.raises(ValueError, match=CUDA):
+        get_mla_metadata(seqlens(), 16, value // 16)
+
+
+@pytest.mark.parametrize("value", ["abc", "0.1", b"0.1", True, False, 1j, [0.1], object(), torch.ones(2)],
+                         ids=["str", "numeric_str", "bytes", "true", "false", "complex", "list", "object",
+                              "tensor_2"])
+def test_softmax_scale_types(value, path):
+    with pytest.raises(TypeError, match="softmax_scale"):
+        call(cpu_decode_args(), softmax_scale=value)
+
+
+@pytest.mark.parametrize("value", [0.5, 1, np.float32(0.1), np.float64(0.1), torch.tensor(0.1)],
+                         ids=["float", "int", "np_float32", "np_float64", "tensor_0d"])
+def test_softmax_scale_numbers_accepted(value, path):
+    with pytest.raises(ValueError, match=CUDA):
+        call(cpu_decode_args(), softmax_scale=value)
+
+
+@pytest.mark.parametrize("value", [512.0, "512", None, True, [512]], ids=["float", "str", "none", "true", "list"])
+def test_head_dim_v_types(value, path):
+    args = cpu_decode_args()
+    args["head_dim_v"] = value
+    with pytest.raises(TypeError, match="head_dim_v"):
+        call(args)
+
+
+@pytest.mark.parametrize("value", [2 ** 63, 2 ** 70, -(2 ** 63) - 1], ids=["2^63", "2^70", "below_int64"])
+def test_head_dim_v_huge(value, path):
+    args = cpu_decode_args()
+    args["head_dim_v"] = value
+    with pytest.raises(ValueError, match="head_dim_v"):
+        call(args)
+
+
+def test_head_dim_v_numpy_int_accepted(path):
+    args = cpu_decode_args()
+    args["head_dim_v"] = np.int64(512)
+    with pytest.raises(ValueError, match=CUDA):
+        call(args)
+
+
+@pytest.mark.parametrize("value", ["yes", b"", "False"], ids=["str", "bytes", "str_false"])
+def test_causal_strings_rejected(value, path):
+    with pytest.raises(TypeError, match="causal"):
+        call(cpu_decode_args(), causal=value)
+
+
+@pytest.mark.parametrize("value", [0, 1, None, np.bool_(True)], ids=["zero", "one", "none", "np_bool"])
+def test_causal_truthy_values_accepted(value, path):
+    with pytest.raises(ValueError, match=CUDA):
+        call(cpu_decode_args(), causal=value)
+
+
+@pytest.mark.parametrize("kernel", [None, 3, 1.0, ["auto"]], ids=["none", "int", "float", "list"])
+def test_non_string_kernel_choice(kernel):
+    with pytest.raises(ValueError, match="kernel"):
+        call(cpu_decode_args(), kernel=kernel)
+
+
+@pytest.mark.parametrize("name", ["q", "k_cache"])
+def test_inputs_requiring_grad(name, path):
+    """flash-mla has no backward: tensors that require grad are refused with a hint, on both
+    paths (the custom-op path reaches the same check in its implementation)."""
+    args = cpu_decode_args()
+    args[name] = args[name].clone().requires_grad_(True)
+    with pytest.raises(TypeError, match=rf"{name}: .*detach"):
+        call(args)
+
+
+def test_out_requiring_grad(path):
+    args = cpu_decode_args()
+    out = torch.empty((2, 1, 16, DV), dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(TypeError, match=r"out: .*detach"):
+        call(args, out=out)
+
+
+def test_inputs_requiring_grad_under_no_grad(path):
+    """The custom-op path sees the flag as well: refused on both paths alike."""
+    args = cpu_decode_args()
+    args["q"] = args["q"].clone().requires_grad_(True)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"q: .*detach"):
+        call(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel_for_device without a GPU
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA device")
+@pytest.mark.parametrize("device", [None, "cuda", "cuda:0", 0, torch.device("cuda", 1)],
+                         ids=["default", "cuda", "cuda0", "int", "device1"])
+def test_kernel_for_device_without_cuda(device):
+    with pytest.raises(RuntimeError, match="flash_mla: no CUDA device") as info:
+        flash_mla.kernel_for_device(device)
+    assert type(info.value) is RuntimeError  # not torch's AssertionError
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("meta")], ids=["cpu", "meta"])
+def test_kernel_for_device_non_cuda_device(device):
+    with pytest.raises(ValueError, match="device"):
+        flash_mla.kernel_for_device(device)
+
+
+def test_kernel_for_device_bad_arguments():
+    with pytest.raises(ValueError, match="kernel"):
+        flash_mla.kernel_for_device(kernel="bogus")
+    with pytest.raises(ValueError, match="kernel"):
+        flash_mla.kernel_for_device(kernel=None)
+    with pytest.raises(TypeError, match="device"):
+        flash_mla.kernel_for_device(True)
+    with pytest.raises(TypeError, match="device"):
+        flash_mla.kernel_for_device(1.5)

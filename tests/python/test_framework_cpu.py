@@ -473,23 +473,52 @@ class _ReferenceKernels:
         assert isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dtype == torch.int32
         self._real.num_sm_parts(1, rows, heads_kv)  # the positivity checks
 
-    def get_mla_metadata(self, cache_seqlens, meta, splits, stream):
+    def _plan(self, cache_seqlens, meta, splits):
         rows, nsplits = self._real.host_plan([int(x) for x in cache_seqlens.tolist()], meta.shape[0])
         meta.copy_(torch.tensor(rows, dtype=torch.int32).reshape(meta.shape))
         splits.copy_(torch.tensor(nsplits, dtype=torch.int32))
+
+    def get_mla_metadata(self, cache_seqlens, meta, splits, stream):
+        self._plan(cache_seqlens, meta, splits)
+
+    def torch_get_mla_metadata(self, cache_seqlens, rows, heads_kv, prepare):
+        if type(cache_seqlens) is not torch.Tensor:
+            return None
+        assert cache_seqlens.dtype == torch.int32 and cache_seqlens.dim() == 1
+        parts = self._real.num_sm_parts(132, rows, heads_kv)  # also the positivity checks
+        meta, splits, stream = prepare(cache_seqlens, parts, cache_seqlens.shape[0])
+        assert stream == 0
+        self._plan(cache_seqlens, meta, splits)
+        return meta, splits
 
     def check_decode_inputs(self, q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, scale,
                             check_device=True):
         b, s_q, h_q, _ = q.shape
         return b, s_q, h_q, k_cache.shape[2], self._real.workspace_splits(b, meta.shape[0])
 
-    def mla_decode(self, q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, o_accum,
-                   lse_accum, scale, causal, kernel, stream):
+    def _reference(self, q, k_cache, block_table, cache_seqlens, head_dim_v, out, lse, scale, causal):
         from flash_mla.reference import mla_decode_reference
 
         ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal)
         out.copy_(ref_out.to(out.dtype))
         lse.copy_(ref_lse)
+
+    def mla_decode(self, q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, o_accum,
+                   lse_accum, scale, causal, kernel, stream):
+        self._reference(q, k_cache, block_table, cache_seqlens, head_dim_v, out, lse, scale, causal)
+
+    def torch_decode(self, q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, scale, causal,
+                     kernel, prepare):
+        """The real module's checks (all but the device's), then prepare() as the real entry
+        calls it, then the reference in place of the kernels."""
+        b, s_q, h_q, _, ws = self._real.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                                                           meta, splits, scale, check_device=False)
+        given_out, given_lse = out, lse
+        out, lse, workspace, stream = prepare(q, out, lse, b, s_q, h_q, ws)
+        assert stream == 0 and workspace.numel() == ws * s_q * h_q * (DV + 1)
+        assert (given_out is None or out is given_out) and (given_lse is None or lse is given_lse)
+        self._reference(q, k_cache, block_table, cache_seqlens, head_dim_v, out, lse, scale, causal)
+        return out, lse
 
 
 @pytest.fixture
@@ -568,3 +597,137 @@ def test_compiled_module_before_torch_imports_cleanly():
         proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=300)
         assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (code, proc.returncode, proc.stdout[-2000:])
+
+
+# ----------------------------------------------------------------------------------------------
+# which path a call takes: direct into the compiled module when eager, custom ops when traced
+# ----------------------------------------------------------------------------------------------
+
+
+class _CustomOpCalled(Exception):
+    pass
+
+
+@pytest.fixture
+def custom_ops_refuse(monkeypatch):
+    """The custom ops as seen by flash_mla.interface, replaced by functions that raise."""
+    from flash_mla import _torch_ops
+
+    def refuse(*args, **kwargs):
+        raise _CustomOpCalled()
+
+    for name in ("mla_decode", "mla_decode_out", "get_mla_metadata"):
+        monkeypatch.setattr(_torch_ops, name, refuse)
+
+
+@pytest.mark.parametrize("outputs", ["none", "out", "lse", "both"])
+def test_eager_calls_bypass_custom_ops(custom_ops_refuse, outputs):
+    """Plain eager calls go straight to the compiled module (which rejects the CPU tensors after
+    every other check); the custom ops are not called."""
+    kwargs = {"none": {}, "out": dict(out=_out()), "lse": dict(lse=_lse()),
+              "both": dict(out=_out(), lse=_lse())}[outputs]
+    with pytest.raises(ValueError, match=CUDA):
+        call(cpu_decode_args(), **kwargs)
+    with pytest.raises(ValueError, match=CUDA):
+        get_mla_metadata(torch.zeros((2,), dtype=torch.int32), 16, 1)
+
+
+def test_sched_object_eager_bypasses_custom_ops(custom_ops_refuse):
+    args = cpu_decode_args()
+    args["tile_scheduler_metadata"], args["num_splits"] = get_mla_metadata()
+    with pytest.raises(ValueError, match=CUDA):
+        call(args)
+
+
+def test_custom_op_switch(custom_ops_refuse, monkeypatch):
+    from flash_mla import _torch_ops
+
+    monkeypatch.setattr(_torch_ops, "DIRECT_EAGER", False)
+    with pytest.raises(_CustomOpCalled):
+        call(cpu_decode_args())
+    with pytest.raises(_CustomOpCalled):
+        call(cpu_decode_args(), out=_out(), lse=_lse())
+    with pytest.raises(_CustomOpCalled):
+        get_mla_metadata(torch.zeros((2,), dtype=torch.int32), 16, 1)
+
+
+def test_custom_op_switch_environment():
+    code = ("import torch, flash_mla\n"
+            "from flash_mla import _torch_ops\n"
+            "flash_mla.get_mla_metadata()\n"
+            "print(_torch_ops.DIRECT_EAGER)\n")
+    for value, expected in (("1", "False"), ("0", "True"), ("", "True")):
+        env = dict(os.environ, FLASH_MLA_CUSTOM_OP_ONLY=value)
+        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=300, env=env)
+        assert proc.returncode == 0 and proc.stdout.strip().endswith(expected), (value, proc.stdout[-2000:])
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("name", ["q", "k_cache", "block_table", "num_splits"])
+def test_tensor_subclasses_take_custom_op_path(custom_ops_refuse, name):
+    """A tensor subclass may define __torch_function__ / __torch_dispatch__: the compiled module
+    hands such calls back to the custom ops (which dispatch through the subclass)."""
+    args = cpu_decode_args()
+    args[name] = args[name].as_subclass(_Subclass)
+    with pytest.raises(_CustomOpCalled):
+        call(args)
+
+
+def test_parameters_take_direct_path(custom_ops_refuse):
+    args = cpu_decode_args()
+    args["k_cache"] = torch.nn.Parameter(args["k_cache"], requires_grad=False)
+    with pytest.raises(ValueError, match=CUDA):
+        call(args)
+
+
+def test_eager_direct_conditions():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from flash_mla._torch_ops import eager_direct
+
+    t = torch.zeros(3)
+    assert eager_direct(t)
+    assert not eager_direct(torch.zeros(3, device="meta"))
+    assert not eager_direct(t.as_subclass(_Subclass))
+    assert not eager_direct(np.zeros(3))
+    with FakeTensorMode() as mode:
+        assert not eager_direct(torch.zeros(3))
+        assert not eager_direct(mode.from_tensor(t))
+    seen = []
+    make_fx(lambda x: seen.append(eager_direct(x)) or x + 1)(t)
+    torch.vmap(lambda x: seen.append(eager_direct(x)) or x)(torch.zeros(2, 3))
+    assert seen == [False, False]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x + 1 if eager_direct(x) else x - 1, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(t), t - 1)
+    torch._dynamo.reset()
+
+
+def test_direct_path_with_reference_kernels_matches_custom_ops(reference_kernels, monkeypatch):
+    """The same call on both paths gives the same result (reference kernels on the CPU), with and
+    without preallocated outputs; out= / lse= are written in place and returned as given."""
+    from flash_mla import _torch_ops
+
+    case = _cpu_case()
+    meta, splits = get_mla_metadata(case.cache_seqlens, case.rows_per_kv_head, case.h_kv)
+    args = (case.q, case.k_cache, case.block_table, case.cache_seqlens, DV, meta, splits)
+    results = {}
+    for direct in (True, False):
+        monkeypatch.setattr(_torch_ops, "DIRECT_EAGER", direct)
+        out, lse = flash_mla_with_kvcache(*args, causal=True)
+        o2 = torch.full_like(out, math.nan)
+        l2 = torch.full_like(lse, math.nan)
+        r_out, r_lse = flash_mla_with_kvcache(*args, causal=True, out=o2, lse=l2)
+        assert r_out is o2 and r_lse is l2
+        only_lse = torch.full_like(lse, math.nan)
+        r_out3, r_lse3 = flash_mla_with_kvcache(*args, causal=True, lse=only_lse)
+        assert r_lse3 is only_lse
+        for got in ((r_out, r_lse), (r_out3, r_lse3)):
+            assert torch.equal(got[0], out) and torch.equal(got[1], lse)
+        results[direct] = (out, lse)
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
