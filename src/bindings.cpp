@@ -491,9 +491,10 @@ uintptr_t stream_handle_of(nb::handle h) {
 
 /// flash_mla_with_kvcache on torch tensors. Returns (out, lse), or None when an argument is not
 /// a plain torch.Tensor (the caller then takes the custom-op path, which handles the rest).
-/// `prepare(q, out, lse, batch, s_q, h_q, workspace_splits)` runs after every check: it returns
-/// (out, lse, workspace, stream) with the missing outputs and the float32 workspace of
-/// workspace_splits * s_q * h_q * 513 elements allocated on q's device, and the stream handle.
+/// `prepare(q, out, lse, batch, s_q, h_q, workspace_splits, device)` runs after every check: it
+/// returns (out, lse, workspace, stream) with the missing outputs (out / lse None) and the
+/// float32 workspace of workspace_splits * s_q * h_q * 513 elements allocated on q's device
+/// (cuda:device), and the handle of the stream to launch on.
 nb::object torch_decode(nb::handle q_h, nb::handle k_h, nb::handle bt_h, nb::handle sl_h, int64_t head_dim_v,
                         nb::handle meta_h, nb::handle splits_h, nb::handle out_h, nb::handle lse_h, double softmax_scale,
                         bool causal, int kernel, nb::handle prepare) {
@@ -526,7 +527,7 @@ nb::object torch_decode(nb::handle q_h, nb::handle k_h, nb::handle bt_h, nb::han
 
   // Every check passed: allocate what is missing (torch, on q's device) and launch.
   const int splits_n = in.workspace_splits();
-  nb::object ready = nb::borrow(prepare)(q_h, out_h, lse_h, p.batch, p.seqlen_q, p.num_heads_q, splits_n);
+  nb::object ready = nb::borrow(prepare)(q_h, out_h, lse_h, p.batch, p.seqlen_q, p.num_heads_q, splits_n, device);
   if (!PyTuple_Check(ready.ptr()) || PyTuple_GET_SIZE(ready.ptr()) != 4) {
     throw std::runtime_error("flash_mla: prepare() must return (out, lse, workspace, stream)");
   }
@@ -571,7 +572,7 @@ std::tuple<int, int, int, int, int> torch_check_decode(nb::handle q_h, nb::handl
 }
 
 /// get_mla_metadata on a torch tensor. Returns (tile_scheduler_metadata, num_splits), or None
-/// when cache_seqlens is not a plain torch.Tensor. `prepare(cache_seqlens, num_sm_parts, batch)`
+/// when cache_seqlens is not a plain torch.Tensor. `prepare(cache_seqlens, num_sm_parts, batch, device)`
 /// runs after the checks and returns (meta, splits, stream): new int32 tensors (num_sm_parts, 8)
 /// and (batch + 1,) on cache_seqlens' device, and the stream handle.
 nb::object torch_get_mla_metadata(nb::handle sl_h, int64_t rows_per_kv_head, int64_t heads_kv, nb::handle prepare) {
@@ -584,7 +585,7 @@ nb::object torch_get_mla_metadata(nb::handle sl_h, int64_t rows_per_kv_head, int
   const int device = common_cuda_device({&sl});
   const int batch = sl.size(0);
   const int parts = flash_mla::num_sm_parts_for(sm_count(device), rows, kv);
-  nb::object ready = nb::borrow(prepare)(sl_h, parts, batch);
+  nb::object ready = nb::borrow(prepare)(sl_h, parts, batch, device);
   if (!PyTuple_Check(ready.ptr()) || PyTuple_GET_SIZE(ready.ptr()) != 3) {
     throw std::runtime_error("flash_mla: prepare() must return (meta, splits, stream)");
   }

@@ -55,15 +55,21 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# torch's current stream as a raw handle: torch._C._cuda_getCurrentRawStream (what compiled
+# code uses) where it exists, else the public (slower) torch.cuda.current_stream().
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_stream_handle(device_index: int) -> int:
+    """Handle of torch's current CUDA stream on device ``device_index``."""
+    if _raw_stream is not None:
+        return _raw_stream(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 def stream_of(device: torch.device) -> int:
     """Handle of torch's current CUDA stream on ``device``."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if _raw_stream is not None:
-        return _raw_stream(index)
-    return torch.cuda.current_stream(index).cuda_stream
+    return current_stream_handle(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _fake_num_sms(device: torch.device) -> int:
@@ -94,25 +100,26 @@ def eager_direct(t) -> bool:
             and not _dispatch_modes() and not _functorch_active())
 
 
+_float32, _int32 = torch.float32, torch.int32
+
+
 def _prepare_decode(q: Tensor, out: Optional[Tensor], lse: Optional[Tensor], batch: int, seqlen_q: int,
-                    heads_q: int, workspace_splits: int):
+                    heads_q: int, workspace_splits: int, device_index: int):
     """Called back by _C.torch_decode once every argument is checked: the missing outputs, the
-    split workspace (o_accum then lse_accum, one float32 buffer) and the stream."""
-    device = q.device
+    split workspace (o_accum then lse_accum, one float32 buffer), all on q's device (cuda:
+    ``device_index``), and the stream. (new_empty: q's device and dtype without parsing them.)"""
     if out is None:
-        out = torch.empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=q.dtype, device=device)
+        out = q.new_empty((batch, seqlen_q, heads_q, HEAD_DIM_V))
     if lse is None:
-        lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=device)
-    workspace = torch.empty((workspace_splits * seqlen_q * heads_q * (HEAD_DIM_V + 1),), dtype=torch.float32,
-                            device=device)
-    return out, lse, workspace, stream_of(device)
+        lse = q.new_empty((batch, heads_q, seqlen_q), dtype=_float32)
+    workspace = q.new_empty((workspace_splits * seqlen_q * heads_q * (HEAD_DIM_V + 1),), dtype=_float32)
+    return out, lse, workspace, current_stream_handle(device_index)
 
 
-def _prepare_metadata(cache_seqlens: Tensor, parts: int, batch: int):
-    device = cache_seqlens.device
-    meta = torch.empty((parts, META_INTS), dtype=torch.int32, device=device)
-    splits = torch.empty((batch + 1,), dtype=torch.int32, device=device)
-    return meta, splits, stream_of(device)
+def _prepare_metadata(cache_seqlens: Tensor, parts: int, batch: int, device_index: int):
+    meta = cache_seqlens.new_empty((parts, META_INTS), dtype=_int32)
+    splits = cache_seqlens.new_empty((batch + 1,), dtype=_int32)
+    return meta, splits, current_stream_handle(device_index)
 
 
 def decode(q, k_cache, block_table, cache_seqlens, head_dim_v: int, meta, splits, softmax_scale: float,

@@ -288,19 +288,19 @@ def _is_traced(t: torch.Tensor) -> bool:
 
 def _plan_sched(sched: FlashMLASchedMeta, q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
                 causal):
-    _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens)
-    if sched.config is None and not _is_traced(q):
-        # Every input check before the planning launch (the metadata's come with the decode).
-        # (Under torch.compile the custom ops' fake implementations check shapes instead.)
-        _C.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, None, None, softmax_scale,
-                              check_device=False)
-        for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table)):
-            if t.device != cache_seqlens.device:
-                raise ValueError(f"{name}: must be on cache_seqlens' device ({cache_seqlens.device}), got {t.device}")
-    batch, seqlen_q, heads_q, _ = q.shape
-    page, heads_kv = k_cache.shape[1], k_cache.shape[2]
-    config = (batch, seqlen_q, heads_q, page, heads_kv, bool(causal))
     if sched.config is None:
+        _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens)
+        if not _is_traced(q):
+            # Every input check before the planning launch (the metadata's come with the decode).
+            # (Under torch.compile the custom ops' fake implementations check shapes instead.)
+            _C.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, None, None, softmax_scale,
+                                  check_device=False)
+            for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table)):
+                if t.device != cache_seqlens.device:
+                    raise ValueError(f"{name}: must be on cache_seqlens' device ({cache_seqlens.device}), "
+                                     f"got {t.device}")
+        batch, seqlen_q, heads_q, _ = q.shape
+        page, heads_kv = k_cache.shape[1], k_cache.shape[2]
         rows = seqlen_q * heads_q // heads_kv
         planned = None
         if _torch_ops.eager_direct(cache_seqlens):
@@ -308,12 +308,18 @@ def _plan_sched(sched: FlashMLASchedMeta, q, k_cache, block_table, cache_seqlens
         if planned is None:
             planned = _torch_ops.get_mla_metadata(cache_seqlens, rows, heads_kv)
         sched.tile_scheduler_metadata, sched.num_splits = planned
-        sched.config = config
-    elif sched.config != config:
-        names = ("batch", "s_q", "h_q", "page_block_size", "h_kv", "causal")
-        diff = ", ".join(f"{n}: {a} -> {b}" for n, a, b in zip(names, sched.config, config) if a != b)
-        raise ValueError(f"FlashMLASchedMeta was planned for another configuration ({diff}); "
-                         "create a new one with get_mla_metadata()")
+        sched.config = (batch, seqlen_q, heads_q, page, heads_kv, bool(causal))
+        return planned
+    # Planned: the configuration must not have changed. (Arguments of the wrong kind or rank are
+    # left to the decode's own checks, which name them.)
+    q_shape, k_shape = getattr(q, "shape", ()), getattr(k_cache, "shape", ())
+    if len(q_shape) == 4 and len(k_shape) == 4:
+        config = (q_shape[0], q_shape[1], q_shape[2], k_shape[1], k_shape[2], bool(causal))
+        if config != sched.config:
+            names = ("batch", "s_q", "h_q", "page_block_size", "h_kv", "causal")
+            diff = ", ".join(f"{n}: {a} -> {b}" for n, a, b in zip(names, sched.config, config) if a != b)
+            raise ValueError(f"FlashMLASchedMeta was planned for another configuration ({diff}); "
+                             "create a new one with get_mla_metadata()")
     return sched.tile_scheduler_metadata, sched.num_splits
 
 

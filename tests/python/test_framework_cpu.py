@@ -486,7 +486,7 @@ class _ReferenceKernels:
             return None
         assert cache_seqlens.dtype == torch.int32 and cache_seqlens.dim() == 1
         parts = self._real.num_sm_parts(132, rows, heads_kv)  # also the positivity checks
-        meta, splits, stream = prepare(cache_seqlens, parts, cache_seqlens.shape[0])
+        meta, splits, stream = prepare(cache_seqlens, parts, cache_seqlens.shape[0], -1)
         assert stream == 0
         self._plan(cache_seqlens, meta, splits)
         return meta, splits
@@ -514,7 +514,7 @@ class _ReferenceKernels:
         b, s_q, h_q, _, ws = self._real.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                                            meta, splits, scale, check_device=False)
         given_out, given_lse = out, lse
-        out, lse, workspace, stream = prepare(q, out, lse, b, s_q, h_q, ws)
+        out, lse, workspace, stream = prepare(q, out, lse, b, s_q, h_q, ws, -1)
         assert stream == 0 and workspace.numel() == ws * s_q * h_q * (DV + 1)
         assert (given_out is None or out is given_out) and (given_lse is None or lse is given_lse)
         self._reference(q, k_cache, block_table, cache_seqlens, head_dim_v, out, lse, scale, causal)
@@ -529,6 +529,7 @@ def reference_kernels(monkeypatch):
     monkeypatch.setattr(_torch_ops, "num_sms", lambda index: 132)
     monkeypatch.setattr(_torch_ops, "_fake_num_sms", lambda device: 132)
     monkeypatch.setattr(_torch_ops, "stream_of", lambda device: 0)
+    monkeypatch.setattr(_torch_ops, "current_stream_handle", lambda index: 0)
 
 
 def _cpu_case(b=3, s_q=2, h_q=16, h_kv=1, lengths=(70, 0, 130), seed=0):
@@ -731,3 +732,20 @@ def test_direct_path_with_reference_kernels_matches_custom_ops(reference_kernels
             assert torch.equal(got[0], out) and torch.equal(got[1], lse)
         results[direct] = (out, lse)
     assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
+
+
+def test_sched_object_planned_checks(reference_kernels):
+    """After planning: another configuration raises ValueError naming what changed; arguments of
+    the wrong rank reach the decode's own checks (which name them)."""
+    case = _cpu_case()
+    sched, _ = get_mla_metadata()
+    args = (case.q, case.k_cache, case.block_table, case.cache_seqlens, DV, sched, None)
+    flash_mla_with_kvcache(*args, causal=True)
+    with pytest.raises(ValueError, match="causal: True -> False"):
+        flash_mla_with_kvcache(*args, causal=False)
+    with pytest.raises(ValueError, match="h_q: 16 -> 8"):
+        flash_mla_with_kvcache(case.q[:, :, :8], *args[1:], causal=True)
+    with pytest.raises(ValueError, match=r"q: expected 4 dims"):
+        flash_mla_with_kvcache(case.q[0], *args[1:], causal=True)
+    with pytest.raises(TypeError, match="q: expected a torch.Tensor"):
+        flash_mla_with_kvcache(case.q.float().numpy(), *args[1:], causal=True)
