@@ -44,30 +44,31 @@ FLASH_MLA_HOST_DEVICE int num_sm_parts_for(int num_sms, int rows_per_kv_head, in
 /// Upper bound on the number of splits of a plan: every part boundary adds at most one segment.
 FLASH_MLA_HOST_DEVICE int max_splits_of(int batch, int num_sm_parts) { return batch + num_sm_parts; }
 
-/// Fills meta[num_parts * kMetaInts] and num_splits[batch + 1] from seqlens[batch].
-/// Greedy: every part gets about ceil(total / parts) cost units, a request's cost being its
-/// pages plus kSegmentFixedCost per segment; the last part takes whatever is left.
-FLASH_MLA_HOST_DEVICE void plan_split_kv(const int32_t* seqlens, int batch, int num_parts,
-                                        int32_t* meta, int32_t* num_splits) {
-  long long total = 0;
-  for (int i = 0; i < batch; ++i) total += pages_of(seqlens[i]) + kSegmentFixedCost;
-  const long long payload = (total + num_parts - 1) / num_parts + kSegmentFixedCost;
-
+/// The greedy plan for one payload: part after part takes up to `payload` cost units, a request's
+/// cost being its pages plus kSegmentFixedCost per segment; a request that does not fit whole is
+/// split (the part takes what fits). Returns whether every request was placed. With
+/// kLastTakesRest the last part takes whatever is left (always true then). meta / num_splits are
+/// written when non-null.
+template <bool kLastTakesRest>
+FLASH_MLA_HOST_DEVICE bool greedy_plan(const int32_t* seqlens, int batch, int num_parts, long long payload,
+                                       int32_t* meta, int32_t* num_splits) {
   int req = 0, page = 0, split = 0, splits_done = 0;
-  num_splits[0] = 0;
+  if (num_splits != nullptr) num_splits[0] = 0;
   for (int p = 0; p < num_parts; ++p) {
-    int32_t* row = meta + p * kMetaInts;
-    row[0] = req;
-    row[1] = page;
-    row[4] = split;
+    int32_t* row = meta != nullptr ? meta + p * kMetaInts : nullptr;
+    if (row != nullptr) {
+      row[0] = req;
+      row[1] = page;
+      row[4] = split;
+    }
     long long remain = payload;
-    const bool last = p == num_parts - 1;
+    const bool take_rest = kLastTakesRest && p == num_parts - 1;
     while (req < batch) {
       const int left = pages_of(seqlens[req]) - page;
-      if (last || remain >= left + kSegmentFixedCost) {  // finish this request here
+      if (take_rest || remain >= left + kSegmentFixedCost) {  // finish this request here
         remain -= left + kSegmentFixedCost;
         splits_done += split + 1;
-        num_splits[req + 1] = splits_done;
+        if (num_splits != nullptr) num_splits[req + 1] = splits_done;
         ++req;
         page = 0;
         split = 0;
@@ -80,15 +81,67 @@ FLASH_MLA_HOST_DEVICE void plan_split_kv(const int32_t* seqlens, int batch, int 
         break;
       }
     }
-    if (page > 0) {
-      row[2] = req;
-      row[3] = page;
-    } else {
-      row[2] = req - 1;
-      row[3] = req > 0 ? pages_of(seqlens[req - 1]) : 0;
+    if (row != nullptr) {
+      if (page > 0) {
+        row[2] = req;
+        row[3] = page;
+      } else {
+        row[2] = req - 1;
+        row[3] = req > 0 ? pages_of(seqlens[req - 1]) : 0;
+      }
+      row[5] = row[6] = row[7] = 0;
     }
-    row[5] = row[6] = row[7] = 0;
   }
+  return req >= batch;
+}
+
+/// Payloads tried by the balancing search: ceil(total / parts) + k for k < kPayloadCandidates (the
+/// smallest feasible payload was at most kSegmentFixedCost above the share in every plan we
+/// simulated; the cap keeps every part within share + fixed cost + 1). The device evaluates them
+/// in parallel (one per thread of the metadata kernel), the host one after the other; both take
+/// the smallest feasible one.
+constexpr int kPayloadCandidates = kSegmentFixedCost + 2;
+
+struct PayloadSearch {
+  long long first = 0;  // smallest candidate: ceil(total / parts)
+
+  FLASH_MLA_HOST_DEVICE long long candidate(int k) const { return first + k; }
+  /// Payload of the last-part-takes-the-rest plan, used when no candidate is feasible.
+  FLASH_MLA_HOST_DEVICE long long fallback() const { return first + kSegmentFixedCost; }
+
+  FLASH_MLA_HOST_DEVICE static PayloadSearch of(const int32_t* seqlens, int batch, int num_parts) {
+    long long total = 0;
+    for (int i = 0; i < batch; ++i) total += pages_of(seqlens[i]) + kSegmentFixedCost;
+    PayloadSearch s;
+    s.first = (total + num_parts - 1) / num_parts;
+    return s;
+  }
+};
+
+/// Fills meta[num_parts * kMetaInts] and num_splits[batch + 1] from seqlens[batch] with the
+/// greedy plan of the given payload (candidate index k of the search), or, for k < 0, the plan
+/// whose last part takes whatever is left.
+FLASH_MLA_HOST_DEVICE void write_plan(const int32_t* seqlens, int batch, int num_parts, const PayloadSearch& search,
+                                      int k, int32_t* meta, int32_t* num_splits) {
+  if (k >= 0) {
+    greedy_plan<false>(seqlens, batch, num_parts, search.candidate(k), meta, num_splits);
+  } else {
+    greedy_plan<true>(seqlens, batch, num_parts, search.fallback(), meta, num_splits);
+  }
+}
+
+/// The split-KV plan: the smallest payload whose greedy plan places every request (so the busiest
+/// part is as light as the greedy allows and no part is left idle while others carry extra
+/// work); if no candidate is feasible, the plan with payload ceil(total / parts) + fixed cost and
+/// the last part taking the rest.
+FLASH_MLA_HOST_DEVICE void plan_split_kv(const int32_t* seqlens, int batch, int num_parts, int32_t* meta,
+                                        int32_t* num_splits) {
+  const PayloadSearch search = PayloadSearch::of(seqlens, batch, num_parts);
+  int chosen = -1;
+  for (int k = 0; k < kPayloadCandidates && chosen < 0; ++k) {
+    if (greedy_plan<false>(seqlens, batch, num_parts, search.candidate(k), nullptr, nullptr)) chosen = k;
+  }
+  write_plan(seqlens, batch, num_parts, search, chosen, meta, num_splits);
 }
 
 /// Host reference of the plan, for tests and C++ callers that plan on the CPU.
