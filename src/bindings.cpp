@@ -213,6 +213,7 @@ struct Arg {
 struct TorchApi {
   PyTypeObject* tensor = nullptr;
   PyTypeObject* parameter = nullptr;
+  PyObject* to_dlpack = nullptr;  // torch._C._to_dlpack where available (the C-level exporter)
   PyObject* dtypes[5] = {};  // in DT order: bfloat16, float16, float32, int32, int64
   PyObject *s_shape = nullptr, *s_stride = nullptr, *s_data_ptr = nullptr, *s_dtype = nullptr, *s_is_cuda = nullptr,
            *s_get_device = nullptr, *s_requires_grad = nullptr, *s_device = nullptr, *s_type = nullptr;
@@ -252,6 +253,62 @@ void read_int_tuple(PyObject* tuple, const char* what, int64_t* out, int n) {
   for (int i = 0; i < n; ++i) out[i] = py_int64(PyTuple_GET_ITEM(tuple, i));
 }
 
+/// The name of a dtype outside DT, as torch prints it without "torch." ("float64", "bool").
+std::string torch_dtype_name(PyObject* o) {
+  Ref dtype(PyObject_GetAttr(o, g_torch.s_dtype));
+  Ref str(PyObject_Str(dtype.get()));
+  const char* c = PyUnicode_AsUTF8(str.get());
+  const std::string s = c != nullptr ? c : "?";
+  return s.rfind("torch.", 0) == 0 ? s.substr(6) : s;
+}
+
+/// "the CPU" or "device type <torch's device type>", for the device error of a non-CUDA tensor.
+std::string torch_device_where(PyObject* o) {
+  Ref device(PyObject_GetAttr(o, g_torch.s_device));
+  Ref type(PyObject_GetAttr(device.get(), g_torch.s_type));
+  const char* c = PyUnicode_Check(type.get()) ? PyUnicode_AsUTF8(type.get()) : nullptr;
+  const std::string t = c != nullptr ? c : "?";
+  return t == "cpu" ? "the CPU" : "device type " + t;
+}
+
+/// Fills v from the DLPack capsule of torch._C._to_dlpack (one C call instead of seven
+/// attribute reads). False (nothing raised) where that exporter refuses the tensor or gives
+/// something unexpected: the caller then reads the attributes.
+bool torch_view_from_capsule(PyObject* o, View& v) {
+  PyObject* capsule = PyObject_CallOneArg(g_torch.to_dlpack, o);
+  if (capsule == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  Ref keep(capsule);  // torch's capsule destructor frees the export (it was not consumed)
+  if (!PyCapsule_IsValid(capsule, "dltensor")) return false;
+  const auto* t = static_cast<const nb::dlpack::dltensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+  if (t == nullptr || t->ndim < 0) {
+    PyErr_Clear();
+    return false;
+  }
+  const nb::dlpack::dtype dt = t->dtype;
+  v.dtype = dt == kDlBF16 ? DT::kBF16 : dt == kDlFP16 ? DT::kFP16 : dt == kDlFP32 ? DT::kFP32
+          : dt == kDlI32  ? DT::kI32  : dt == kDlI64  ? DT::kI64  : DT::kOther;
+  v.ndim = t->ndim;
+  const int n = v.ndim < kMaxDims ? v.ndim : kMaxDims;
+  int64_t compact = 1;
+  for (int i = v.ndim; i-- > 0;) {
+    const int64_t size = t->shape[i];
+    if (i < n) {
+      v.dims[i] = size;
+      v.strides[i] = t->strides != nullptr ? t->strides[i] : compact;
+    }
+    compact *= size;
+  }
+  v.data = static_cast<char*>(t->data) + t->byte_offset;
+  v.cuda = t->device.device_type == nb::device::cuda::value;
+  v.device_id = t->device.device_id;
+  if (v.dtype == DT::kOther) v.other_dtype = torch_dtype_name(o);
+  if (!v.cuda) v.where = torch_device_where(o);
+  return true;
+}
+
 View torch_view(const char* name, nb::handle h) {
   PyObject* o = h.ptr();
   View v;
@@ -262,16 +319,14 @@ View torch_view(const char* name, nb::handle h) {
       type_error(v.prefix() + "the tensor requires grad; flash-mla computes no gradients: pass .detach()");
     }
   }
+  if (g_torch.to_dlpack != nullptr && torch_view_from_capsule(o, v)) return v;
   {
     Ref dtype(PyObject_GetAttr(o, g_torch.s_dtype));
     for (int i = 0; i < 5; ++i) {
       if (dtype.get() == g_torch.dtypes[i]) v.dtype = static_cast<DT>(i);
     }
-    if (v.dtype == DT::kOther) {
-      std::string s = nb::borrow<nb::str>(Ref(PyObject_Str(dtype.get())).get()).c_str();
-      v.other_dtype = s.rfind("torch.", 0) == 0 ? s.substr(6) : s;
-    }
   }
+  if (v.dtype == DT::kOther) v.other_dtype = torch_dtype_name(o);
   {
     Ref shape(PyObject_GetAttr(o, g_torch.s_shape));
     if (!PyTuple_Check(shape.get())) type_error(v.prefix() + "torch returned a non-tuple shape");
@@ -297,10 +352,7 @@ View torch_view(const char* name, nb::handle h) {
     Ref index(PyObject_CallMethodNoArgs(o, g_torch.s_get_device));
     v.device_id = static_cast<int>(py_int64(index.get()));
   } else {
-    Ref device(PyObject_GetAttr(o, g_torch.s_device));
-    Ref type(PyObject_GetAttr(device.get(), g_torch.s_type));
-    const std::string t = PyUnicode_Check(type.get()) ? PyUnicode_AsUTF8(type.get()) : "?";
-    v.where = t == "cpu" ? "the CPU" : "device type " + t;
+    v.where = torch_device_where(o);
   }
   return v;
 }
@@ -702,7 +754,7 @@ NB_MODULE(_C, m) {
   // ---- the torch path (flash_mla._torch_ops): tensors read without DLPack ----
 
   m.def("torch_setup", [](nb::handle tensor_type, nb::handle parameter_type, nb::handle bf16, nb::handle fp16,
-                          nb::handle fp32, nb::handle i32, nb::handle i64) {
+                          nb::handle fp32, nb::handle i32, nb::handle i64, nb::handle to_dlpack) {
     if (!PyType_Check(tensor_type.ptr()) || !PyType_Check(parameter_type.ptr())) {
       type_error("torch_setup: expected torch.Tensor and torch.nn.Parameter");
     }
@@ -712,6 +764,7 @@ NB_MODULE(_C, m) {
       return h.ptr();
     };
     g_torch.parameter = reinterpret_cast<PyTypeObject*>(keep(parameter_type));
+    g_torch.to_dlpack = to_dlpack.is_none() ? nullptr : keep(to_dlpack);
     PyObject* dtypes[5] = {keep(bf16), keep(fp16), keep(fp32), keep(i32), keep(i64)};
     for (int i = 0; i < 5; ++i) g_torch.dtypes[i] = dtypes[i];
     const auto intern = [](const char* s) {
@@ -730,8 +783,9 @@ NB_MODULE(_C, m) {
     g_torch.s_type = intern("type");
     g_torch.tensor = reinterpret_cast<PyTypeObject*>(keep(tensor_type));  // last: marks the API ready
   }, nb::arg("tensor_type"), nb::arg("parameter_type"), nb::arg("bfloat16"), nb::arg("float16"), nb::arg("float32"),
-     nb::arg("int32"), nb::arg("int64"),
-     "Hands torch's Tensor types and dtypes to the torch entry points (called once by flash_mla._torch_ops).");
+     nb::arg("int32"), nb::arg("int64"), nb::arg("to_dlpack").none(),
+     "Hands torch's Tensor types, dtypes and (optional, None: attributes only) its C-level DLPack\n"
+     "exporter to the torch entry points (called once by flash_mla._torch_ops).");
 
   m.def("torch_decode", &torch_decode, nb::arg("q"), nb::arg("k_cache"), nb::arg("block_table"),
         nb::arg("cache_seqlens"), nb::arg("head_dim_v"), nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"),

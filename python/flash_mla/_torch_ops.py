@@ -46,8 +46,14 @@ from .ops import HEAD_DIM_V, INPUT_CHECK_WORDS, META_INTS, input_check_error
 # (shape propagation only: nothing runs there).
 _FAKE_NUM_SMS = 132
 
+# torch._C._to_dlpack exports a tensor's shape, strides, dtype, device and data pointer in one
+# C call (Tensor.__dlpack__ adds a slow Python layer); without it the compiled module reads the
+# tensors' attributes. FLASH_MLA_TENSOR_READ=attributes forces the latter.
+_TO_DLPACK = getattr(torch._C, "_to_dlpack", None)
+if os.environ.get("FLASH_MLA_TENSOR_READ", "") == "attributes":
+    _TO_DLPACK = None
 _C.torch_setup(torch.Tensor, torch.nn.Parameter, torch.bfloat16, torch.float16, torch.float32, torch.int32,
-               torch.int64)
+               torch.int64, _TO_DLPACK)
 
 
 @functools.lru_cache(maxsize=None)

@@ -602,3 +602,85 @@ def test_kernel_for_device_bad_arguments():
         flash_mla.kernel_for_device(True)
     with pytest.raises(TypeError, match="device"):
         flash_mla.kernel_for_device(1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the compiled module's two ways of reading a torch tensor give the same answers
+# ----------------------------------------------------------------------------------------------
+
+_READER_SCRIPT = r"""
+import json, torch
+import flash_mla
+from flash_mla import flash_mla_with_kvcache
+D, PAGE = 576, 64
+def base():
+    return dict(q=torch.zeros((2, 1, 16, D), dtype=torch.bfloat16),
+                k_cache=torch.zeros((4, PAGE, 1, D), dtype=torch.bfloat16),
+                block_table=torch.zeros((2, 2), dtype=torch.int32),
+                cache_seqlens=torch.full((2,), 70, dtype=torch.int32),
+                meta=torch.zeros((4, 8), dtype=torch.int32), splits=torch.zeros((3,), dtype=torch.int32))
+cases = {
+    "ok": {},
+    "q_f64": dict(q=torch.zeros((2, 1, 16, D), dtype=torch.float64)),
+    "k_bool": dict(k_cache=torch.zeros((4, PAGE, 1, D), dtype=torch.bool)),
+    "k_complex": dict(k_cache=torch.zeros((4, PAGE, 1, D), dtype=torch.complex64)),
+    "q_rank9": dict(q=torch.zeros((1,) * 5 + (2, 1, 16, D), dtype=torch.bfloat16)),
+    "q_strided": dict(q=torch.zeros((2, 1, 16, 2 * D), dtype=torch.bfloat16)[..., ::2]),
+    "q_transposed": dict(q=torch.zeros((2, 16, 1, D), dtype=torch.bfloat16).transpose(1, 2)),
+    "bt_expanded": dict(block_table=torch.zeros((1, 2), dtype=torch.int32).expand(2, 2)),
+    "sl_strided": dict(cache_seqlens=torch.zeros((4,), dtype=torch.int32)[::2]),
+    "meta_transposed": dict(meta=torch.zeros((8, 4), dtype=torch.int32).t()),
+    "k_meta_device": dict(k_cache=torch.zeros((4, PAGE, 1, D), dtype=torch.bfloat16, device="meta")),
+    "k_conj_view": dict(k_cache=torch.zeros((4, PAGE, 1, D), dtype=torch.complex64).conj()),
+    "empty_batch": dict(q=torch.zeros((0, 1, 16, D), dtype=torch.bfloat16),
+                        block_table=torch.zeros((0, 2), dtype=torch.int32),
+                        cache_seqlens=torch.zeros((0,), dtype=torch.int32), splits=torch.zeros((1,), dtype=torch.int32)),
+}
+result = {}
+for name, change in cases.items():
+    a = base(); a.update(change)
+    try:
+        flash_mla_with_kvcache(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], 512, a["meta"], a["splits"])
+        result[name] = "returned"
+    except Exception as exc:
+        result[name] = f"{type(exc).__name__}: {exc}"
+a = base()
+try:
+    flash_mla._C.torch_check_decode(a["q"].to("meta"), a["k_cache"], a["block_table"], a["cache_seqlens"], 512,
+                                    a["meta"], a["splits"], 0.1)
+except Exception as exc:
+    result["q_meta_device"] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(result))
+"""
+
+
+def test_tensor_readers_agree():
+    """torch._C._to_dlpack (default) and the attribute reader (FLASH_MLA_TENSOR_READ=attributes,
+    the fallback for tensors the exporter refuses) must check alike, message for message."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    outputs = {}
+    for mode in ("", "attributes"):
+        env = dict(os.environ, FLASH_MLA_TENSOR_READ=mode)
+        proc = subprocess.run([sys.executable, "-c", _READER_SCRIPT], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outputs[""] == outputs["attributes"]
+    got = outputs[""]
+    assert re.search(CUDA, got["ok"]) and got["ok"].startswith("ValueError: q:")
+    assert got["q_f64"] == "TypeError: q: expected dtype bfloat16 or float16, got float64"
+    assert got["k_bool"] == "TypeError: k_cache: dtype must match q (bfloat16), got bool"
+    assert got["q_rank9"].startswith("ValueError: q: expected 4 dims") and "..." in got["q_rank9"]
+    assert got["q_strided"].startswith("ValueError: q: the last dim must be contiguous")
+    assert re.search(CUDA, got["q_transposed"]) and re.search(CUDA, got["bt_expanded"])
+    assert got["sl_strided"] == "ValueError: cache_seqlens: must be contiguous"
+    assert got["meta_transposed"].startswith("ValueError: tile_scheduler_metadata:")
+    # shapes and dtypes of a meta tensor (which the exporter refuses) are read all the same
+    assert got["k_meta_device"] == "ValueError: q: must be a CUDA tensor, got one on the CPU"
+    assert got["q_meta_device"] == "ValueError: q: must be a CUDA tensor, got one on device type meta"
+    assert got["k_conj_view"] == "TypeError: k_cache: dtype must match q (bfloat16), got complex64"
+    assert got["empty_batch"].startswith("ValueError: q: must be a CUDA tensor")
