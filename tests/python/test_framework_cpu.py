@@ -459,9 +459,10 @@ def test_lazy_torch_api_attributes():
 
 
 class _ReferenceKernels:
-    """flash_mla._C with the launches replaced by CPU stand-ins (host plan, torch reference):
-    lets opcheck and torch.compile run the custom ops for real without a GPU. Everything else
-    (argument checks of the compiled module, sizes) is the real module's."""
+    """flash_mla._C as the torch layer sees it, with the launches replaced by CPU stand-ins
+    (host plan, torch reference): lets opcheck, torch.compile and the direct eager path run for
+    real without a GPU. Everything else (argument checks of the compiled module, sizes) is the
+    real module's."""
 
     def __init__(self, real):
         self._real = real
@@ -469,17 +470,10 @@ class _ReferenceKernels:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def check_metadata_args(self, cache_seqlens, rows, heads_kv):
-        assert isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dtype == torch.int32
-        self._real.num_sm_parts(1, rows, heads_kv)  # the positivity checks
-
     def _plan(self, cache_seqlens, meta, splits):
         rows, nsplits = self._real.host_plan([int(x) for x in cache_seqlens.tolist()], meta.shape[0])
         meta.copy_(torch.tensor(rows, dtype=torch.int32).reshape(meta.shape))
         splits.copy_(torch.tensor(nsplits, dtype=torch.int32))
-
-    def get_mla_metadata(self, cache_seqlens, meta, splits, stream):
-        self._plan(cache_seqlens, meta, splits)
 
     def torch_get_mla_metadata(self, cache_seqlens, rows, heads_kv, prepare):
         if type(cache_seqlens) is not torch.Tensor:
@@ -491,21 +485,12 @@ class _ReferenceKernels:
         self._plan(cache_seqlens, meta, splits)
         return meta, splits
 
-    def check_decode_inputs(self, q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, scale,
-                            check_device=True):
-        b, s_q, h_q, _ = q.shape
-        return b, s_q, h_q, k_cache.shape[2], self._real.workspace_splits(b, meta.shape[0])
-
     def _reference(self, q, k_cache, block_table, cache_seqlens, head_dim_v, out, lse, scale, causal):
         from flash_mla.reference import mla_decode_reference
 
         ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal)
         out.copy_(ref_out.to(out.dtype))
         lse.copy_(ref_lse)
-
-    def mla_decode(self, q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, o_accum,
-                   lse_accum, scale, causal, kernel, stream):
-        self._reference(q, k_cache, block_table, cache_seqlens, head_dim_v, out, lse, scale, causal)
 
     def torch_decode(self, q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, scale, causal,
                      kernel, prepare):
@@ -749,3 +734,11 @@ def test_sched_object_planned_checks(reference_kernels):
         flash_mla_with_kvcache(case.q[0], *args[1:], causal=True)
     with pytest.raises(TypeError, match="q: expected a torch.Tensor"):
         flash_mla_with_kvcache(case.q.float().numpy(), *args[1:], causal=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_host_overhead_benchmark_skips_without_gpu():
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "host_overhead.py")
+    proc = subprocess.run([sys.executable, script, "--calls", "10"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "no CUDA GPU" in proc.stdout, proc.stdout[-2000:]
