@@ -17,6 +17,7 @@
 /// without a driver call per pointer and is left to the caller.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <mutex>
@@ -294,10 +295,22 @@ inline Status validate(const DecodeParams& p) {
 
 namespace detail {
 
+/// Raises kKernel's dynamic shared-memory limit to `bytes` once per device: the setting stays with
+/// the device's context, and the decode call runs on every layer's path.
+template <auto kKernel>
+cudaError_t allow_dynamic_smem(int bytes, int device) {
+  static std::atomic<uint64_t> done{0};  // bit d: set on device d
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
+  return err;
+}
+
 template <typename Traits, typename Element>
-Status launch_sm80(const DecodeParams& p) {
+Status launch_sm80(const DecodeParams& p, int device) {
   const auto kernel = sm80::decode_kernel<Traits, Element>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  cudaError_t err = allow_dynamic_smem<sm80::decode_kernel<Traits, Element>>(Traits::kSmemBytes, device);
   if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 && p.q_head_stride % 8 == 0;
@@ -310,12 +323,12 @@ Status launch_sm80(const DecodeParams& p) {
 }
 
 template <typename Element>
-Status launch_sm90(const DecodeParams& p) {
+Status launch_sm90(const DecodeParams& p, int device) {
   CUtensorMap kv_map;
-  Status st = sm90::make_kv_tensor_map(p, &kv_map);
+  Status st = sm90::cached_kv_tensor_map(p, &kv_map);
   if (!st.ok()) return st;
   const auto kernel = sm90::decode_kernel<Element>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes);
+  cudaError_t err = allow_dynamic_smem<sm90::decode_kernel<Element>>(sm90::kSmemBytes, device);
   if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 && p.q_head_stride % 8 == 0;
@@ -331,11 +344,11 @@ Status launch_sm90(const DecodeParams& p) {
 }
 
 template <typename Element>
-Status launch_decode(const DecodeParams& p, KernelChoice kernel) {
+Status launch_decode(const DecodeParams& p, KernelChoice kernel, int device) {
   switch (kernel) {
-    case KernelChoice::kSm80Large: return launch_sm80<sm80::LargeTraits, Element>(p);
-    case KernelChoice::kSm80Small: return launch_sm80<sm80::SmallTraits, Element>(p);
-    case KernelChoice::kSm90: return launch_sm90<Element>(p);
+    case KernelChoice::kSm80Large: return launch_sm80<sm80::LargeTraits, Element>(p, device);
+    case KernelChoice::kSm80Small: return launch_sm80<sm80::SmallTraits, Element>(p, device);
+    case KernelChoice::kSm90: return launch_sm90<Element>(p, device);
     default: return Status::error("unknown kernel choice");
   }
 }
@@ -357,8 +370,8 @@ inline Status mla_decode(const DecodeParams& p) {
   KernelChoice kernel;
   st = resolve_kernel(p.kernel, device, &kernel);
   if (!st.ok()) return st;
-  return p.dtype == DType::kBF16 ? detail::launch_decode<__nv_bfloat16>(p, kernel)
-                                 : detail::launch_decode<__half>(p, kernel);
+  return p.dtype == DType::kBF16 ? detail::launch_decode<__nv_bfloat16>(p, kernel, device)
+                                 : detail::launch_decode<__half>(p, kernel, device);
 }
 
 }  // namespace flash_mla

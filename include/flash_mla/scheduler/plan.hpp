@@ -46,7 +46,7 @@ FLASH_MLA_HOST_DEVICE int max_splits_of(int batch, int num_sm_parts) { return ba
 
 /// The greedy plan for one payload: part after part takes up to `payload` cost units, a request's
 /// cost being its pages plus kSegmentFixedCost per segment; a request that does not fit whole is
-/// split (the part takes what fits). Returns whether every request was placed. With
+/// split (the part takes the even number of pages that fits). Returns whether every request was placed. With
 /// kLastTakesRest the last part takes whatever is left (always true then). meta / num_splits are
 /// written when non-null.
 template <bool kLastTakesRest>
@@ -73,7 +73,10 @@ FLASH_MLA_HOST_DEVICE bool greedy_plan(const int32_t* seqlens, int batch, int nu
         page = 0;
         split = 0;
       } else {  // take what fits and leave the rest of the request to the next part
-        const long long take = remain - kSegmentFixedCost;
+        // An even number of pages: the kernels take pages in pairs, so a segment of an odd page
+        // count costs as much as one page more, and later segments of the request stay aligned.
+        long long take = remain - kSegmentFixedCost;
+        take -= take & 1;
         if (take > 0) {
           page += static_cast<int>(take);
           ++split;

@@ -46,6 +46,42 @@ inline Status make_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   return Status::success();
 }
 
+/// make_kv_tensor_map through a small per-thread cache keyed by everything the map encodes: a
+/// model's layers each have their own cache tensor, and the decode call runs once per layer per
+/// step, so encoding on every call would repeat the same few dozen maps.
+inline Status cached_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
+  struct Key {
+    const void* ptr;
+    int64_t head_stride, token_stride, block_stride;
+    int heads, blocks;
+    DType dtype;
+    bool operator==(const Key& o) const {
+      return ptr == o.ptr && head_stride == o.head_stride && token_stride == o.token_stride &&
+             block_stride == o.block_stride && heads == o.heads && blocks == o.blocks && dtype == o.dtype;
+    }
+  };
+  struct Entry {
+    Key key;
+    CUtensorMap map;
+    bool valid = false;
+  };
+  constexpr int kEntries = 128;
+  thread_local Entry cache[kEntries];
+  const Key key{p.k_cache, p.k_head_stride, p.k_token_stride, p.k_block_stride, p.num_heads_kv, p.num_blocks, p.dtype};
+  Entry& e = cache[(reinterpret_cast<uintptr_t>(p.k_cache) >> 8) % kEntries];
+  if (e.valid && e.key == key) {
+    *map = e.map;
+    return Status::success();
+  }
+  Status st = make_kv_tensor_map(p, map);
+  if (st.ok()) {
+    e.key = key;
+    e.map = *map;
+    e.valid = true;
+  }
+  return st;
+}
+
 /// L2 policy for KV loads: evict-first. Streamed KV then does not push out what is reused; a page
 /// read by two m-block CTAs is read by both at about the same time, and measured faster with
 /// evict-first too (H200: +4-6% on the compute rows against evict-normal).
