@@ -2,7 +2,7 @@
 # Profiles one decode case with Nsight Compute and prints the figures that matter for this
 # kernel: tensor-core (wgmma) utilisation, DRAM throughput, achieved occupancy, stall reasons.
 #   bash benchmarks/profile_ncu.sh [CASE] [KERNEL] [OUTDIR]
-#   CASE    bench_decode.py case spec (default: the spec's compute-bound s_q=1 row)
+#   CASE    bench_decode.py case spec (default: the compute-bound s_q=1, h_q=128, L 8192 row)
 #   KERNEL  auto | sm90 | sm80_large | sm80_small (default auto)
 # Clocks are left as the card has them (--clock-control none).
 set -euo pipefail

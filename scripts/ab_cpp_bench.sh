@@ -8,7 +8,7 @@
 # clock), ROUNDS (default 2), PROBE=1 (each run under scripts/clock_probe.sh: its SM clock,
 # power and board energy are printed after its line; the energy includes the process's setup,
 # so difference two REPS values for an energy per call: REPS x sets calls per run). With REPS in the thousands a run lasts seconds and measures
-# the sustained, power-capped state instead (docs/perf-notes.md, "Power").
+# the sustained, power-capped state instead (docs/performance.md, "The power limit").
 set -uo pipefail
 dir=$1; variants=$2; cases=${3:-"c1 c2 c3 c4 m1 m2 imb"}; shift 2; [ $# -gt 0 ] && shift
 reps=${REPS:-20}; rounds=${ROUNDS:-2}; probe=${PROBE:-0}

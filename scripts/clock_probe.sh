@@ -2,7 +2,7 @@
 # Runs a command while nvidia-smi samples the GPU every 50 ms, then summarises the SM clock, power
 # and clock-event reasons seen while it ran (GPU 0). For reading a benchmark's numbers: the
 # compute rows run at the board's power limit, where the SM clock, not the kernel's cycle count
-# alone, sets the time (docs/perf-notes.md, "Power").
+# alone, sets the time (docs/performance.md, "The power limit").
 #
 #     bash scripts/clock_probe.sh LOG -- COMMAND [ARGS...]
 # e.g. bash scripts/clock_probe.sh $OUT/c1.smi -- build/cppbench/bench_base --cases c1 --reps 2000

@@ -60,7 +60,7 @@ struct MetadataParams {
 };
 
 /// One decode call, flash_mla::mla_decode(): attention of `seqlen_q` new query tokens of each
-/// of `batch` requests over a paged KV cache (spec: mla-decode.md). Token j of request i is
+/// of `batch` requests over a paged KV cache (docs/api.md). Token j of request i is
 /// k_cache[block_table[i * block_table_stride + j / 64], j % 64]; query head h reads KV head
 /// h / (h_q / h_kv). q, k_cache and out hold `dtype`; the last dim of q and k_cache is
 /// contiguous. Internally, query rows are packed per KV head as row = t * heads_per_kv + hh

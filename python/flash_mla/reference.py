@@ -1,4 +1,4 @@
-"""Plain-torch reference of the MLA decoding contract (docs: shared spec ``mla-decode.md``).
+"""Plain-torch reference of the MLA decoding contract (docs/api.md).
 
 ``mla_decode_reference`` computes exactly what ``flash_mla_with_kvcache`` must return, with
 ordinary torch operations, one request at a time, on the device the inputs live on. It is the

@@ -151,7 +151,7 @@ def test_random_plans(kind, num_sms):
 
 
 # Hand-picked shapes: one part, more parts than requests, far more requests than parts, the
-# benchmark shapes of the spec.
+# benchmark's reference shapes.
 SPECIAL = {
     "b1_L0_one_part": ([0], 16, 1, 1),
     "b1_L0_many_parts": ([0], 16, 1, 132),
