@@ -489,3 +489,42 @@ def test_sparse_dispatch_float_and_v32():
     assert torch.equal(kvf.dequantize_sparse_kv_cache(x), x.float())
     p = kvf.quantize_kv_cache_v32(x)
     assert torch.equal(kvf.dequantize_sparse_kv_cache(p), kvf.dequantize_kv_cache_v32(p))
+
+
+# ----------------------------------------------------------------------------------------------
+# The same helpers on a GPU (skipped without one)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.requires_gpu
+def test_cuda_results_match_cpu():
+    dev = torch.device("cuda")
+    k = _spread((3, 16, 2, 576), 60, -5.0, 5.0)
+    k[0, 0, 0, 0] = float("nan")
+    k[0, 0, 0, 1] = float("inf")
+    mask = torch.rand(3, 16, generator=_gen(61)) < 0.7
+    c_fp8, c_desc = kvf.quantize_kv_cache_fp8(k, valid_mask=mask)
+    g_fp8, g_desc = kvf.quantize_kv_cache_fp8(k.to(dev), valid_mask=mask.to(dev))
+    assert g_desc.device.type == "cuda" and g_desc.item() == c_desc.item()
+    assert torch.equal(g_fp8.view(torch.uint8).cpu(), c_fp8.view(torch.uint8))
+    assert torch.equal(kvf.dequantize_kv_cache_fp8(g_fp8, g_desc).cpu(),
+                       kvf.dequantize_kv_cache_fp8(c_fp8, c_desc))
+
+    x = _spread((2, 7, 1, 576), 62, -8.0, 8.0)
+    x[0, 0, 0, 128:256] = 0.0
+    c = kvf.quantize_kv_cache_v32(x, page_stride=8 * 656)
+    g = kvf.quantize_kv_cache_v32(x.to(dev), page_stride=8 * 656)
+    assert torch.equal(g.cpu(), c)
+    assert torch.equal(kvf.dequantize_kv_cache_v32(g).cpu(), kvf.dequantize_kv_cache_v32(c))
+
+    x = _spread((2, 61, 1, 512), 63, -8.0, 8.0)
+    c = kvf.quantize_kv_cache_model1(x)
+    g = kvf.quantize_kv_cache_model1(x.to(dev))
+    assert torch.equal(g.cpu(), c)
+    assert torch.equal(kvf.dequantize_kv_cache_model1(g).cpu(), kvf.dequantize_kv_cache_model1(c))
+    cache = kvf.new_kv_cache_model1(2, 61, device=dev)
+    slots = torch.tensor([0, 60, -1, 100], device=dev)
+    kvf.write_kv_model1(cache, slots, x.reshape(122, 512)[[0, 60, 5, 100]].to(dev))
+    got = kvf.dequantize_kv_cache_model1(cache).reshape(122, 512).cpu()
+    want = kvf.dequantize_kv_cache_model1(c).reshape(122, 512)
+    assert torch.equal(got[[0, 60, 100]], want[[0, 60, 100]])

@@ -329,3 +329,23 @@ def test_argument_errors():
         sparse_decode_reference(q, kv, idx, head_dim_v=4, attn_sink=torch.zeros(2))
     with pytest.raises(ValueError):
         sparse_decode_reference(q, kv, idx, head_dim_v=4, topk_length=torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.requires_gpu
+def test_cuda_matches_cpu():
+    case = _tiny_case(12, d=32, h_q=6)
+    sink = torch.tensor([0.3, math.inf, -math.inf, 1.0, -2.0, 0.0])
+    kwargs = dict(topk_length=torch.tensor([3, 7, 5]), extra_topk_length=torch.tensor([4, 2, 0]),
+                  attn_sink=sink, head_dim_v=24, accum_dtype=torch.float64)
+    c_out, c_lse = sparse_decode_reference(case["q"], case["kv"], case["indices"],
+                                           extra_kv=case["extra_kv"],
+                                           extra_indices=case["extra_indices"], **kwargs)
+    dev = torch.device("cuda")
+    moved = {k: v.to(dev) for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    g_out, g_lse = sparse_decode_reference(
+        case["q"].to(dev), case["kv"].to(dev), case["indices"].to(dev),
+        extra_kv=case["extra_kv"].to(dev), extra_indices=case["extra_indices"].to(dev),
+        head_dim_v=24, accum_dtype=torch.float64, **moved)
+    assert g_out.device.type == "cuda" and g_lse.device.type == "cuda"
+    torch.testing.assert_close(g_out.cpu(), c_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_lse.cpu(), c_lse, rtol=1e-6, atol=1e-6)
