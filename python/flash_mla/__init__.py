@@ -36,13 +36,13 @@ def __getattr__(name):
         for api_name in _TORCH_API:
             globals()[api_name] = getattr(interface, api_name)
         return globals()[name]
-    if name in ("ops", "reference", "interface"):
+    if name in ("ops", "reference", "interface", "kv_formats", "sparse_reference"):
         return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_TORCH_API) | {"ops", "reference", "interface"})
+    return sorted(set(globals()) | set(_TORCH_API) | {"ops", "reference", "interface", "kv_formats", "sparse_reference"})
 
 
 def _find_version() -> str:
