@@ -14,33 +14,16 @@ Error bounds checked here (stated in docs/kv-formats.md):
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import pathlib
 import struct
-import sys
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-
-def _load(name: str):
-    """flash_mla.<name>, from the installed package, else from this source tree (a package
-    installed before the module existed)."""
-    try:
-        return importlib.import_module("flash_mla." + name)
-    except ImportError:
-        path = pathlib.Path(__file__).resolve().parents[2] / "python" / "flash_mla" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"_flash_mla_source_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
+from flash_mla import kv_formats as kvf
 
 
-kvf = _load("kv_formats")
 
 
 def _gen(seed: int) -> torch.Generator:
