@@ -152,6 +152,8 @@ _UNSUPPORTED_DEFAULTS = {
     "topk_length": None,
     "extra_topk_length": None,
     "topk": None,
+    "descale_q": None,
+    "descale_k": None,
 }
 
 
@@ -184,6 +186,8 @@ def flash_mla_with_kvcache(
     topk_length: Optional[torch.Tensor] = None,
     extra_topk_length: Optional[torch.Tensor] = None,
     *,
+    descale_q: Optional[torch.Tensor] = None,
+    descale_k: Optional[torch.Tensor] = None,
     kernel: str = "auto",
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
@@ -204,6 +208,8 @@ def flash_mla_with_kvcache(
         is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
             topk_length, extra_topk_length: later-FlashMLA features, not built yet: they
             raise NotImplementedError unless left at their defaults.
+        descale_q, descale_k (keyword only): the FP8 descales of vLLM's interface; accepted as
+            None (the default), NotImplementedError when given (FP8 decode is not built yet).
         kernel (keyword only): "auto" (default: "sm90" on Hopper, else the portable kernel), or
             "sm90" / "sm80_large" / "sm80_small" to force a path.
         out, lse (keyword only): preallocated outputs, (batch, s_q, h_q, 512) in q's dtype and
@@ -219,10 +225,12 @@ def flash_mla_with_kvcache(
         (natural log; +inf and out = 0 for rows that see no key).
     """
     if (is_fp8_kvcache or indices is not None or attn_sink is not None or extra_k_cache is not None
-            or extra_indices_in_kvcache is not None or topk_length is not None or extra_topk_length is not None):
+            or extra_indices_in_kvcache is not None or topk_length is not None or extra_topk_length is not None
+            or descale_q is not None or descale_k is not None):
         _reject_unsupported(dict(is_fp8_kvcache=is_fp8_kvcache, indices=indices, attn_sink=attn_sink,
                                  extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
-                                 topk_length=topk_length, extra_topk_length=extra_topk_length),
+                                 topk_length=topk_length, extra_topk_length=extra_topk_length,
+                                 descale_q=descale_q, descale_k=descale_k),
                             what="flash_mla_with_kvcache")
     kernel_id = _KERNELS.get(kernel) if type(kernel) is str else None
     if kernel_id is None:

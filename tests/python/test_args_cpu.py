@@ -270,6 +270,8 @@ UNSUPPORTED_SET = {
     "extra_indices_in_kvcache": torch.zeros((2, 1, 64), dtype=I32),
     "topk_length": torch.zeros((2,), dtype=I32),
     "extra_topk_length": torch.zeros((2,), dtype=I32),
+    "descale_q": torch.ones((1,), dtype=torch.float32),
+    "descale_k": torch.ones((1,), dtype=torch.float32),
 }
 
 
@@ -293,7 +295,8 @@ def test_default_valued_feature_kwargs_accepted(form):
         args["tile_scheduler_metadata"], args["num_splits"] = get_mla_metadata()
     with pytest.raises(ValueError, match=CUDA):
         call(args, is_fp8_kvcache=False, indices=None, attn_sink=None, extra_k_cache=None,
-             extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None)
+             extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None,
+             descale_q=None, descale_k=None)
 
 
 def test_unknown_kwarg_raises_type_error():
