@@ -14,7 +14,8 @@ numbered 0 .. num_splits[i+1] - num_splits[i] - 1.
 Properties: every page of every request is decoded exactly once; every request (also L == 0)
 has at least one segment; segments of requests with L > 0 hold at least one page; split
 indices of a request are exactly 0..n-1; num_splits is a prefix sum from 0 with
-num_splits[b] <= b + P; and the plan is balanced: with cost(segment) = pages + 5, no part costs
+num_splits[b] <= b + P; a request is cut only after an even number of its pages (the kernels
+take pages in pairs); and the plan is balanced: with cost(segment) = pages + 5, no part costs
 more than ceil(total / P) + 5 + 1, total = sum_i (pages(i) + 5).
 """
 
@@ -97,6 +98,11 @@ def check_plan(seqlens: Sequence[int], rows: int, h_kv: int, num_sms: int,
             covered = stop
         assert covered == pages[i], (f"{ctx} request {i}: pages covered up to {covered} of "
                                      f"{pages[i]} ({segs})")
+        # Pages go in pairs: a request is only ever cut after an even number of its pages.
+        for start, stop, _, p in segs:
+            assert stop == pages[i] or stop % 2 == 0, (
+                f"{ctx} request {i}: segment [{start}, {stop}) in part {p} ends at an odd page "
+                f"inside the request ({segs})")
     assert splits[b] <= b + parts, f"{ctx} {splits[b]} splits > b + P = {b + parts}"
 
     total = sum(p + FIXED_COST for p in pages)
