@@ -273,6 +273,17 @@ def dequantize_kv_cache_fp8(
     return (k_fp8.to(torch.float32) * d.reshape(())).to(dtype)
 
 
+def _token_rows(k_new: torch.Tensor, d: int) -> torch.Tensor:
+    """New tokens ``(n, d)`` or ``(n, 1, d)`` (one KV head) as ``(n, d)``."""
+    _check_float(k_new, "k_new")
+    shape_msg = f"k_new must be (n, {d}) or (n, 1, {d}), got {tuple(k_new.shape)}"
+    if k_new.dim() == 3:
+        _check(k_new.shape[1] == 1, shape_msg)
+        k_new = k_new[:, 0]
+    _check(k_new.dim() == 2 and k_new.shape[1] == d, shape_msg)
+    return k_new
+
+
 def _flat_slots(slot_mapping: torch.Tensor, capacity: int, n: int):
     """(keep, block, offset): rows with a non-negative slot, checked against the capacity."""
     _check(isinstance(slot_mapping, torch.Tensor) and not slot_mapping.is_floating_point()
@@ -395,6 +406,8 @@ def _e4m3_bytes_to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def _new_paged(num_blocks: int, page: int, row: int, page_stride: int, dtype, device) -> torch.Tensor:
+    """A zero-filled byte cache of ``row``-byte token records, pages ``page_stride`` bytes apart."""
+    _check(page_stride >= page * row, f"page_stride must be >= page * {row} = {page * row}")
     _check(dtype in _BYTE_DTYPES, f"dtype must be uint8, int8 or float8_e4m3fn, got {dtype}", TypeError)
     _check(num_blocks >= 1 and page >= 1, "num_blocks and page must be >= 1")
     raw = torch.zeros((num_blocks, page_stride), dtype=torch.uint8, device=device)
@@ -440,8 +453,6 @@ def new_kv_cache_v32(
     """
     if page_stride is None:
         page_stride = page * V32_BYTES_PER_TOKEN
-    _check(page_stride >= page * V32_BYTES_PER_TOKEN,
-           f"page_stride must be >= page * {V32_BYTES_PER_TOKEN} = {page * V32_BYTES_PER_TOKEN}")
     return _new_paged(num_blocks, page, V32_BYTES_PER_TOKEN, page_stride, dtype, device)
 
 
@@ -488,12 +499,7 @@ def write_kv_v32(
     u8 = _as_bytes(k_cache, "k_cache")
     _check(u8.dim() == 4 and u8.shape[2] == 1 and u8.shape[3] == V32_BYTES_PER_TOKEN,
            f"k_cache must be (num_blocks, page, 1, {V32_BYTES_PER_TOKEN}), got {tuple(u8.shape)}")
-    _check_float(k_new, "k_new")
-    if k_new.dim() == 3:
-        _check(k_new.shape[1] == 1, f"k_new must be (n, 576) or (n, 1, 576), got {tuple(k_new.shape)}")
-        k_new = k_new[:, 0]
-    _check(k_new.dim() == 2 and k_new.shape[1] == _V32_D,
-           f"k_new must be (n, 576) or (n, 1, 576), got {tuple(k_new.shape)}")
+    k_new = _token_rows(k_new, _V32_D)
     nb, page = u8.shape[:2]
     keep, slots = _flat_slots(slot_mapping.to(u8.device), nb * page, k_new.shape[0])
     rec = _v32_encode(k_new.to(u8.device), min_exponent)
@@ -576,8 +582,6 @@ def new_kv_cache_model1(
     """
     if page_stride is None:
         page_stride = model1_page_bytes(page)
-    _check(page_stride >= page * MODEL1_BYTES_PER_TOKEN,
-           f"page_stride must be >= page * {MODEL1_BYTES_PER_TOKEN} = {page * MODEL1_BYTES_PER_TOKEN}")
     return _new_paged(num_blocks, page, MODEL1_BYTES_PER_TOKEN, page_stride, dtype, device)
 
 
@@ -621,12 +625,7 @@ def write_kv_model1(
     576-byte record and its 8-byte scale record are written to their two places in the page."""
     u8 = _as_bytes(k_cache, "k_cache")
     data, scales = _model1_regions(u8)
-    _check_float(k_new, "k_new")
-    if k_new.dim() == 3:
-        _check(k_new.shape[1] == 1, f"k_new must be (n, 512) or (n, 1, 512), got {tuple(k_new.shape)}")
-        k_new = k_new[:, 0]
-    _check(k_new.dim() == 2 and k_new.shape[1] == _M1_D,
-           f"k_new must be (n, 512) or (n, 1, 512), got {tuple(k_new.shape)}")
+    k_new = _token_rows(k_new, _M1_D)
     nb, page = u8.shape[:2]
     keep, slots = _flat_slots(slot_mapping.to(u8.device), nb * page, k_new.shape[0])
     d, s = _model1_encode(k_new.to(u8.device), min_exponent)
