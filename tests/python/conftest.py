@@ -20,7 +20,9 @@ This file imports only torch: the compiled module is imported by the test module
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import pathlib
 import random
 import zlib
 from typing import List, Optional, Sequence, Union
@@ -484,3 +486,15 @@ def capture_graph(fn):
         result = fn()
     torch.cuda.synchronize()
     return graph, result
+
+
+BENCH_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_decode.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/bench_decode.py loaded as a module (one instance per test module)."""
+    spec = importlib.util.spec_from_file_location("bench_decode_under_test", BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,28 +4,15 @@ and the decode call by a small float32 torch implementation, so the bookkeeping 
 agreement of the two modules, interleaved timing, eager loop, summaries) runs without a GPU.
 The timings mean nothing here; the GPU run checks them."""
 
-import importlib.util
 import argparse
 import contextlib
 import math
-import pathlib
 import time
 import types
 
 import pytest
 
 torch = pytest.importorskip("torch")
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks" / "bench_decode.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_decode_driver_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class FakeEvent:

@@ -4,23 +4,13 @@ missing, loading the module of --compare, the ratio summaries and the --png char
 
 import importlib.util
 import math
-import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks" / "bench_decode.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_decode_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import BENCH_SCRIPT as BENCH
 
 
 def run_bench(*argv):
