@@ -33,7 +33,7 @@ void check_plan(const std::vector<int32_t>& seqlens, int parts, const std::strin
   expect(plan.num_splits[batch] <= max_splits_of(batch, parts), name + ": splits fit the workspace");
 
   long long total = 0;
-  for (int i = 0; i < batch; ++i) total += pages_of(seqlens[i]) + kSegmentFixedCost;
+  for (int i = 0; i < batch; ++i) total += paired_pages(pages_of(seqlens[i])) + kSegmentFixedCost;
   const long long share = (total + parts - 1) / parts;
 
   for (int p = 0; p < parts; ++p) {
@@ -50,7 +50,7 @@ void check_plan(const std::vector<int32_t>& seqlens, int parts, const std::strin
       const int split = i == row[0] ? row[4] : 0;
       if (split >= 0 && split < static_cast<int>(split_seen[i].size())) split_seen[i][split]++;
       else expect(false, name + ": split index in range");
-      cost += hi - lo + kSegmentFixedCost;
+      cost += paired_pages(hi - lo) + kSegmentFixedCost;
     }
     expect(cost <= share + kSegmentFixedCost + 1,
            name + ": part " + std::to_string(p) + " cost " + std::to_string(cost) + " <= " +

@@ -15,8 +15,8 @@ Properties: every page of every request is decoded exactly once; every request (
 has at least one segment; segments of requests with L > 0 hold at least one page; split
 indices of a request are exactly 0..n-1; num_splits is a prefix sum from 0 with
 num_splits[b] <= b + P; a request is cut only after an even number of its pages (the kernels
-take pages in pairs); and the plan is balanced: with cost(segment) = pages + 5, no part costs
-more than ceil(total / P) + 5 + 1, total = sum_i (pages(i) + 5).
+take pages in pairs); and the plan is balanced: with cost(segment) = its pages rounded up to
+even + 5, no part costs more than ceil(total / P) + 5 + 1, total = sum_i (even(pages(i)) + 5).
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ META_INTS = 8
 
 def pages_of(seqlen: int) -> int:
     return -(-seqlen // PAGE) if seqlen > 0 else 0
+
+
+def paired(pages: int) -> int:
+    """A segment's pages as the plan charges them: in pairs (an odd count costs one page more)."""
+    return pages + (pages & 1)
 
 
 def expected_parts(rows_per_kv_head: int, h_kv: int, num_sms: int) -> int:
@@ -75,7 +80,7 @@ def check_plan(seqlens: Sequence[int], rows: int, h_kv: int, num_sms: int,
                     f"{ctx} row {p} = {row}: request {i} pages [{start}, {stop}) outside "
                     f"[0, {pages[i]}]")
                 segments[i].append((start, stop, split, p))
-                cost += stop - start + FIXED_COST
+                cost += paired(stop - start) + FIXED_COST
         part_cost.append(cost)
 
     assert splits[0] == 0, f"{ctx} num_splits[0] = {splits[0]}"
@@ -105,7 +110,7 @@ def check_plan(seqlens: Sequence[int], rows: int, h_kv: int, num_sms: int,
                 f"inside the request ({segs})")
     assert splits[b] <= b + parts, f"{ctx} {splits[b]} splits > b + P = {b + parts}"
 
-    total = sum(p + FIXED_COST for p in pages)
+    total = sum(paired(p) + FIXED_COST for p in pages)
     bound = -(-total // parts) + FIXED_COST + 1
     worst = max(range(parts), key=lambda p: part_cost[p])
     assert part_cost[worst] <= bound, (

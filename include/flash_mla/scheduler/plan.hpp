@@ -32,6 +32,10 @@ FLASH_MLA_HOST_DEVICE int pages_of(int seqlen) {
   return seqlen > 0 ? static_cast<int>((static_cast<long long>(seqlen) + kPageSize - 1) / kPageSize) : 0;
 }
 
+/// What `pages` pages of one segment cost in the plan: the kernels take pages in pairs, so an odd
+/// count costs as much as the next even one (the pair's second page is a zero page).
+FLASH_MLA_HOST_DEVICE int paired_pages(int pages) { return pages + (pages & 1); }
+
 /// Number of SM parts the plan balances over: one part per SM for each (KV head, m-block)
 /// CTA column, so that all CTAs of the decode grid are resident at once.
 FLASH_MLA_HOST_DEVICE int num_sm_parts_for(int num_sms, int rows_per_kv_head, int num_heads_kv) {
@@ -44,9 +48,9 @@ FLASH_MLA_HOST_DEVICE int num_sm_parts_for(int num_sms, int rows_per_kv_head, in
 /// Upper bound on the number of splits of a plan: every part boundary adds at most one segment.
 FLASH_MLA_HOST_DEVICE int max_splits_of(int batch, int num_sm_parts) { return batch + num_sm_parts; }
 
-/// The greedy plan for one payload: part after part takes up to `payload` cost units, a request's
-/// cost being its pages plus kSegmentFixedCost per segment; a request that does not fit whole is
-/// split (the part takes the even number of pages that fits). Returns whether every request was placed. With
+/// The greedy plan for one payload: part after part takes up to `payload` cost units, a segment's
+/// cost being its pages rounded up to pairs plus kSegmentFixedCost; a request that does not fit
+/// whole is split (the part takes the even number of pages that fits). Returns whether every request was placed. With
 /// kLastTakesRest the last part takes whatever is left (always true then). meta / num_splits are
 /// written when non-null.
 template <bool kLastTakesRest>
@@ -65,8 +69,8 @@ FLASH_MLA_HOST_DEVICE bool greedy_plan(const int32_t* seqlens, int batch, int nu
     const bool take_rest = kLastTakesRest && p == num_parts - 1;
     while (req < batch) {
       const int left = pages_of(seqlens[req]) - page;
-      if (take_rest || remain >= left + kSegmentFixedCost) {  // finish this request here
-        remain -= left + kSegmentFixedCost;
+      if (take_rest || remain >= paired_pages(left) + kSegmentFixedCost) {  // finish this request here
+        remain -= paired_pages(left) + kSegmentFixedCost;
         splits_done += split + 1;
         if (num_splits != nullptr) num_splits[req + 1] = splits_done;
         ++req;
@@ -114,7 +118,7 @@ struct PayloadSearch {
 
   FLASH_MLA_HOST_DEVICE static PayloadSearch of(const int32_t* seqlens, int batch, int num_parts) {
     long long total = 0;
-    for (int i = 0; i < batch; ++i) total += pages_of(seqlens[i]) + kSegmentFixedCost;
+    for (int i = 0; i < batch; ++i) total += paired_pages(pages_of(seqlens[i])) + kSegmentFixedCost;
     PayloadSearch s;
     s.first = (total + num_parts - 1) / num_parts;
     return s;
