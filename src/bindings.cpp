@@ -33,7 +33,6 @@ using ReadOnlyArray = nb::ndarray<nb::ro>;
 using flash_mla::kHeadDim;
 using flash_mla::kHeadDimV;
 using flash_mla::kMetaInts;
-using flash_mla::kPageSize;
 
 namespace {
 
@@ -416,8 +415,11 @@ struct DecodeInputs {
     if (k_cache.dtype != q.dtype) {
       type_error("k_cache: dtype must match q (" + q.dtype_str() + "), got " + k_cache.dtype_str());
     }
-    k_cache.rank(4, "(num_blocks, 64, h_kv, 576)");
-    k_cache.dim(1, kPageSize, "page_block_size");
+    k_cache.rank(4, "(num_blocks, page_block_size, h_kv, 576)");
+    if (k_cache.dims[1] > 256 || !flash_mla::is_supported_page_size(static_cast<int>(k_cache.dims[1]))) {
+      value_error("k_cache: page_block_size (dim 1) must be one of 16, 32, 64, 128, 256, got shape " +
+                  k_cache.shape_str());
+    }
     k_cache.dim(3, kHeadDim, "head dim d");
     k_cache.last_dim_contiguous();
     const int heads_kv = k_cache.size(2);
@@ -447,6 +449,7 @@ struct DecodeInputs {
     p.num_heads_kv = heads_kv;
     p.num_blocks = k_cache.size(0);
     p.max_blocks_per_seq = block_table.size(1);
+    p.page_size = k_cache.size(1);
     p.softmax_scale = static_cast<float>(softmax_scale);
     p.q = q.data;
     p.q_batch_stride = q.stride(0);
@@ -823,7 +826,7 @@ NB_MODULE(_C, m) {
   m.attr("INPUT_CHECK_WORDS") = flash_mla::kInputCheckWords;
 
   m.def("check_paged_inputs", [](nb::handle bt_h, nb::handle sl_h, int64_t num_blocks, nb::handle result_h,
-                                 uintptr_t stream) {
+                                 uintptr_t stream, int64_t page_size) {
     Arg abt("block_table", bt_h), asl("cache_seqlens", sl_h), ares("result", result_h, true);
     const View &block_table = abt.v, &seqlens = asl.v, &result = ares.v;
     block_table.dtype_in({DT::kI32}, "int32");
@@ -833,6 +836,9 @@ NB_MODULE(_C, m) {
     seqlens.dim(0, block_table.size(0), "batch (block_table rows)");
     if (num_blocks < 0 || num_blocks > INT32_MAX) {
       value_error("num_blocks: must be in [0, 2^31 - 1], got " + std::to_string(num_blocks));
+    }
+    if (page_size > 256 || !flash_mla::is_supported_page_size(static_cast<int>(page_size))) {
+      value_error("page_size: must be one of 16, 32, 64, 128, 256, got " + std::to_string(page_size));
     }
     result.dtype_in({DT::kI64}, "int64");
     result.rank(1, "(8,)");
@@ -847,11 +853,13 @@ NB_MODULE(_C, m) {
     p.batch = seqlens.size(0);
     p.max_blocks_per_seq = block_table.size(1);
     p.num_blocks = static_cast<int>(num_blocks);
+    p.page_size = static_cast<int>(page_size);
     p.result = static_cast<int64_t*>(result.data);
     p.stream = reinterpret_cast<cudaStream_t>(stream);
     DeviceGuard guard(device);
     raise_if_failed(flash_mla_ext::run_input_check(p));
   }, nb::arg("block_table"), nb::arg("cache_seqlens"), nb::arg("num_blocks"), nb::arg("result"), nb::arg("stream"),
+     nb::arg("page_size") = 64,
      "Launches the GPU check of the used block_table entries and cache_seqlens (see input_check.cuh);\n"
      "the verdict lands in result (int64[8]) on the stream.");
 

@@ -7,7 +7,8 @@
 //
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -Iinclude -I$CUTLASS/include benchmarks/cpp/bench_sm90.cu -o bench_sm90 [-DMACRO=V ...]
-//   ./bench_sm90 [--reps N] [--cases c1,c2,c3,c4,m1,m2,imb,c5,s1,...,s6] [--trace] [--pool PAGES] [--parts N] [--check]
+//   ./bench_sm90 [--reps N] [--cases c1,c2,c3,c4,m1,m2,imb,c5,s1,...,s6] [--trace] [--pool PAGES] [--parts N]
+//                [--page TOKENS] [--check]
 //   (scripts/build_cpp_bench.sh builds one binary per variant.)
 //
 // --trace needs a build with -DFLASH_MLA_SM90_TRACE (include/flash_mla/sm90/trace.cuh): after
@@ -18,6 +19,7 @@
 // --check: after timing, compares the sm90 output of each case with the portable kernel's on the
 // same inputs (max |difference| of out and lse, non-finite counts); exit status 1 past 2e-2 / 1e-3.
 // A smoke test of a variant on the GPU, not the test suite.
+// --page: tokens per page of the cache (16, 32, 64 (default), 128, 256); lengths are unchanged.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -34,6 +36,8 @@
 #include <flash_mla/flash_mla.hpp>
 
 namespace {
+
+int g_page_size = 64;  // tokens per page of the cache (--page)
 
 #define CUDA_OK(call)                                                                                \
   do {                                                                                              \
@@ -107,7 +111,6 @@ struct Inputs {
         lse(size_t(4) * lens_host.size() * c.s_q * c.h_q), o_accum(ws.o_accum_bytes),
         lse_accum(ws.lse_accum_bytes) {
     using flash_mla::kHeadDim;
-    using flash_mla::kPageSize;
     const int b = int(lens_host.size());
     const int max_pages = max_pages_of(lens_host);
     const int blocks = total_pages(lens_host);
@@ -116,14 +119,14 @@ struct Inputs {
     std::shuffle(pages.begin(), pages.end(), rng);
     std::vector<int> table_host(size_t(b) * max_pages, 0);
     for (int i = 0, used = 0; i < b; ++i) {
-      for (int j = 0; j < (lens_host[i] + kPageSize - 1) / kPageSize; ++j) {
+      for (int j = 0; j < (lens_host[i] + g_page_size - 1) / g_page_size; ++j) {
         const int page = pages[used++];
         table_host[size_t(i) * max_pages + j] = pool > 0 ? page % pool : page;  // --pool: L2-resident pages
       }
     }
     CUDA_OK(cudaMemcpy(table.ptr, table_host.data(), 4 * table_host.size(), cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemcpy(lens.ptr, lens_host.data(), 4 * lens_host.size(), cudaMemcpyHostToDevice));
-    const size_t nq = size_t(b) * c.s_q * c.h_q * kHeadDim, nk = size_t(blocks) * kPageSize * kHeadDim;
+    const size_t nq = size_t(b) * c.s_q * c.h_q * kHeadDim, nk = size_t(blocks) * g_page_size * kHeadDim;
     fill_random<<<1024, 256>>>(q.as<__nv_bfloat16>(), nq, seed);
     fill_random<<<4096, 256>>>(k.as<__nv_bfloat16>(), nk, seed * 7 + 1);
     CUDA_OK(cudaGetLastError());
@@ -143,6 +146,7 @@ struct Inputs {
     p.num_heads_kv = 1;
     p.num_blocks = blocks;
     p.max_blocks_per_seq = max_pages;
+    p.page_size = g_page_size;
     p.softmax_scale = 1.f / std::sqrt(float(kHeadDim));
     p.causal = c.causal;
     p.q = q.ptr;
@@ -152,7 +156,7 @@ struct Inputs {
     p.k_cache = k.ptr;
     p.k_head_stride = kHeadDim;
     p.k_token_stride = kHeadDim;
-    p.k_block_stride = int64_t(kPageSize) * kHeadDim;
+    p.k_block_stride = int64_t(g_page_size) * kHeadDim;
     p.block_table = table.as<int32_t>();
     p.block_table_stride = max_pages;
     p.cache_seqlens = lens.as<int32_t>();
@@ -169,12 +173,12 @@ struct Inputs {
 
   static int max_pages_of(const std::vector<int>& lens) {
     int m = 1;
-    for (int L : lens) m = std::max(m, (L + flash_mla::kPageSize - 1) / flash_mla::kPageSize);
+    for (int L : lens) m = std::max(m, (L + g_page_size - 1) / g_page_size);
     return m;
   }
   static int total_pages(const std::vector<int>& lens) {
     int n = 1;
-    for (int L : lens) n += (L + flash_mla::kPageSize - 1) / flash_mla::kPageSize;
+    for (int L : lens) n += (L + g_page_size - 1) / g_page_size;
     return n;
   }
   static size_t table_entries(const std::vector<int>& lens) { return lens.size() * size_t(max_pages_of(lens)); }
@@ -182,7 +186,7 @@ struct Inputs {
     return size_t(2) * lens.size() * c.s_q * c.h_q * flash_mla::kHeadDim;
   }
   static size_t bytes_k(const Case&, const std::vector<int>& lens) {
-    return size_t(2) * total_pages(lens) * flash_mla::kPageSize * flash_mla::kHeadDim;
+    return size_t(2) * total_pages(lens) * g_page_size * flash_mla::kHeadDim;
   }
   static flash_mla::SplitWorkspaceSize workspace(const Case& c, const std::vector<int>& lens, int parts) {
     flash_mla::SplitWorkspaceSize w;
@@ -447,7 +451,7 @@ void print_cta_times(const Case& c, const Inputs& in, const std::vector<int>& le
     double pairs = 0, segs = 0;
     for (int r = row[0]; r <= row[2] && r < int(lens.size()); ++r) {
       const int lo = r == row[0] ? row[1] : 0;
-      const int hi = r == row[2] ? row[3] : flash_mla::pages_of(lens[r]);
+      const int hi = r == row[2] ? row[3] : flash_mla::tiles_of(lens[r]);
       if (hi > lo) {
         pairs += (hi - lo + 1) / 2;
         segs += 1;
@@ -505,8 +509,9 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--check")) check = true;
     else if (!std::strcmp(argv[i], "--pool") && i + 1 < argc) pool = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--parts") && i + 1 < argc) parts = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--page") && i + 1 < argc) g_page_size = std::atoi(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: %s [--reps N] [--cases c1,c2,...] [--trace] [--pool PAGES] [--parts N] [--check]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--reps N] [--cases c1,c2,...] [--trace] [--pool PAGES] [--parts N] [--page TOKENS] [--check]\n", argv[0]);
       return 2;
     }
   }

@@ -180,7 +180,7 @@ inline DeviceInfo query_device(int device) {
   // without 90a) also reports binaryVersion 90, but ptxVersion 80.
   cudaFuncAttributes attr{};
   info.sm90_built = info.error == cudaSuccess &&
-                    cudaFuncGetAttributes(&attr, sm90::decode_kernel<__nv_bfloat16>) == cudaSuccess &&
+                    cudaFuncGetAttributes(&attr, sm90::decode_kernel<__nv_bfloat16, 1>) == cudaSuccess &&
                     attr.binaryVersion == 90 && attr.ptxVersion >= 90;
   cudaGetLastError();  // a failed query must not leak into the launch check
   return info;
@@ -243,8 +243,8 @@ inline const char* kernel_name(KernelChoice resolved) {
 /// path checks that a params struct can show. Sizes: dtype, batch >= 0, s_q >= 1, h_q and
 /// h_kv >= 1 with h_q % h_kv == 0, h_kv <= 65535, s_q * h_q <= kMaxRowsPerRequest,
 /// num_sm_parts in [1, kMaxSmParts], max_splits >= batch + num_sm_parts (the workspace of
-/// get_split_workspace_size()), num_blocks and max_blocks_per_seq >= 0, softmax_scale finite
-/// and > 0. With batch > 0: no null pointer; q 2-byte aligned; k_cache, out and o_accum 16-byte
+/// get_split_workspace_size()), num_blocks and max_blocks_per_seq >= 0, page_size one of
+/// 16, 32, 64, 128, 256, softmax_scale finite and > 0. With batch > 0: no null pointer; q 2-byte aligned; k_cache, out and o_accum 16-byte
 /// aligned; lse, lse_accum and the int32 arrays 4-byte aligned; strides >= 0, those of k_cache
 /// multiples of 8 elements. What a struct cannot show (that pointers are device memory of the
 /// current device, buffer extents, the contents of cache_seqlens/block_table) is the caller's.
@@ -259,6 +259,9 @@ inline Status validate(const DecodeParams& p) {
                          std::to_string(p.max_splits));
   }
   if (p.num_blocks < 0 || p.max_blocks_per_seq < 0) return Status::error("num_blocks and max_blocks_per_seq must be >= 0");
+  if (!is_supported_page_size(p.page_size)) {
+    return Status::error("page_size must be one of 16, 32, 64, 128, 256, got " + std::to_string(p.page_size));
+  }
   if (!(p.softmax_scale > 0.f) || !std::isfinite(p.softmax_scale)) return Status::error("softmax_scale must be finite and > 0");
   if (p.batch == 0) return Status::success();
   const struct {
@@ -322,13 +325,13 @@ Status launch_sm80(const DecodeParams& p, int device) {
   return Status::success();
 }
 
-template <typename Element>
+template <typename Element, int kBoxes>
 Status launch_sm90(const DecodeParams& p, int device) {
   CUtensorMap kv_map;
   Status st = sm90::cached_kv_tensor_map(p, &kv_map);
   if (!st.ok()) return st;
-  const auto kernel = sm90::decode_kernel<Element>;
-  cudaError_t err = allow_dynamic_smem<sm90::decode_kernel<Element>>(sm90::kSmemBytes, device);
+  const auto kernel = sm90::decode_kernel<Element, kBoxes>;
+  cudaError_t err = allow_dynamic_smem<sm90::decode_kernel<Element, kBoxes>>(sm90::kSmemBytes, device);
   if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 && p.q_head_stride % 8 == 0;
@@ -348,7 +351,13 @@ Status launch_decode(const DecodeParams& p, KernelChoice kernel, int device) {
   switch (kernel) {
     case KernelChoice::kSm80Large: return launch_sm80<sm80::LargeTraits, Element>(p, device);
     case KernelChoice::kSm80Small: return launch_sm80<sm80::SmallTraits, Element>(p, device);
-    case KernelChoice::kSm90: return launch_sm90<Element>(p, device);
+    case KernelChoice::kSm90:
+      // One instantiation per tile shape in the cache: a tile is 1, 2 or 4 pages (paged_kv.cuh).
+      switch (tile_boxes(p.page_size)) {
+        case 1: return launch_sm90<Element, 1>(p, device);
+        case 2: return launch_sm90<Element, 2>(p, device);
+        default: return launch_sm90<Element, 4>(p, device);
+      }
     default: return Status::error("unknown kernel choice");
   }
 }

@@ -3,11 +3,11 @@
 ///
 /// mla_decode() never reads outside k_cache or block_table (out-of-range pages read as zeros),
 /// but a block_table entry outside [0, num_blocks) or a cache_seqlens value outside
-/// [0, 64 * max_blocks_per_seq] gives meaningless results. This check finds such entries
+/// [0, page_size * max_blocks_per_seq] gives meaningless results. This check finds such entries
 /// without the host ever reading the (device-resident) indices: three tiny kernels write a
 /// verdict to a caller-provided device buffer (layout: InputCheckParams in params.hpp).
-/// Only the entries mla_decode() would use are checked: columns 0 .. ceil(L / 64) - 1 of each
-/// row; the tail of a row may hold anything.
+/// Only the entries mla_decode() would use are checked: columns 0 .. ceil(L / page_size) - 1 of
+/// each row; the tail of a row may hold anything.
 ///
 /// Nothing here synchronises with the host or allocates, so the calls can be captured in a
 /// CUDA graph; reading the verdict back is the caller's (synchronising) business.
@@ -44,7 +44,7 @@ __global__ void init_kernel(int64_t* result) {
 __global__ void __launch_bounds__(kThreads) check_kernel(const InputCheckParams p) {
   auto* first = reinterpret_cast<unsigned long long*>(p.result + kScratchWord);
   auto* count = reinterpret_cast<unsigned long long*>(p.result + 4);
-  const long long capacity = static_cast<long long>(p.max_blocks_per_seq) * kPageSize;
+  const long long capacity = static_cast<long long>(p.max_blocks_per_seq) * p.page_size;
   for (int req = blockIdx.x; req < p.batch; req += gridDim.x) {
     const int seqlen = p.cache_seqlens[req];
     if (seqlen < 0 || seqlen > capacity) {
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) check_kernel(const InputCheckParams 
       }
       continue;  // uniform over the CTA: no page of this request is checked
     }
-    const int pages = seqlen / kPageSize + (seqlen % kPageSize != 0);  // <= max_blocks_per_seq
+    const int pages = seqlen / p.page_size + (seqlen % p.page_size != 0);  // <= max_blocks_per_seq
     const int32_t* row = p.block_table + static_cast<int64_t>(req) * p.block_table_stride;
     unsigned local_first = 0xffffffffu;
     unsigned long long local_count = 0;
@@ -97,6 +97,9 @@ __global__ void finalize_kernel(const InputCheckParams p) {
 inline Status check_paged_inputs(const InputCheckParams& p) {
   if (p.batch < 0 || p.max_blocks_per_seq < 0 || p.num_blocks < 0) {
     return Status::error("batch, max_blocks_per_seq and num_blocks must be >= 0");
+  }
+  if (!is_supported_page_size(p.page_size)) {
+    return Status::error("page_size must be one of 16, 32, 64, 128, 256, got " + std::to_string(p.page_size));
   }
   if (p.result == nullptr || reinterpret_cast<uintptr_t>(p.result) % 8 != 0) {
     return Status::error("result must be a non-null, 8-byte aligned buffer of kInputCheckWords int64");

@@ -33,9 +33,15 @@ enum class KernelChoice : int {
 /// Model constants fixed by the MLA contract.
 constexpr int kHeadDim = 576;     ///< d: 512 latent channels + 64 RoPE channels
 constexpr int kHeadDimV = 512;    ///< dv: V is the first 512 channels of K
-constexpr int kPageSize = 64;     ///< tokens per KV-cache page
+constexpr int kTileTokens = 64;   ///< tokens per KV tile: the unit of the plan and of the kernels' loops
 constexpr int kMetaInts = 8;      ///< int32 fields per row of the tile-scheduler metadata
 constexpr int kRowsPerMBlock = 64;  ///< query rows per scheduler m-block
+
+/// Tokens per KV-cache page the kernels take (dim 1 of k_cache): 16, 32, 64, 128 or 256. A
+/// 64-token tile spans 64 / page pages of a smaller size, or lies inside one larger page.
+FLASH_MLA_HOST_DEVICE constexpr bool is_supported_page_size(int page_size) {
+  return page_size == 16 || page_size == 32 || page_size == 64 || page_size == 128 || page_size == 256;
+}
 
 /// Result of every entry point: ok() or an error message naming the argument.
 struct Status {
@@ -61,7 +67,7 @@ struct MetadataParams {
 
 /// One decode call, flash_mla::mla_decode(): attention of `seqlen_q` new query tokens of each
 /// of `batch` requests over a paged KV cache (docs/api.md). Token j of request i is
-/// k_cache[block_table[i * block_table_stride + j / 64], j % 64]; query head h reads KV head
+/// k_cache[block_table[i * block_table_stride + j / page_size], j % page_size]; query head h reads KV head
 /// h / (h_q / h_kv). q, k_cache and out hold `dtype`; the last dim of q and k_cache is
 /// contiguous. Internally, query rows are packed per KV head as row = t * heads_per_kv + hh
 /// (t: query token, hh: head inside the KV head's group).
@@ -73,6 +79,7 @@ struct DecodeParams {
   int num_heads_kv = 0;        ///< h_kv: KV heads (>= 1, divides h_q)
   int num_blocks = 0;          ///< pages in k_cache (pages >= num_blocks read as zeros)
   int max_blocks_per_seq = 0;  ///< block_table columns (logical pages past it read as zeros)
+  int page_size = 64;          ///< tokens per page of k_cache (dim 1): is_supported_page_size()
   float softmax_scale = 0.f;   ///< multiplier of q.k, usually 1/sqrt(576); finite and > 0
   bool causal = false;         ///< token t sees keys 0 .. L - s_q + t (matters for s_q > 1 only)
 
@@ -80,7 +87,7 @@ struct DecodeParams {
   int64_t q_batch_stride = 0,  ///< q stride of dim 0 (batch), elements
       q_seq_stride = 0,        ///< q stride of dim 1 (s_q), elements
       q_head_stride = 0;       ///< q stride of dim 2 (h_q), elements
-  const void* k_cache = nullptr;  ///< [num_blocks, 64, h_kv, 576] paged KV cache, 16-byte aligned
+  const void* k_cache = nullptr;  ///< [num_blocks, page_size, h_kv, 576] paged KV cache, 16-byte aligned
   int64_t k_block_stride = 0,  ///< k_cache stride of dim 0 (page), a multiple of 8
       k_token_stride = 0,      ///< k_cache stride of dim 1 (token in page), a multiple of 8
       k_head_stride = 0;       ///< k_cache stride of dim 2 (KV head), a multiple of 8
@@ -110,8 +117,8 @@ constexpr int kInputCheckWords = 8;
 /// What check_paged_inputs() found (word 0 of its result buffer).
 enum class InputCheckCode : int64_t {
   kOk = 0,           ///< every used entry is valid
-  kBadSeqlen = 1,    ///< cache_seqlens[request] outside [0, 64 * max_blocks_per_seq]
-  kBadPage = 2,      ///< block_table[request, column] outside [0, num_blocks), column < ceil(L / 64)
+  kBadSeqlen = 1,    ///< cache_seqlens[request] outside [0, page_size * max_blocks_per_seq]
+  kBadPage = 2,      ///< block_table[request, column] outside [0, num_blocks), column < ceil(L / page_size)
 };
 
 /// Opt-in validation of the paged-cache indices on the GPU, flash_mla::check_paged_inputs()
@@ -129,6 +136,7 @@ struct InputCheckParams {
   int batch = 0;                           ///< requests (>= 0)
   int max_blocks_per_seq = 0;              ///< block_table columns (>= 0)
   int num_blocks = 0;                      ///< pages in k_cache (>= 0)
+  int page_size = 64;                      ///< tokens per page: is_supported_page_size()
   int64_t* result = nullptr;               ///< out: [kInputCheckWords]
   cudaStream_t stream = nullptr;           ///< stream the check runs on
 };

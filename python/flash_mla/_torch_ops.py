@@ -257,14 +257,15 @@ else:  # torch < 2.4: eager only
 def check_inputs_on_device(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits,
                            softmax_scale: float) -> None:
     """Raises ValueError when a used block_table entry is not a page of k_cache or a
-    cache_seqlens value is outside [0, 64 * max_blocks_per_seq]. Synchronises with the host."""
+    cache_seqlens value is outside [0, page_size * max_blocks_per_seq] (page_size: dim 1 of
+    k_cache). Synchronises with the host."""
     _C.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale)
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("check_inputs=True reads its verdict back to the host and cannot run during CUDA "
                            "graph capture: check the inputs before capturing, or leave check_inputs=False")
-    num_blocks, max_blocks = k_cache.shape[0], block_table.shape[1]
+    num_blocks, page_size, max_blocks = k_cache.shape[0], k_cache.shape[1], block_table.shape[1]
     result = torch.empty((INPUT_CHECK_WORDS,), dtype=torch.int64, device=q.device)
-    _C.check_paged_inputs(block_table, cache_seqlens, num_blocks, result, stream_of(q.device))
-    message: Optional[str] = input_check_error(result.tolist(), num_blocks, max_blocks)
+    _C.check_paged_inputs(block_table, cache_seqlens, num_blocks, result, stream_of(q.device), page_size)
+    message: Optional[str] = input_check_error(result.tolist(), num_blocks, max_blocks, page_size=page_size)
     if message is not None:
         raise ValueError(f"check_inputs: {message}")

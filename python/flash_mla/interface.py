@@ -197,7 +197,9 @@ def flash_mla_with_kvcache(
 
     Args:
         q: (batch, s_q, h_q, 576), bf16 or fp16, last dim contiguous.
-        k_cache: (num_blocks, 64, h_kv, 576), same dtype, last dim contiguous.
+        k_cache: (num_blocks, page_block_size, h_kv, 576), same dtype, last dim contiguous;
+            page_block_size 16, 32, 64, 128 or 256 (token j of request i is
+            ``k_cache[block_table[i, j // page_block_size], j % page_block_size]``).
         block_table: (batch, max_blocks_per_seq) int32.
         cache_seqlens: (batch,) int32, may hold zeros.
         head_dim_v: must be 512.
@@ -216,7 +218,7 @@ def flash_mla_with_kvcache(
             (batch, h_q, s_q) float32, contiguous, on q's device (checked); returned as given.
             Either may be given alone (the other is allocated).
         check_inputs (keyword only): validate on the GPU that cache_seqlens are in
-            [0, 64 * max_blocks_per_seq] and the used block_table entries in [0, num_blocks)
+            [0, page_block_size * max_blocks_per_seq] and the used block_table entries in [0, num_blocks)
             and raise ValueError otherwise. Synchronises with the host: eager only (not during
             CUDA-graph capture; a graph break under torch.compile). Off by default.
 

@@ -43,7 +43,8 @@ from . import _C
 
 HEAD_DIM = 576
 HEAD_DIM_V = 512
-PAGE_BLOCK_SIZE = 64
+PAGE_BLOCK_SIZE = 64  # FlashMLA's page size; k_cache may use any of PAGE_BLOCK_SIZES
+PAGE_BLOCK_SIZES = (16, 32, 64, 128, 256)
 META_INTS = 8
 INPUT_CHECK_WORDS = _C.INPUT_CHECK_WORDS
 DEFAULT_SOFTMAX_SCALE = 1.0 / math.sqrt(HEAD_DIM)
@@ -241,23 +242,25 @@ def mla_decode(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any, tile_
 
 
 def check_paged_inputs(block_table: Any, cache_seqlens: Any, num_blocks: int, result: Any,
-                       stream: Any = None) -> Any:
+                       stream: Any = None, *, page_size: int = PAGE_BLOCK_SIZE) -> Any:
     """Launches the GPU check of the indices a decode would use (asynchronous, no host sync).
 
-    Checks that ``cache_seqlens[i]`` is in ``[0, 64 * max_blocks_per_seq]`` and that the first
-    ``ceil(L_i / 64)`` entries of row ``i`` of ``block_table`` are in ``[0, num_blocks)``.
+    Checks that ``cache_seqlens[i]`` is in ``[0, page_size * max_blocks_per_seq]`` and that the
+    first ``ceil(L_i / page_size)`` entries of row ``i`` of ``block_table`` are in
+    ``[0, num_blocks)``. ``page_size``: tokens per page of the cache (dim 1 of ``k_cache``), one
+    of ``PAGE_BLOCK_SIZES``.
     ``result``: a writable int64 array of ``INPUT_CHECK_WORDS`` (8) elements on the same
     device; read it back after the stream's work is done and give the values to
     ``input_check_error``. Returns ``result``.
     """
     _reject_immutable(result=result)
     _C.check_paged_inputs(block_table, cache_seqlens, _int(num_blocks, "num_blocks"), result,
-                          stream_handle(stream))
+                          stream_handle(stream), _int(page_size, "page_size"))
     return result
 
 
 def input_check_error(values: Sequence[int], num_blocks: Optional[int] = None,
-                      max_blocks_per_seq: Optional[int] = None) -> Optional[str]:
+                      max_blocks_per_seq: Optional[int] = None, *, page_size: int = PAGE_BLOCK_SIZE) -> Optional[str]:
     """The message for the verdict of ``check_paged_inputs`` (its ``result`` read back as
     ints), or None when every checked entry is valid."""
     values = [int(v) for v in values]
@@ -268,8 +271,8 @@ def input_check_error(values: Sequence[int], num_blocks: Optional[int] = None,
         return None
     more = f" ({count} invalid entries in all)" if count > 1 else ""
     if code == 1:
-        limit = f"64 * max_blocks_per_seq = {64 * max_blocks_per_seq}" if max_blocks_per_seq is not None \
-            else "64 * max_blocks_per_seq"
+        limit = f"{page_size} * max_blocks_per_seq = {page_size * max_blocks_per_seq}" \
+            if max_blocks_per_seq is not None else f"{page_size} * max_blocks_per_seq"
         return (f"cache_seqlens[{req}] = {value} is outside [0, {limit}]: the request needs more pages "
                 f"than block_table has columns{more}")
     if code == 2:

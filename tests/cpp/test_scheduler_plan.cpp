@@ -22,7 +22,7 @@ void check_plan(const std::vector<int32_t>& seqlens, int parts, const std::strin
   const int batch = static_cast<int>(seqlens.size());
   std::vector<std::vector<int>> covered(batch);
   std::vector<std::vector<int>> split_seen(batch);
-  for (int i = 0; i < batch; ++i) covered[i].assign(pages_of(seqlens[i]), 0);
+  for (int i = 0; i < batch; ++i) covered[i].assign(tiles_of(seqlens[i]), 0);
 
   expect(plan.num_splits[0] == 0, name + ": num_splits[0] == 0");
   for (int i = 0; i < batch; ++i) {
@@ -33,7 +33,7 @@ void check_plan(const std::vector<int32_t>& seqlens, int parts, const std::strin
   expect(plan.num_splits[batch] <= max_splits_of(batch, parts), name + ": splits fit the workspace");
 
   long long total = 0;
-  for (int i = 0; i < batch; ++i) total += paired_pages(pages_of(seqlens[i])) + kSegmentFixedCost;
+  for (int i = 0; i < batch; ++i) total += paired_tiles(tiles_of(seqlens[i])) + kSegmentFixedCost;
   const long long share = (total + parts - 1) / parts;
 
   for (int p = 0; p < parts; ++p) {
@@ -43,14 +43,14 @@ void check_plan(const std::vector<int32_t>& seqlens, int parts, const std::strin
       expect(i >= 0 && i < batch, name + ": request index in range");
       if (i < 0 || i >= batch) continue;
       const int lo = i == row[0] ? row[1] : 0;
-      const int hi = i == row[2] ? row[3] : pages_of(seqlens[i]);
-      expect(lo <= hi && hi <= pages_of(seqlens[i]), name + ": page range valid");
-      expect(pages_of(seqlens[i]) == 0 || hi > lo, name + ": non-empty segment of a non-empty request");
+      const int hi = i == row[2] ? row[3] : tiles_of(seqlens[i]);
+      expect(lo <= hi && hi <= tiles_of(seqlens[i]), name + ": page range valid");
+      expect(tiles_of(seqlens[i]) == 0 || hi > lo, name + ": non-empty segment of a non-empty request");
       for (int pg = lo; pg < hi; ++pg) covered[i][pg]++;
       const int split = i == row[0] ? row[4] : 0;
       if (split >= 0 && split < static_cast<int>(split_seen[i].size())) split_seen[i][split]++;
       else expect(false, name + ": split index in range");
-      cost += paired_pages(hi - lo) + kSegmentFixedCost;
+      cost += paired_tiles(hi - lo) + kSegmentFixedCost;
     }
     expect(cost <= share + kSegmentFixedCost + 1,
            name + ": part " + std::to_string(p) + " cost " + std::to_string(cost) + " <= " +

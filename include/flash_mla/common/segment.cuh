@@ -1,4 +1,4 @@
-// The part of one request an SM part decodes: pages [page_lo, page_hi) of the plan row
+// The part of one request an SM part decodes: tiles [tile_lo, tile_hi) of the plan row
 // (scheduler/plan.hpp), as a token range clipped to the request's length.
 #pragma once
 
@@ -11,17 +11,17 @@ struct Segment {
   int seqlen;   // L of the request (negative lengths read as 0)
   int n_lo;     // first token of the segment
   int n_hi;     // one past its last token
-  int n_tiles;  // kTileTokens-token tiles covering [n_lo, n_hi)
+  int n_tiles;  // kLoopTokens-token steps of the kernel's loop covering [n_lo, n_hi)
 
-  template <int kTileTokens>
+  template <int kLoopTokens>
   __device__ static Segment of(const DecodeParams& p, const int32_t* meta, int req) {
     Segment seg;
     seg.seqlen = max(p.cache_seqlens[req], 0);
-    const int page_lo = req == meta[0] ? meta[1] : 0;
-    const int page_hi = req == meta[2] ? meta[3] : pages_of(seg.seqlen);
-    seg.n_lo = static_cast<int>(min(static_cast<long long>(page_lo) * kPageSize, static_cast<long long>(seg.seqlen)));
-    seg.n_hi = static_cast<int>(min(static_cast<long long>(page_hi) * kPageSize, static_cast<long long>(seg.seqlen)));
-    seg.n_tiles = seg.n_hi > seg.n_lo ? (seg.n_hi - seg.n_lo + kTileTokens - 1) / kTileTokens : 0;
+    const int tile_lo = req == meta[0] ? meta[1] : 0;
+    const int tile_hi = req == meta[2] ? meta[3] : tiles_of(seg.seqlen);
+    seg.n_lo = static_cast<int>(min(static_cast<long long>(tile_lo) * kTileTokens, static_cast<long long>(seg.seqlen)));
+    seg.n_hi = static_cast<int>(min(static_cast<long long>(tile_hi) * kTileTokens, static_cast<long long>(seg.seqlen)));
+    seg.n_tiles = seg.n_hi > seg.n_lo ? (seg.n_hi - seg.n_lo + kLoopTokens - 1) / kLoopTokens : 0;
     return seg;
   }
 

@@ -1,4 +1,5 @@
-// The split-KV work plan: which SM part decodes which pages of which request.
+// The split-KV work plan: which SM part decodes which KV tiles (kTileTokens = 64 tokens, whatever
+// the cache's page size) of which request.
 //
 // One function computes the plan and is compiled twice: by the GPU metadata kernel
 // (scheduler/metadata_kernel.cuh, one thread, inputs staged in shared memory) and on the
@@ -6,9 +7,9 @@
 //
 // Row p of tile_scheduler_metadata (kMetaInts int32 each) describes SM part p:
 //   [0] begin_req   first request of the part
-//   [1] begin_page  first page of begin_req it decodes
+//   [1] begin_tile  first tile of begin_req it decodes
 //   [2] end_req     last request of the part (inclusive); end_req < begin_req: empty part
-//   [3] end_page    one past the last page of end_req it decodes
+//   [3] end_tile    one past the last tile of end_req it decodes
 //   [4] begin_split split index of the part's segment of begin_req (later requests: 0)
 //   [5..7]          zero
 // num_splits[i] is the first split of request i in the split workspace and
@@ -23,18 +24,18 @@
 
 namespace flash_mla {
 
-/// Cost charged per request segment, in pages: the fixed work (Q load, epilogue, combine)
+/// Cost charged per request segment, in tiles: the fixed work (Q load, epilogue, combine)
 /// that a segment costs regardless of its length.
 constexpr int kSegmentFixedCost = 5;
 
-/// Pages holding `seqlen` tokens (negative lengths count as empty).
-FLASH_MLA_HOST_DEVICE int pages_of(int seqlen) {
-  return seqlen > 0 ? static_cast<int>((static_cast<long long>(seqlen) + kPageSize - 1) / kPageSize) : 0;
+/// Tiles holding `seqlen` tokens (negative lengths count as empty).
+FLASH_MLA_HOST_DEVICE int tiles_of(int seqlen) {
+  return seqlen > 0 ? static_cast<int>((static_cast<long long>(seqlen) + kTileTokens - 1) / kTileTokens) : 0;
 }
 
-/// What `pages` pages of one segment cost in the plan: the kernels take pages in pairs, so an odd
-/// count costs as much as the next even one (the pair's second page is a zero page).
-FLASH_MLA_HOST_DEVICE int paired_pages(int pages) { return pages + (pages & 1); }
+/// What `tiles` tiles of one segment cost in the plan: the kernels take tiles in pairs, so an odd
+/// count costs as much as the next even one (the pair's second tile is a zero tile).
+FLASH_MLA_HOST_DEVICE int paired_tiles(int tiles) { return tiles + (tiles & 1); }
 
 /// Number of SM parts the plan balances over: one part per SM for each (KV head, m-block)
 /// CTA column, so that all CTAs of the decode grid are resident at once.
@@ -49,52 +50,52 @@ FLASH_MLA_HOST_DEVICE int num_sm_parts_for(int num_sms, int rows_per_kv_head, in
 FLASH_MLA_HOST_DEVICE int max_splits_of(int batch, int num_sm_parts) { return batch + num_sm_parts; }
 
 /// The greedy plan for one payload: part after part takes up to `payload` cost units, a segment's
-/// cost being its pages rounded up to pairs plus kSegmentFixedCost; a request that does not fit
-/// whole is split (the part takes the even number of pages that fits). Returns whether every request was placed. With
+/// cost being its tiles rounded up to pairs plus kSegmentFixedCost; a request that does not fit
+/// whole is split (the part takes the even number of tiles that fits). Returns whether every request was placed. With
 /// kLastTakesRest the last part takes whatever is left (always true then). meta / num_splits are
 /// written when non-null.
 template <bool kLastTakesRest>
 FLASH_MLA_HOST_DEVICE bool greedy_plan(const int32_t* seqlens, int batch, int num_parts, long long payload,
                                        int32_t* meta, int32_t* num_splits) {
-  int req = 0, page = 0, split = 0, splits_done = 0;
+  int req = 0, tile = 0, split = 0, splits_done = 0;
   if (num_splits != nullptr) num_splits[0] = 0;
   for (int p = 0; p < num_parts; ++p) {
     int32_t* row = meta != nullptr ? meta + p * kMetaInts : nullptr;
     if (row != nullptr) {
       row[0] = req;
-      row[1] = page;
+      row[1] = tile;
       row[4] = split;
     }
     long long remain = payload;
     const bool take_rest = kLastTakesRest && p == num_parts - 1;
     while (req < batch) {
-      const int left = pages_of(seqlens[req]) - page;
-      if (take_rest || remain >= paired_pages(left) + kSegmentFixedCost) {  // finish this request here
-        remain -= paired_pages(left) + kSegmentFixedCost;
+      const int left = tiles_of(seqlens[req]) - tile;
+      if (take_rest || remain >= paired_tiles(left) + kSegmentFixedCost) {  // finish this request here
+        remain -= paired_tiles(left) + kSegmentFixedCost;
         splits_done += split + 1;
         if (num_splits != nullptr) num_splits[req + 1] = splits_done;
         ++req;
-        page = 0;
+        tile = 0;
         split = 0;
       } else {  // take what fits and leave the rest of the request to the next part
-        // An even number of pages: the kernels take pages in pairs, so a segment of an odd page
-        // count costs as much as one page more, and later segments of the request stay aligned.
+        // An even number of tiles: the kernels take tiles in pairs, so a segment of an odd tile
+        // count costs as much as one tile more, and later segments of the request stay aligned.
         long long take = remain - kSegmentFixedCost;
         take -= take & 1;
         if (take > 0) {
-          page += static_cast<int>(take);
+          tile += static_cast<int>(take);
           ++split;
         }
         break;
       }
     }
     if (row != nullptr) {
-      if (page > 0) {
+      if (tile > 0) {
         row[2] = req;
-        row[3] = page;
+        row[3] = tile;
       } else {
         row[2] = req - 1;
-        row[3] = req > 0 ? pages_of(seqlens[req - 1]) : 0;
+        row[3] = req > 0 ? tiles_of(seqlens[req - 1]) : 0;
       }
       row[5] = row[6] = row[7] = 0;
     }
@@ -118,7 +119,7 @@ struct PayloadSearch {
 
   FLASH_MLA_HOST_DEVICE static PayloadSearch of(const int32_t* seqlens, int batch, int num_parts) {
     long long total = 0;
-    for (int i = 0; i < batch; ++i) total += paired_pages(pages_of(seqlens[i])) + kSegmentFixedCost;
+    for (int i = 0; i < batch; ++i) total += paired_tiles(tiles_of(seqlens[i])) + kSegmentFixedCost;
     PayloadSearch s;
     s.first = (total + num_parts - 1) / num_parts;
     return s;

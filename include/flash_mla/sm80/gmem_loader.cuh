@@ -1,5 +1,5 @@
 // Global -> shared copies of the portable kernel: the Q tile of one (request, KV head,
-// m-block) and 64-token-page-aligned KV tiles through the block table. Tokens at or past L
+// m-block) and KV tiles through the block table (pages of any supported size). Tokens at or past L
 // and pages whose block_table entry is out of range are zero-filled, never read, so NaN in
 // unused cache slots and junk in unused table entries cannot reach the math.
 #pragma once
@@ -23,25 +23,38 @@ __device__ __forceinline__ void load_q_tile(Element* sQ, const DecodeParams& p, 
   }
 }
 
-/// Copies tokens [n0, n0 + kBlockN) of request `req` (inside one page) into a swizzled K tile.
+/// Physical page of logical page `logical` of request `req`, or -1 when the request has no such
+/// page in block_table or the entry is not a page of k_cache.
+__device__ __forceinline__ int checked_page(const DecodeParams& p, int req, int logical) {
+  const int page = logical < p.max_blocks_per_seq ? p.block_table[req * p.block_table_stride + logical] : -1;
+  return page >= 0 && page < p.num_blocks ? page : -1;
+}
+
+/// Copies tokens [n0, n0 + kBlockN) of request `req` into a swizzled K tile. The tile lies in
+/// one page or straddles two (kBlockN <= 2 x the smallest page size); pages holding no token
+/// below seqlen are not looked up.
 template <typename Traits, typename Element>
 __device__ __forceinline__ void load_kv_tile(Element* sK, const DecodeParams& p, int req, int kv_head,
                                              int n0, int seqlen) {
+  static_assert(Traits::kBlockN <= 32, "a tile spans at most two pages of 16 tokens");
   const Element* k_cache = static_cast<const Element*>(p.k_cache);
-  const int logical_page = n0 / kPageSize;
-  int page = -1;
-  if (logical_page < p.max_blocks_per_seq) page = p.block_table[req * p.block_table_stride + logical_page];
-  const bool page_ok = page >= 0 && page < p.num_blocks;
-  const Element* base = k_cache;
-  if (page_ok) {
-    base = k_cache + page * p.k_block_stride + (n0 % kPageSize) * p.k_token_stride +
-           static_cast<int64_t>(kv_head) * p.k_head_stride;
-  }
+  const int shift = __ffs(p.page_size) - 1;  // page sizes are powers of two
+  const int first_logical = n0 >> shift;
+  const int last_token = min(n0 + Traits::kBlockN, seqlen) - 1;  // < n0: the tile holds no token
+  const int first_page = n0 <= last_token ? checked_page(p, req, first_logical) : -1;
+  const int second_page =
+      n0 <= last_token && (last_token >> shift) != first_logical ? checked_page(p, req, first_logical + 1) : -1;
   for (int idx = threadIdx.x; idx < Traits::kBlockN * Traits::kChunksPerRow; idx += Traits::kThreads) {
     const int token = idx / Traits::kChunksPerRow;
     const int col = (idx % Traits::kChunksPerRow) * 8;
-    const bool valid = page_ok && n0 + token < seqlen;
-    const Element* src = valid ? base + token * p.k_token_stride + col : k_cache;
+    const int j = n0 + token;
+    const int page = (j >> shift) == first_logical ? first_page : second_page;
+    const bool valid = page >= 0 && j < seqlen;
+    const Element* src = k_cache;
+    if (valid) {
+      src = k_cache + page * p.k_block_stride + (j & (p.page_size - 1)) * p.k_token_stride +
+            static_cast<int64_t>(kv_head) * p.k_head_stride + col;
+    }
     cp_async_16(sK + Traits::swizzle(token, col), src, valid);
   }
 }

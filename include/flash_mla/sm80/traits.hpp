@@ -50,7 +50,7 @@ struct DecodeTraits {
 
   static_assert(kBlockM % 16 == 0, "rows come in 16-row mma tiles");
   static_assert(kBlockN % 16 == 0 && kTokensPerWarp % 8 == 0, "tokens come in 8-wide mma tiles");
-  static_assert(kPageSize % kBlockN == 0, "a KV tile must lie inside one page");
+  static_assert(kTileTokens % kBlockN == 0, "the plan's 64-token tiles split into whole KV tiles");
   static_assert(kChunksPerRow % 8 == 0, "the swizzle permutes chunks in groups of 8");
 
   /// Element offset of (row, col) in a swizzled 576-wide tile: chunk c of row r is stored at

@@ -1,11 +1,12 @@
-// The Hopper (sm_90a) split-KV decode kernel: two math warpgroups taking the pages of a segment
-// in pairs (mainloop.cuh), KV pages streamed by TMA into two buffers with one transaction
+// The Hopper (sm_90a) split-KV decode kernel: two math warpgroups taking the 64-token tiles of a
+// segment in pairs (mainloop.cuh), KV tiles streamed by TMA into two buffers with one transaction
 // barrier per 64-column block, wgmma for Q K^T and P V. Same grid, metadata and outputs as the
 // portable kernel.
 #pragma once
 
 #include <cuda.h>
 
+#include "../common/paged_kv.cuh"
 #include "../common/q_chunk.cuh"
 #include "../common/segment.cuh"
 #include "../params.hpp"
@@ -31,28 +32,29 @@ __device__ __forceinline__ void start_q_load(uint8_t* sq, const DecodeParams& p,
   sm80::cp_async_commit();
 }
 
-/// Physical page of the segment's `block`-th page; -1 (a zero page) past the segment.
-__device__ __forceinline__ int segment_page(const DecodeParams& p, const Segment& seg, int req, int block) {
-  const int logical = seg.n_lo / kPageSize + block;
-  return block < seg.n_tiles && logical < p.max_blocks_per_seq ? p.block_table[req * p.block_table_stride + logical] : -1;
+/// Pages of the segment's `block`-th tile; -1 (zeros) past the segment.
+template <int kBoxes>
+__device__ __forceinline__ TilePages<kBoxes> segment_tile(const DecodeParams& p, const Segment& seg, int req, int block) {
+  return tile_pages<kBoxes>(p, req, seg.n_lo / kTileTokens + block, seg.n_hi);
 }
 
-/// Starts every load a segment needs before its first S: its first two pages (TMA, issued by
+/// Starts every load a segment needs before its first S: its first two tiles (TMA, issued by
 /// thread 0) and its Q tile (cp.async by all threads). Called when Q and both KV buffers are free:
 /// at the end of the previous segment, so that the loads overlap its epilogue, or at the start of
 /// the CTA's first segment.
-template <typename Element>
+template <typename Element, int kBoxes>
 __device__ __forceinline__ void start_segment_loads(SharedStorage& smem, const DecodeParams& p, const RowMap& rows_map,
-                                                    const KvSource& src, const Segment& seg, int req, int row0,
+                                                    const KvSource<kBoxes>& src, const Segment& seg, int req, int row0,
                                                     bool q_vec16) {
   if (threadIdx.x == 0) {
-    src.load<0, Traits::kColBlocks>(smem.kv[0], smem.kv_bar[0], segment_page(p, seg, req, 0));
-    src.load<0, Traits::kColBlocks>(smem.kv[1], smem.kv_bar[1], segment_page(p, seg, req, 1));
+    src.template load<0, Traits::kColBlocks>(smem.kv[0], smem.kv_bar[0], segment_tile<kBoxes>(p, seg, req, 0));
+    src.template load<0, Traits::kColBlocks>(smem.kv[1], smem.kv_bar[1], segment_tile<kBoxes>(p, seg, req, 1));
   }
   start_q_load<Element>(smem.q, p, rows_map, req, row0, q_vec16);
 }
 
-template <typename Element>
+/// kBoxes: pages per 64-token tile (tile_boxes(p.page_size)): 1 for pages of 64 tokens or more.
+template <typename Element, int kBoxes>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     decode_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kv_map, const bool q_vec16) {
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
@@ -83,15 +85,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int32_t* meta = p.tile_scheduler_metadata + blockIdx.z * kMetaInts;
   // The clamps only matter for metadata planned for other inputs: stay in bounds.
   const int first_req = max(meta[0], 0), last_req = min(meta[2], p.batch - 1);
-  const KvSource src{&kv_map, rows_map.kv_head, kv_cache_policy()};
+  const KvSource<kBoxes> src{&kv_map, rows_map.kv_head, kv_cache_policy()};
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
 
   WarpgroupState st;
   st.row = 16 * ((threadIdx.x / 32) % 4) + lane / 4;
   uint32_t phase = 0;       // of this warpgroup's KV buffer barriers
-  uint32_t pairs_done = 0;  // page pairs of all segments so far: the hand-offs' phase parity
+  uint32_t pairs_done = 0;  // tile pairs of all segments so far: the hand-offs' phase parity
 
-  bool loads_started = false;  // the segment's first pages and Q were requested by the previous one
+  bool loads_started = false;  // the segment's first tiles and Q were requested by the previous one
   for (int req = first_req; req <= last_req; ++req) {
     const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
 #pragma unroll
@@ -114,7 +116,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       __syncthreads();
       trace_segment(seg_slot, kSegReady);
 
-      // S of the first pair: each warpgroup its own page.
+      // S of the first pair: each warpgroup its own tile.
       uint8_t* kv = smem.kv[warpgroup];
       fence_accumulators(st.s);
       cute::warpgroup_arrive();
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
       const int n_pairs = (seg.n_tiles + 1) / 2;
       const auto pair_info = [&](int pair_idx) {
-        PairInfo pair;
+        PairInfo<kBoxes> pair;
         pair.parity = (pairs_done + pair_idx) & 1;
         pair.slot = pairs_done + pair_idx;
         pair.n0 = seg.n_lo + 2 * pair_idx * Traits::kBlockN;
@@ -137,11 +139,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           pair.valid[i] = min(seg.n_hi - (pair.n0 + i * Traits::kBlockN), Traits::kBlockN);
           // Every thread loads it (one broadcast load per warp), only the refilling thread uses it:
           // a load by that thread alone would put a divergent branch into every pair.
-          pair.next_page[i] = segment_page(p, seg, req, 2 * pair_idx + 2 + i);
+          pair.next_tile[i] = segment_tile<kBoxes>(p, seg, req, 2 * pair_idx + 2 + i);
         }
         return pair;
       };
-      // Pairs whose keys every valid row of the tile sees (so both pages are whole, too) run
+      // Pairs whose keys every valid row of the tile sees (so both tiles are whole, too) run
       // without masking code: the first valid row has the smallest limit (tokens grow with the
       // packed row). The pairs after them, and the last one, are boundary pairs.
       const int first_limit = min(seg.last_visible(p, true, rows_map.token(row0)), seg.n_hi - 1);
@@ -185,7 +187,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     trace_segment(seg_slot, kSegSummed);
     // Every wgmma of the segment has completed: Q and both KV buffers are free. The next segment's
     // Q starts loading now; each warpgroup stages its O in its own KV buffer and, once the copy
-    // engine has read it, requests its page of the next segment. The stores drain meanwhile.
+    // engine has read it, requests its tile of the next segment. The stores drain meanwhile.
     Segment next{};
     const bool next_loads = req < last_req && (next = Segment::of<Traits::kBlockN>(p, meta, req + 1)).n_tiles > 0;
     if (next_loads) start_q_load<Element>(smem.q, p, rows_map, req + 1, row0, q_vec16);
@@ -194,7 +196,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                                  warpgroup * Traits::kDvPerWarpgroup, st.o, row_max, row_sum,
                                  warpgroup == 0 ? kWarpgroup0 : kWarpgroup1);
     if (next_loads && threadIdx.x % Traits::kWarpgroupThreads == 0) {
-      src.load<0, Traits::kColBlocks>(smem.kv[warpgroup], smem.kv_bar[warpgroup], segment_page(p, next, req + 1, warpgroup));
+      src.template load<0, Traits::kColBlocks>(smem.kv[warpgroup], smem.kv_bar[warpgroup],
+                                               segment_tile<kBoxes>(p, next, req + 1, warpgroup));
     }
     loads_started = next_loads;
     trace_segment(seg_slot, kSegStored);

@@ -1,10 +1,10 @@
-// The seesaw main loop: one page pair per call, one function per warpgroup.
+// The seesaw main loop: one tile pair per call, one function per warpgroup.
 //
-// Per pair (even page in kv[0], owned by wg0; odd page in kv[1], owned by wg1), with S of both
-// pages already in the owners' registers:
+// Per pair (even tile in kv[0], owned by wg0; odd tile in kv[1], owned by wg1), with S of both
+// tiles already in the owners' registers:
 //   wg0: fold S0 into the maxima                        -> kMax0Ready
 //        O_L = O_L * f0 + P0 V0_L  (P0 from registers)
-//        wait kMax1Ready; once V0_L is read, refill kv[0] blocks 0-3 with the next even page
+//        wait kMax1Ready; once V0_L is read, refill kv[0] blocks 0-3 with the next even tile
 //        store P0 * f1                                   -> kP0Ready
 //        wait kP1Ready; O_L = O_L * f1 + P1 V1_L  (P1 from shared memory)
 //        S0 of the next pair: blocks 0-3, refill kv[1] blocks 0-3 and 8 once V1_L and P1 are
@@ -15,10 +15,10 @@
 //        wait kP0Ready; O_R += (P0 * f1) V0_R  (shared memory) -> kP1Ready (after both issues)
 //        refill kv[1] blocks 4-7 and kv[0] blocks 4-8 as the two products finish; S1 of the
 //        next pair
-// f0, f1: the factors by which the maxima of the even / odd page scale older terms. Each
+// f0, f1: the factors by which the maxima of the even / odd tile scale older terms. Each
 // warpgroup's softmax runs while the other's products keep the tensor cores busy, and the odd
-// page's V_R is read first so that its refill starts early. A pair past the end of the segment
-// (odd page count) has a zero page (TMA fills a box outside the cache with zeros) whose keys are
+// tile's V_R is read first so that its refill starts early. A pair past the end of the segment
+// (odd tile count) has a zero tile (TMA fills boxes outside the cache with zeros) whose keys are
 // all masked: P1 = 0 and f1 = 1.
 #pragma once
 
@@ -56,30 +56,39 @@ __device__ __forceinline__ void handoff_wait(SharedStorage& smem, Handoff h, uin
 /// Generic-proxy shared-memory writes (st.shared, cp.async) become visible to wgmma.
 __device__ __forceinline__ void fence_to_async_proxy() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-/// Where the KV pages come from: issued by one thread, blocks [kFrom, kTo) of page `page` into
-/// a buffer, each block completing its own barrier.
+/// Where the KV tiles come from: issued by one thread, blocks [kFrom, kTo) of a tile into a
+/// buffer, each block completing its own barrier (one TMA box per page the tile spans).
+template <int kBoxes>
 struct KvSource {
   const CUtensorMap* map;
   int kv_head;
   uint64_t cache_policy;
 
   template <int kFrom, int kTo>
-  __device__ __forceinline__ void load(uint8_t* kv, uint64_t* bars, int page) const {
+  __device__ __forceinline__ void load(uint8_t* kv, uint64_t* bars, const TilePages<kBoxes>& tile) const {
+    // A box of whole small pages fills kBoxTokens rows of the block: 2 or 4 KB, so every box
+    // starts at a multiple of the 1 KB swizzle period.
+    constexpr int kBoxBytes = Traits::kColBlockBytes / kBoxes;
 #pragma unroll
     for (int b = kFrom; b < kTo; ++b) {
       TxBarrier::arrive_and_expect_tx(&bars[b], Traits::kColBlockBytes);
-      tma_load_kv_box(kv + b * Traits::kColBlockBytes, map, &bars[b], 64 * b, kv_head, page, cache_policy);
+#pragma unroll
+      for (int j = 0; j < kBoxes; ++j) {
+        tma_load_kv_box(kv + b * Traits::kColBlockBytes + j * kBoxBytes, map, &bars[b], 64 * b, kv_head, tile.token0,
+                        tile.page[j], cache_policy);
+      }
     }
   }
 };
 
-/// What a pair step needs to know of its pages.
+/// What a pair step needs to know of its tiles.
+template <int kBoxes>
 struct PairInfo {
-  int n0;            // first token of the even page
-  int valid[2];      // tokens of each page inside the segment (<= 0: a zero page)
-  int next_page[2];  // pages of the next pair, if any (-1: a zero page)
-  uint32_t parity;   // phase parity of this pair's hand-offs
-  int slot;          // pairs before this one in the CTA (trace.cuh)
+  int n0;                         // first token of the even tile
+  int valid[2];                   // tokens of each tile inside the segment (<= 0: a zero tile)
+  TilePages<kBoxes> next_tile[2];  // pages of the next pair's tiles, if any (-1: zeros)
+  uint32_t parity;                // phase parity of this pair's hand-offs
+  int slot;                       // pairs before this one in the CTA (trace.cuh)
 };
 
 /// S (+)= Q K^T over the 64-column blocks [kFrom, kTo) of a KV buffer, each issued as soon as its
@@ -99,11 +108,11 @@ __device__ __forceinline__ void issue_qk(uint64_t q, uint64_t kv, uint64_t* bars
   }
 }
 
-/// Zeroes tokens [valid, 64) of V blocks [kFrom, kTo) of a landed page (slots past the length may
+/// Zeroes tokens [valid, 64) of V blocks [kFrom, kTo) of a landed tile (slots past the length may
 /// hold NaN, and P = 0 times NaN is NaN), visible to this warpgroup's wgmma afterwards.
 template <int kFrom, int kTo>
 __device__ __forceinline__ void zero_tail(uint8_t* kv, int valid, int warpgroup_barrier) {
-  if (valid <= 0 || valid >= Traits::kBlockN) return;  // whole page, or a zero page
+  if (valid <= 0 || valid >= Traits::kBlockN) return;  // whole tile, or a zero tile
   constexpr int kChunks = (kTo - kFrom) * 8;              // 16-byte chunks per token
   for (int idx = threadIdx.x % Traits::kWarpgroupThreads; idx < (Traits::kBlockN - valid) * kChunks;
        idx += Traits::kWarpgroupThreads) {
@@ -118,7 +127,7 @@ __device__ __forceinline__ void zero_tail(uint8_t* kv, int valid, int warpgroup_
 /// Per-thread state of a warpgroup across a segment.
 struct WarpgroupState {
   float o[Traits::kOTiles][4];        // this warpgroup's 256 channels of O, rows row and row + 8
-  float s[Traits::kSTiles][4];        // S, then P, of the page this warpgroup owns
+  float s[Traits::kSTiles][4];        // S, then P, of the tile this warpgroup owns
   float sum[2];                       // this thread's share of the row sums
   int limit[2];                       // last visible key of the two rows (clipped to the segment)
   int row;                            // the thread's first local row
@@ -136,11 +145,11 @@ __device__ __forceinline__ void finish_pair(WarpgroupState& st, uint32_t& phase)
 
 /// kHasNext: another pair follows in the segment (compile-time: a wgmma issued under a runtime
 /// condition makes ptxas serialise every wgmma of the kernel). kBoundary: some row may not see
-/// every key of the pair, or a page is partial or a zero page (masking and V tail zeroing);
+/// every key of the pair, or a tile is partial or a zero tile (masking and V tail zeroing);
 /// false for the pairs inside the segment, whose code then has no branch but the refills'.
-template <typename Element, bool kHasNext, bool kBoundary>
-__device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo& pair,
-                                                    const KvSource& src, float scale_log2, uint32_t& phase) {
+template <typename Element, bool kHasNext, bool kBoundary, int kBoxes>
+__device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo<kBoxes>& pair,
+                                                    const KvSource<kBoxes>& src, float scale_log2, uint32_t& phase) {
   const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;
   uint8_t* kv0 = smem.kv[0];
   uint8_t* kv1 = smem.kv[1];
@@ -181,7 +190,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   fence_accumulators(st.o);
   fence_fragments(p);
   trace(pair.slot, kTraceOwnPvDone);
-  if (kHasNext && leader) src.load<0, Traits::kVBlocksPerWarpgroup>(kv0, smem.kv_bar[0], pair.next_page[0]);
+  if (kHasNext && leader) src.template load<0, Traits::kVBlocksPerWarpgroup>(kv0, smem.kv_bar[0], pair.next_tile[0]);
   rescale_rows(st.o, factor);
 #pragma unroll
   for (int i = 0; i < 2; ++i) st.sum[i] *= factor[i];
@@ -205,8 +214,8 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   trace(pair.slot, kTraceSFirstIssued);
   cute::warpgroup_wait<1>();  // V1_L and P1 read: kv[1] blocks 0-3 and 8 may be refilled
   if (kHasNext && leader) {
-    src.load<0, Traits::kVBlocksPerWarpgroup>(kv1, smem.kv_bar[1], pair.next_page[1]);
-    src.load<Traits::kRopeBlock, Traits::kColBlocks>(kv1, smem.kv_bar[1], pair.next_page[1]);
+    src.template load<0, Traits::kVBlocksPerWarpgroup>(kv1, smem.kv_bar[1], pair.next_tile[1]);
+    src.template load<Traits::kRopeBlock, Traits::kColBlocks>(kv1, smem.kv_bar[1], pair.next_tile[1]);
   }
   trace(pair.slot, kTraceRefillIssued);
   if constexpr (kHasNext) {
@@ -217,9 +226,9 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   trace(pair.slot, kTracePairEnd);
 }
 
-template <typename Element, bool kHasNext, bool kBoundary>
-__device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo& pair,
-                                                   const KvSource& src, float scale_log2, uint32_t& phase) {
+template <typename Element, bool kHasNext, bool kBoundary, int kBoxes>
+__device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo<kBoxes>& pair,
+                                                   const KvSource<kBoxes>& src, float scale_log2, uint32_t& phase) {
   const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;
   uint8_t* kv0 = smem.kv[0];
   uint8_t* kv1 = smem.kv[1];
@@ -230,7 +239,7 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   float tile_max[2], factor[2], f0[2];
   trace(pair.slot, kTracePairStart);
   page_rowmax<kBoundary>(st.s, scale_log2, pair.n0 + Traits::kBlockN, st.limit, tile_max);
-  handoff_wait(smem, kMax0Ready, pair.parity);  // S0 done, f0 and the maxima after the even page
+  handoff_wait(smem, kMax0Ready, pair.parity);  // S0 done, f0 and the maxima after the even tile
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     f0[i] = smem.rescale[0][st.row + 8 * i];
@@ -276,13 +285,13 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   fence_fragments(p);
   trace(pair.slot, kTraceOwnPvDone);
   if (kHasNext && leader) {
-    src.load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_page[1]);
+    src.template load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_tile[1]);
   }
   cute::warpgroup_wait<0>();  // V0_R and P0 read
   fence_accumulators(st.o);
   trace(pair.slot, kTraceRemoteReady);
   if (kHasNext && leader) {
-    src.load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_page[0]);
+    src.template load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_tile[0]);
   }
 
   fence_accumulators(st.s);

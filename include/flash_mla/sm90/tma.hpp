@@ -1,6 +1,8 @@
-// The paged KV cache as a TMA tensor: (576 channels, h_kv, 64 tokens, num_blocks), boxes of
-// 64 channels x 1 head x 64 tokens x 1 page with 128-byte swizzle. A page index outside
-// [0, num_blocks) reads as zeros (TMA fills out-of-bounds boxes), never out of bounds.
+// The paged KV cache as a TMA tensor: (576 channels, h_kv, page_size tokens, num_blocks), boxes
+// of 64 channels x 1 head x min(page_size, 64) tokens x 1 page with 128-byte swizzle (a 64-token
+// tile is one box, or 64 / page_size boxes of whole small pages: common/paged_kv.cuh). A page
+// index outside [0, num_blocks) reads as zeros (TMA fills out-of-bounds boxes), never out of
+// bounds.
 #pragma once
 
 #include <cuda.h>
@@ -9,6 +11,7 @@
 
 #include <string>
 
+#include "../common/paged_kv.cuh"
 #include "../params.hpp"
 
 namespace flash_mla::sm90 {
@@ -30,12 +33,12 @@ inline Status make_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   // Size-1 dims may carry any stride; give TMA a valid one.
   const int64_t head = p.num_heads_kv > 1 ? p.k_head_stride : kHeadDim;
   const int64_t token = p.k_token_stride;
-  const int64_t block = p.num_blocks > 1 ? p.k_block_stride : int64_t(kPageSize) * p.num_heads_kv * kHeadDim;
+  const int64_t block = p.num_blocks > 1 ? p.k_block_stride : int64_t(p.page_size) * p.num_heads_kv * kHeadDim;
   cuuint64_t dims[4] = {static_cast<cuuint64_t>(kHeadDim), static_cast<cuuint64_t>(p.num_heads_kv),
-                        static_cast<cuuint64_t>(kPageSize), static_cast<cuuint64_t>(p.num_blocks > 0 ? p.num_blocks : 1)};
+                        static_cast<cuuint64_t>(p.page_size), static_cast<cuuint64_t>(p.num_blocks > 0 ? p.num_blocks : 1)};
   cuuint64_t strides[3] = {static_cast<cuuint64_t>(head * elem), static_cast<cuuint64_t>(token * elem),
                            static_cast<cuuint64_t>(block * elem)};
-  cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(kPageSize), 1};
+  cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(kTileTokens / tile_boxes(p.page_size)), 1};
   cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   const CUtensorMapDataType type =
       p.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
@@ -53,11 +56,12 @@ inline Status cached_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   struct Key {
     const void* ptr;
     int64_t head_stride, token_stride, block_stride;
-    int heads, blocks;
+    int heads, blocks, page_size;
     DType dtype;
     bool operator==(const Key& o) const {
       return ptr == o.ptr && head_stride == o.head_stride && token_stride == o.token_stride &&
-             block_stride == o.block_stride && heads == o.heads && blocks == o.blocks && dtype == o.dtype;
+             block_stride == o.block_stride && heads == o.heads && blocks == o.blocks && page_size == o.page_size &&
+             dtype == o.dtype;
     }
   };
   struct Entry {
@@ -67,7 +71,8 @@ inline Status cached_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   };
   constexpr int kEntries = 128;
   thread_local Entry cache[kEntries];
-  const Key key{p.k_cache, p.k_head_stride, p.k_token_stride, p.k_block_stride, p.num_heads_kv, p.num_blocks, p.dtype};
+  const Key key{p.k_cache,      p.k_head_stride, p.k_token_stride, p.k_block_stride,
+                p.num_heads_kv, p.num_blocks,    p.page_size,      p.dtype};
   Entry& e = cache[(reinterpret_cast<uintptr_t>(p.k_cache) >> 8) % kEntries];
   if (e.valid && e.key == key) {
     *map = e.map;
@@ -91,15 +96,16 @@ __device__ __forceinline__ uint64_t kv_cache_policy() {
   return policy;
 }
 
-/// One 64-channel box of a KV page into shared memory, completing on `mbar`.
+/// One box (64 channels x the map's box tokens, from slot token0) of a KV page into shared
+/// memory, completing on `mbar`.
 __device__ __forceinline__ void tma_load_kv_box(void* smem_dst, const CUtensorMap* map, uint64_t* mbar, int channel0,
-                                                int kv_head, int page, uint64_t cache_policy) {
+                                                int kv_head, int token0, int page, uint64_t cache_policy) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
   const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(mbar));
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
       " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
-      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(channel0), "r"(kv_head), "r"(0), "r"(page), "r"(bar),
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(channel0), "r"(kv_head), "r"(token0), "r"(page), "r"(bar),
         "l"(cache_policy)
       : "memory");
 }
