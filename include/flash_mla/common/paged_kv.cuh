@@ -16,38 +16,32 @@ FLASH_MLA_HOST_DEVICE constexpr int tile_boxes(int page_size) {
   return page_size < kTileTokens ? kTileTokens / page_size : 1;
 }
 
-/// The pages of one tile: box j holds tokens [j * 64 / kBoxes, (j + 1) * 64 / kBoxes) of the tile.
-template <int kBoxes>
-struct TilePages {
-  static_assert(kBoxes == 1 || kBoxes == 2 || kBoxes == 4, "tiles span 1, 2 or 4 pages");
-  static constexpr int kBoxTokens = kTileTokens / kBoxes;
-  int page[kBoxes];  ///< physical page of each box; -1: no page (the box reads as zeros)
-  int token0;        ///< slot of the tile's first token in its page (kBoxes == 1; else 0)
+/// Where one box of a tile comes from. Box `box` of a tile holds its tokens
+/// [box * 64 / kBoxes, (box + 1) * 64 / kBoxes); the kBoxes boxes are loaded by kBoxes threads
+/// in parallel, each knowing only its own box's page.
+struct BoxPage {
+  int page;    ///< physical page; -1: no page (the box reads as zeros)
+  int token0;  ///< slot of the box's first token in that page
 };
 
 /// log2 of a supported page size (a power of two), for shifts instead of divisions.
 __device__ __forceinline__ int page_shift(const DecodeParams& p) { return __ffs(p.page_size) - 1; }
 
-/// The pages of tile `tile` (counted from the request's first token) of request `req`; pages
-/// holding no token below `n_hi` are -1 and their block_table entries are not read.
+/// Box `box` of tile `tile` (counted from the request's first token) of request `req`, for a
+/// tile of kBoxes pages (kBoxes == 1: a 64-token slice of one page). A box holding no token
+/// below `n_hi` has page -1 and its block_table entry is not read.
 template <int kBoxes>
-__device__ __forceinline__ TilePages<kBoxes> tile_pages(const DecodeParams& p, int req, int tile, int n_hi) {
-  TilePages<kBoxes> t;
-  const int32_t* row = p.block_table + static_cast<int64_t>(req) * p.block_table_stride;
-  const int first = tile * kTileTokens;
-  if constexpr (kBoxes == 1) {
-    const int logical = first >> page_shift(p);
-    t.token0 = first - (logical << page_shift(p));
-    t.page[0] = first < n_hi && logical < p.max_blocks_per_seq ? row[logical] : -1;
-  } else {
-    t.token0 = 0;
-#pragma unroll
-    for (int j = 0; j < kBoxes; ++j) {
-      const int logical = tile * kBoxes + j;
-      t.page[j] = first + j * TilePages<kBoxes>::kBoxTokens < n_hi && logical < p.max_blocks_per_seq ? row[logical] : -1;
-    }
-  }
-  return t;
+__device__ __forceinline__ BoxPage box_page(const DecodeParams& p, int req, int tile, int box, int n_hi) {
+  static_assert(kBoxes == 1 || kBoxes == 2 || kBoxes == 4, "a tile spans 1, 2 or 4 pages");
+  constexpr int kBoxTokens = kTileTokens / kBoxes;
+  const int first = tile * kTileTokens + box * kBoxTokens;
+  const int logical = kBoxes == 1 ? first >> page_shift(p) : tile * kBoxes + box;
+  BoxPage b;
+  b.token0 = kBoxes == 1 ? first - (logical << page_shift(p)) : 0;
+  b.page = first < n_hi && logical < p.max_blocks_per_seq
+               ? p.block_table[static_cast<int64_t>(req) * p.block_table_stride + logical]
+               : -1;
+  return b;
 }
 
 }  // namespace flash_mla

@@ -32,21 +32,22 @@ __device__ __forceinline__ void start_q_load(uint8_t* sq, const DecodeParams& p,
   sm80::cp_async_commit();
 }
 
-/// Pages of the segment's `block`-th tile; -1 (zeros) past the segment.
+/// The calling thread's box (lane % kBoxes) of the segment's `block`-th tile; page -1 (zeros)
+/// past the segment.
 template <int kBoxes>
-__device__ __forceinline__ TilePages<kBoxes> segment_tile(const DecodeParams& p, const Segment& seg, int req, int block) {
-  return tile_pages<kBoxes>(p, req, seg.n_lo / kTileTokens + block, seg.n_hi);
+__device__ __forceinline__ BoxPage segment_tile(const DecodeParams& p, const Segment& seg, int req, int block) {
+  return box_page<kBoxes>(p, req, seg.n_lo / kTileTokens + block, static_cast<int>(threadIdx.x % kBoxes), seg.n_hi);
 }
 
 /// Starts every load a segment needs before its first S: its first two tiles (TMA, issued by
-/// thread 0) and its Q tile (cp.async by all threads). Called when Q and both KV buffers are free:
+/// the first kBoxes threads) and its Q tile (cp.async by all threads). Called when Q and both KV buffers are free:
 /// at the end of the previous segment, so that the loads overlap its epilogue, or at the start of
 /// the CTA's first segment.
 template <typename Element, int kBoxes>
 __device__ __forceinline__ void start_segment_loads(SharedStorage& smem, const DecodeParams& p, const RowMap& rows_map,
                                                     const KvSource<kBoxes>& src, const Segment& seg, int req, int row0,
                                                     bool q_vec16) {
-  if (threadIdx.x == 0) {
+  if (threadIdx.x < kBoxes) {
     src.template load<0, Traits::kColBlocks>(smem.kv[0], smem.kv_bar[0], segment_tile<kBoxes>(p, seg, req, 0));
     src.template load<0, Traits::kColBlocks>(smem.kv[1], smem.kv_bar[1], segment_tile<kBoxes>(p, seg, req, 1));
   }
@@ -130,16 +131,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
       const int n_pairs = (seg.n_tiles + 1) / 2;
       const auto pair_info = [&](int pair_idx) {
-        PairInfo<kBoxes> pair;
+        PairInfo pair;
         pair.parity = (pairs_done + pair_idx) & 1;
         pair.slot = pairs_done + pair_idx;
         pair.n0 = seg.n_lo + 2 * pair_idx * Traits::kBlockN;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           pair.valid[i] = min(seg.n_hi - (pair.n0 + i * Traits::kBlockN), Traits::kBlockN);
-          // Every thread loads it (one broadcast load per warp), only the refilling thread uses it:
-          // a load by that thread alone would put a divergent branch into every pair.
-          pair.next_tile[i] = segment_tile<kBoxes>(p, seg, req, 2 * pair_idx + 2 + i);
+          // Every thread loads its lane's box (one or two transactions per warp), only the loader
+          // lanes use it: a load by those lanes alone would put a divergent branch into every pair.
+          pair.next[i] = segment_tile<kBoxes>(p, seg, req, 2 * pair_idx + 2 + i);
         }
         return pair;
       };
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     store_segment_async<Element>(smem.kv[warpgroup], p, rows_map, req, split, row0, st.row,
                                  warpgroup * Traits::kDvPerWarpgroup, st.o, row_max, row_sum,
                                  warpgroup == 0 ? kWarpgroup0 : kWarpgroup1);
-    if (next_loads && threadIdx.x % Traits::kWarpgroupThreads == 0) {
+    if (next_loads && KvSource<kBoxes>::loader()) {
       src.template load<0, Traits::kColBlocks>(smem.kv[warpgroup], smem.kv_bar[warpgroup],
                                                segment_tile<kBoxes>(p, next, req + 1, warpgroup));
     }

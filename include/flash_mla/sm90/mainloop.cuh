@@ -56,39 +56,42 @@ __device__ __forceinline__ void handoff_wait(SharedStorage& smem, Handoff h, uin
 /// Generic-proxy shared-memory writes (st.shared, cp.async) become visible to wgmma.
 __device__ __forceinline__ void fence_to_async_proxy() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-/// Where the KV tiles come from: issued by one thread, blocks [kFrom, kTo) of a tile into a
-/// buffer, each block completing its own barrier (one TMA box per page the tile spans).
+/// Where the KV tiles come from: blocks [kFrom, kTo) of a tile into a buffer, each block
+/// completing its own barrier. A tile of kBoxes pages is loaded by kBoxes threads (lanes 0 ..
+/// kBoxes - 1 of a warp), each issuing the TMA boxes of its own page: as many instructions per
+/// thread as for one 64-token page.
 template <int kBoxes>
 struct KvSource {
   const CUtensorMap* map;
   int kv_head;
   uint64_t cache_policy;
 
+  /// Whether the calling thread is one of the loaders of its warpgroup.
+  __device__ __forceinline__ static bool loader() { return threadIdx.x % Traits::kWarpgroupThreads < kBoxes; }
+
+  /// Called by the kBoxes loader lanes together; `box`: the calling lane's box of the tile.
   template <int kFrom, int kTo>
-  __device__ __forceinline__ void load(uint8_t* kv, uint64_t* bars, const TilePages<kBoxes>& tile) const {
-    // A box of whole small pages fills kBoxTokens rows of the block: 2 or 4 KB, so every box
-    // starts at a multiple of the 1 KB swizzle period.
+  __device__ __forceinline__ void load(uint8_t* kv, uint64_t* bars, const BoxPage& box) const {
+    // A small page fills 64 / kBoxes rows of each block: 2 or 4 KB, a multiple of the 1 KB
+    // swizzle period, so its box lands in the same layout as a whole 64-token box.
     constexpr int kBoxBytes = Traits::kColBlockBytes / kBoxes;
+    const int j = threadIdx.x % kBoxes;
 #pragma unroll
     for (int b = kFrom; b < kTo; ++b) {
-      TxBarrier::arrive_and_expect_tx(&bars[b], Traits::kColBlockBytes);
-#pragma unroll
-      for (int j = 0; j < kBoxes; ++j) {
-        tma_load_kv_box(kv + b * Traits::kColBlockBytes + j * kBoxBytes, map, &bars[b], 64 * b, kv_head, tile.token0,
-                        tile.page[j], cache_policy);
-      }
+      if (j == 0) TxBarrier::arrive_and_expect_tx(&bars[b], Traits::kColBlockBytes);
+      tma_load_kv_box(kv + b * Traits::kColBlockBytes + j * kBoxBytes, map, &bars[b], 64 * b, kv_head, box.token0,
+                      box.page, cache_policy);
     }
   }
 };
 
 /// What a pair step needs to know of its tiles.
-template <int kBoxes>
 struct PairInfo {
-  int n0;                         // first token of the even tile
-  int valid[2];                   // tokens of each tile inside the segment (<= 0: a zero tile)
-  TilePages<kBoxes> next_tile[2];  // pages of the next pair's tiles, if any (-1: zeros)
-  uint32_t parity;                // phase parity of this pair's hand-offs
-  int slot;                       // pairs before this one in the CTA (trace.cuh)
+  int n0;              // first token of the even tile
+  int valid[2];        // tokens of each tile inside the segment (<= 0: a zero tile)
+  BoxPage next[2];     // the calling thread's box of the next pair's tiles, if any (page -1: zeros)
+  uint32_t parity;     // phase parity of this pair's hand-offs
+  int slot;            // pairs before this one in the CTA (trace.cuh)
 };
 
 /// S (+)= Q K^T over the 64-column blocks [kFrom, kTo) of a KV buffer, each issued as soon as its
@@ -148,9 +151,9 @@ __device__ __forceinline__ void finish_pair(WarpgroupState& st, uint32_t& phase)
 /// every key of the pair, or a tile is partial or a zero tile (masking and V tail zeroing);
 /// false for the pairs inside the segment, whose code then has no branch but the refills'.
 template <typename Element, bool kHasNext, bool kBoundary, int kBoxes>
-__device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo<kBoxes>& pair,
+__device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo& pair,
                                                     const KvSource<kBoxes>& src, float scale_log2, uint32_t& phase) {
-  const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;
+  const bool leader = KvSource<kBoxes>::loader();
   uint8_t* kv0 = smem.kv[0];
   uint8_t* kv1 = smem.kv[1];
   const uint8_t* p1 = kv1 + Traits::kRopeBlock * Traits::kColBlockBytes;
@@ -190,7 +193,7 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   fence_accumulators(st.o);
   fence_fragments(p);
   trace(pair.slot, kTraceOwnPvDone);
-  if (kHasNext && leader) src.template load<0, Traits::kVBlocksPerWarpgroup>(kv0, smem.kv_bar[0], pair.next_tile[0]);
+  if (kHasNext && leader) src.template load<0, Traits::kVBlocksPerWarpgroup>(kv0, smem.kv_bar[0], pair.next[0]);
   rescale_rows(st.o, factor);
 #pragma unroll
   for (int i = 0; i < 2; ++i) st.sum[i] *= factor[i];
@@ -214,8 +217,8 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   trace(pair.slot, kTraceSFirstIssued);
   cute::warpgroup_wait<1>();  // V1_L and P1 read: kv[1] blocks 0-3 and 8 may be refilled
   if (kHasNext && leader) {
-    src.template load<0, Traits::kVBlocksPerWarpgroup>(kv1, smem.kv_bar[1], pair.next_tile[1]);
-    src.template load<Traits::kRopeBlock, Traits::kColBlocks>(kv1, smem.kv_bar[1], pair.next_tile[1]);
+    src.template load<0, Traits::kVBlocksPerWarpgroup>(kv1, smem.kv_bar[1], pair.next[1]);
+    src.template load<Traits::kRopeBlock, Traits::kColBlocks>(kv1, smem.kv_bar[1], pair.next[1]);
   }
   trace(pair.slot, kTraceRefillIssued);
   if constexpr (kHasNext) {
@@ -227,9 +230,9 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
 }
 
 template <typename Element, bool kHasNext, bool kBoundary, int kBoxes>
-__device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo<kBoxes>& pair,
+__device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo& pair,
                                                    const KvSource<kBoxes>& src, float scale_log2, uint32_t& phase) {
-  const bool leader = threadIdx.x % Traits::kWarpgroupThreads == 0;
+  const bool leader = KvSource<kBoxes>::loader();
   uint8_t* kv0 = smem.kv[0];
   uint8_t* kv1 = smem.kv[1];
   uint8_t* v0 = kv0 + Traits::kVBlocksPerWarpgroup * Traits::kColBlockBytes;  // V0_R
@@ -285,13 +288,13 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
   fence_fragments(p);
   trace(pair.slot, kTraceOwnPvDone);
   if (kHasNext && leader) {
-    src.template load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next_tile[1]);
+    src.template load<Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock>(kv1, smem.kv_bar[1], pair.next[1]);
   }
   cute::warpgroup_wait<0>();  // V0_R and P0 read
   fence_accumulators(st.o);
   trace(pair.slot, kTraceRemoteReady);
   if (kHasNext && leader) {
-    src.template load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next_tile[0]);
+    src.template load<Traits::kVBlocksPerWarpgroup, Traits::kColBlocks>(kv0, smem.kv_bar[0], pair.next[0]);
   }
 
   fence_accumulators(st.s);
