@@ -41,6 +41,26 @@ Cases
     --case K=V,...: extra cases; --no-defaults: only those (a named --sweep still runs);
     --only KIND,...: keep the default or sweep rows of these kinds.
 
+--page-size N
+    Tokens per page of the KV cache of every case: 16, 32, 64 (default), 128 or 256. The
+    lengths stay the same; the block tables have ceil(L / N) pages per request (in the order
+    --pages sets) and the slots past each length in its last page hold NaN. Rows are named
+    "... page=N" (and the JSON cases carry page_block_size) when N is not 64. With --compare,
+    the compared module gets a copy of the same cache in 64-token pages (same tokens, same
+    values, same queries), since FlashMLA takes only 64-token pages; its output is still
+    compared with ours.
+
+--page-sizes N,N,...
+    Times every row at each of these page sizes (flash_mla only; 64, the baseline, is added if
+    missing), e.g. --page-sizes 16,32,64,128,256: the cache of each page size holds the same
+    tokens as the 64-token one. Per row and kernel, one CUDA graph per page size, timed
+    interleaved as --compare times two modules (each round times every page size in turn);
+    reported as t(64) / t(N) per page size (> 1: N-token pages faster than 64), with medians,
+    geometric means and the smallest ratio over the rows. Each page size's output is compared
+    with the 64-token one's (same tolerances as --compare). The main table shows the 64-token
+    figures of that interleaved timing (no burst column). Not combined with --compare,
+    --page-size or --eager.
+
 --compare MODULE
     MODULE (an importable module name, a package directory or a .py file) must offer the seed
     API: get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) and
@@ -81,8 +101,9 @@ where a row sees at least one key, exactly 0 / +inf where it sees none, and the 
 shortest and longest request compared with a float32 torch computation of the same attention.
 
 Exit status: 0 when every (case, kernel) ran, passed its sanity check and (with --compare)
-agreed with the compared module where both ran; 1 otherwise; 2 for a usage error, a module
-that cannot be compared, or when no CUDA device is visible.
+agreed with the compared module where both ran (with --page-sizes: every page size ran, passed
+its sanity check and agreed with the 64-token output); 1 otherwise; 2 for a usage error, a
+module that cannot be compared, or when no CUDA device is visible.
 
 Examples:
     python3 benchmarks/bench_decode.py --json out/bench.json
@@ -93,6 +114,9 @@ Examples:
         --png out/ratio.png --json out/sweep.json
     python3 benchmarks/bench_decode.py --sweep serving --only short,batch --eager --quick
     python3 benchmarks/bench_decode.py --sweep serving --dry-run   # list rows, no GPU needed
+    python3 benchmarks/bench_decode.py --page-size 16 --compare path/to/flash_mla_ref
+    python3 benchmarks/bench_decode.py --sweep serving --quick --page-sizes 16,32,64,128,256 \\
+        --json out/pages.json
 """
 
 from __future__ import annotations
@@ -114,7 +138,8 @@ import time
 
 D = 576
 DV = 512
-PAGE = 64
+PAGE = 64  # the default page size, and the only one the compared module is given
+PAGE_SIZES = (16, 32, 64, 128, 256)  # page sizes flash_mla takes (--page-size, --page-sizes)
 KNOWN_KERNELS = ("auto", "sm90", "sm80_large", "sm80_small")
 KINDS = ("short", "compute", "memory", "batch", "imbalanced")
 SWEEPS = ("serving",)
@@ -155,6 +180,7 @@ class Case:
         self.h_kv = int(h_kv)
         self.causal = bool(causal)
         self.ref = ref  # dict(ms, rate, unit) for the reference rows
+        self.page = PAGE  # tokens per page of the cache (--page-size)
         self.target_mean_L = mean_L
         if lens is not None:
             self.lens = [int(x) for x in lens]
@@ -198,12 +224,21 @@ class Case:
         # b * (mean_L * h_kv * d + s_q * h_q * (d + dv)) * 2
         return float(self.total_L * self.h_kv * D + self.b * self.s_q * self.h_q * (D + DV)) * 2
 
+    def set_page(self, page):
+        """Use `page`-token pages; a page size other than 64 goes into the row's name."""
+        self.page = int(page)
+        if self.page != PAGE:
+            self.name += f" page={self.page}"
+
     def describe(self):
-        return dict(name=self.name, kind=self.kind, b=self.b, s_q=self.s_q, h_q=self.h_q,
-                    h_kv=self.h_kv, causal=self.causal, target_mean_L=self.target_mean_L,
-                    nominal_mean_L=self.nominal_mean_L,
-                    mean_L=self.mean_L, min_L=min(self.lens), max_L=max(self.lens),
-                    flops=self.flops, bytes=self.bytes, ref=self.ref, lengths=self.lens)
+        out = dict(name=self.name, kind=self.kind, b=self.b, s_q=self.s_q, h_q=self.h_q,
+                   h_kv=self.h_kv, causal=self.causal, target_mean_L=self.target_mean_L,
+                   nominal_mean_L=self.nominal_mean_L,
+                   mean_L=self.mean_L, min_L=min(self.lens), max_L=max(self.lens),
+                   flops=self.flops, bytes=self.bytes, ref=self.ref, lengths=self.lens)
+        if self.page != PAGE:
+            out["page_block_size"] = self.page
+        return out
 
 
 def draw_lengths(b, mean_L, s_q, seed, tag):
@@ -361,7 +396,17 @@ def parse_args(argv=None):
     p.add_argument("--compare", default=None, metavar="MODULE",
                    help="time this implementation of FlashMLA's API too, interleaved with "
                         "flash_mla on the same inputs: a module name, a package directory or a "
-                        ".py file")
+                        ".py file. It always gets 64-token pages: with --page-size other than "
+                        "64, a copy of the same cache in 64-token pages (same tokens and values)")
+    p.add_argument("--page-size", type=int, default=PAGE, choices=PAGE_SIZES, metavar="N",
+                   help="tokens per page of every case's KV cache: "
+                        f"{', '.join(str(x) for x in PAGE_SIZES)} (default {PAGE}); lengths "
+                        "unchanged, block tables of ceil(L / N) pages; rows named '... page=N' "
+                        "when N is not 64")
+    p.add_argument("--page-sizes", default=None, metavar="N,N,...",
+                   help="time every row at each of these page sizes (flash_mla only; 64 added "
+                        "if missing), interleaved, and report t(64) / t(N) per page size, e.g. "
+                        "16,32,64,128,256; not with --compare, --page-size or --eager")
     p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=None,
                    help="also time a plain loop of calls (wall and host time per call); on with "
                         "--sweep")
@@ -424,6 +469,7 @@ def parse_args(argv=None):
         args.warmup = 1 if args.quick else 3
     if args.eager_calls is None:
         args.eager_calls = 20 if args.quick else 50
+    eager_given = args.eager  # None unless --eager / --no-eager
     if args.eager is None:
         args.eager = args.sweep is not None
     args.burst = not args.quick
@@ -433,6 +479,27 @@ def parse_args(argv=None):
                 "--replays-per-round, --cool >= 0")
     if not 1 <= args.eager_calls <= 200:
         p.error("--eager-calls must be 1 to 200 (the launch queue must not fill)")
+    args.page_size_list = None
+    if args.page_sizes is not None:
+        try:
+            sizes = [int(x) for x in args.page_sizes.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--page-sizes: expected comma-separated integers, got {args.page_sizes!r}")
+        bad = [x for x in sizes if x not in PAGE_SIZES]
+        if bad or not sizes:
+            p.error(f"--page-sizes: {bad or 'none given'}; choose from "
+                    f"{', '.join(str(x) for x in PAGE_SIZES)}")
+        if len(set(sizes)) != len(sizes):
+            p.error("--page-sizes: a page size is named twice")
+        if args.compare is not None:
+            p.error("--page-sizes times flash_mla alone: not with --compare")
+        if args.page_size != PAGE:
+            p.error("--page-sizes and --page-size exclude each other (the baseline is 64)")
+        if eager_given:
+            p.error("--page-sizes does not measure the eager loop: leave out --eager")
+        args.eager = False
+        args.burst = False  # the page sizes are timed interleaved only
+        args.page_size_list = sorted(set(sizes) | {PAGE})
     if args.sweep == "serving":
         cases = serving_sweep(args.seed, only)
     elif args.no_defaults:
@@ -446,6 +513,8 @@ def parse_args(argv=None):
             p.error(str(exc))
     if not cases:
         p.error("no cases selected")
+    for c in cases:
+        c.set_page(args.page_size)
     names = [c.name for c in cases]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -456,15 +525,19 @@ def parse_args(argv=None):
         if looks_like_path and not os.path.exists(path):
             p.error(f"--compare {args.compare!r}: no such file or directory")
     if capture_count(args) > args.max_captures:
+        per = (" x 2 modules" if args.compare else
+               f" x {len(args.page_size_list)} page sizes" if args.page_size_list else "")
         p.error(f"{capture_count(args)} CUDA-graph captures planned ({len(cases)} cases x "
-                f"{len(args.kernels)} kernels{' x 2 modules' if args.compare else ''}); "
-                f"more than --max-captures {args.max_captures}")
+                f"{len(args.kernels)} kernels{per}); more than --max-captures {args.max_captures}")
     return args
 
 
 def capture_count(args):
-    """CUDA-graph captures of a run: one per (case, kernel), two with --compare."""
-    return len(args.cases) * len(args.kernels) * (2 if args.compare else 1)
+    """CUDA-graph captures of a run: one per (case, kernel), two with --compare, one per page
+    size with --page-sizes."""
+    sizes = getattr(args, "page_size_list", None)
+    per = 2 if args.compare else len(sizes) if sizes else 1
+    return len(args.cases) * len(args.kernels) * per
 
 
 # ----------------------------------------------------------------------------------------------
@@ -731,7 +804,8 @@ def format_report(report):
              "call" + (f", each case after {cool:g} s idle, below the power limit" if cool else
                        ", in the state the case before left") + "; the rates are the median's.")
     if settings.get("burst") is False:
-        burst = "burst: not measured (--quick)."
+        burst = ("burst: not measured (--page-sizes)." if settings.get("page_sizes") and not
+                 settings.get("quick") else "burst: not measured (--quick).")
     lines.append("time/call: median over graph replays / calls per graph; ref/ours > 1 means "
                  "faster than the reference figure (" + REF_NOTE + "). SM MHz: median SM clock "
                  "while the replays ran (nvidia-smi, 50 ms samples), 'cap': the board's power "
@@ -751,7 +825,92 @@ def format_report(report):
     if summ.get("lines"):
         lines.append("")
         lines.extend(summ["lines"])
+    page = settings.get("page_block_size") or PAGE
+    if page != PAGE:
+        lines.append(f"page size: {page} tokens per page"
+                     + (f" (theirs: the same cache in {PAGE}-token pages)" if compare else ""))
+    pt = page_size_table(pairs)
+    if pt:
+        lines.append("")
+        lines.append(f"page sizes (flash_mla only, same tokens, one CUDA graph per page size, timed "
+                     f"interleaved): t(page) per call and t({PAGE}) / t(page), > 1: faster than "
+                     f"{PAGE}-token pages; check: each page size's sanity check and its output "
+                     f"against the {PAGE}-token one's (2% of max |out|, lse 1e-2)")
+        lines.append(pt)
+        psumm = report.get("page_size_summary") or page_size_summary(report)
+        if psumm.get("lines"):
+            lines.append("")
+            lines.extend(psumm["lines"])
     return "\n".join(lines)
+
+
+def _page_size_keys(pairs):
+    keys = set()
+    for _, res in pairs:
+        keys |= {int(k) for k in ((res.get("page_sizes") or {}).get("pages") or {})}
+    return sorted(keys)
+
+
+def page_size_table(pairs):
+    """The --page-sizes table: per row, the time per call at each page size and the ratios
+    t(64) / t(page). None without --page-sizes results."""
+    pages = _page_size_keys(pairs)
+    if not pages:
+        return None
+    others = [p for p in pages if p != PAGE]
+    header = ["case", "kernel"] + [f"t({p})" for p in pages] + [f"{PAGE}/{p}" for p in others] + ["check"]
+    rows = []
+    for case, res in pairs:
+        ps = (res.get("page_sizes") or {}).get("pages")
+        if not ps:
+            continue
+        bad = page_size_problems(res)
+        rows.append([case["name"], res["kernel"]]
+                    + [fmt_time((ps.get(str(p)) or {}).get("ms")) for p in pages]
+                    + [fmt_ratio((ps.get(str(p)) or {}).get("ratio")) for p in others]
+                    + ["; ".join(f"{p}: {why}" for p, why in bad) if bad else "ok"])
+    numeric = set(range(2, len(header) - 1))
+    return format_table(header, rows, numeric=numeric)
+
+
+def page_size_entries(report, page):
+    """(row name, kind, nominal mean L, ratio t(64) / t(page)) of every --page-sizes result."""
+    pairs = result_pairs(report)
+    kernels = {res.get("kernel") for _, res in pairs}
+    out = []
+    for case, res in pairs:
+        e = ((res.get("page_sizes") or {}).get("pages") or {}).get(str(page)) or {}
+        if e.get("ratio") is None:
+            continue
+        name = case["name"] + (f" [{res.get('kernel')}]" if len(kernels) > 1 else "")
+        mean_L = case.get("nominal_mean_L")
+        if mean_L is None:
+            mean_L = case.get("target_mean_L") or case.get("mean_L")
+        out.append(dict(name=name, kind=case.get("kind", "custom"), mean_L=mean_L, ratio=e["ratio"]))
+    return out
+
+
+def page_size_summary(report):
+    """Per page size other than 64: the summary of t(64) / t(page) over the rows (as the
+    --compare summary: rows >= 1.00x, geomean, short-context geomean, smallest, per kind), and
+    the rows where a page size failed or disagreed. A dict with 'by_page' and 'lines'."""
+    pairs = result_pairs(report)
+    out = dict(by_page={}, lines=[])
+    for page in _page_size_keys(pairs):
+        if page == PAGE:
+            continue
+        summ = summarize_ratios(page_size_entries(report, page))
+        out["by_page"][str(page)] = summ
+        out["lines"] += format_ratio_summary(summ, f"page {page} vs {PAGE}, CUDA graph, "
+                                                   f"t({PAGE}) / t({page})")
+    failed = [(case["name"], p, why) for case, res in pairs for p, why in page_size_problems(res)]
+    out["failed"] = [dict(row=n, page=p, problem=w) for n, p, w in failed]
+    if out["by_page"]:
+        out["lines"].append("page sizes: " + ("all agree with the 64-token output and pass the "
+                                              "sanity check" if not failed else
+                                              f"{len(failed)} failed: " + "; ".join(
+                                                  f"{n} page {p}: {w}" for n, p, w in failed)))
+    return out
 
 
 def geomean(xs):
@@ -838,7 +997,8 @@ def compare_summary(report):
 
 def summary_line(report, json_path=None):
     pairs = [res for _, res in result_pairs(report)]
-    bad = [r for r in pairs if r.get("error") or not (r.get("sanity") or {}).get("ok")]
+    bad = [r for r in pairs if r.get("error") or not (r.get("sanity") or {}).get("ok")
+           or page_size_problems(r)]
     c = report.get("ceilings", {})
     cp, gm = c.get("copy") or {}, c.get("gemm") or {}
     cmp = ""
@@ -848,10 +1008,16 @@ def summary_line(report, json_path=None):
         cmp = (f"; vs {(report.get('compare') or {}).get('label', '?')}: {g['n_at_least_1']}/"
                f"{g['n']} rows >= 1.00x, geomean {fmt_ratio(g['geomean'])}, min "
                f"{fmt_ratio(g['min'])}, {len(summ.get('differ', []))} disagree")
+    pages = ""
+    by_page = (report.get("page_size_summary") or {}).get("by_page") or {}
+    if by_page:
+        pages = (f"; t({PAGE})/t(page) geomean (min): " + ", ".join(
+            f"{k} {fmt_ratio(v.get('geomean'))} ({fmt_ratio(v.get('min'))})"
+            for k, v in sorted(by_page.items(), key=lambda x: int(x[0]))))
     return (f"bench_decode: {len(report.get('cases', []))} cases x "
             f"{len(report.get('kernels', []))} kernels, {len(pairs) - len(bad)} ok, "
             f"{len(bad)} failed; copy {fmt_num(cp.get('gbps'), 0)} GB/s, GEMM "
-            f"{fmt_num(gm.get('tflops'), 0)} TFLOP/s" + cmp
+            f"{fmt_num(gm.get('tflops'), 0)} TFLOP/s" + cmp + pages
             + (f"; json: {json_path}" if json_path else ""))
 
 
@@ -926,7 +1092,8 @@ def write_json(path, report):
 
 def dry_run(args):
     print(f"{len(args.cases)} cases{f' (sweep {args.sweep})' if args.sweep else ''}, kernels: "
-          f"{', '.join(args.kernels)}, dtype {args.dtype}, seed {args.seed}")
+          f"{', '.join(args.kernels)}, dtype {args.dtype}, seed {args.seed}, page size "
+          f"{args.page_size}")
     rows = []
     for c in args.cases:
         rows.append([c.name, c.b, c.s_q, c.h_q, c.h_kv, int(c.causal), f"{c.mean_L:.1f}",
@@ -948,7 +1115,12 @@ def dry_run(args):
           + (f" (x replays per round, interleaved with {args.compare})" if args.compare else "")
           + (f"; eager loop of {args.eager_calls} calls per row and module" if args.eager else ""))
     if args.compare:
-        print(f"compare: {args.compare} (imported only when run on a GPU)")
+        print(f"compare: {args.compare} (imported only when run on a GPU)"
+              + (f"; given a copy of each cache in {PAGE}-token pages" if args.page_size != PAGE
+                 else ""))
+    if args.page_size_list:
+        print(f"page sizes: {', '.join(str(x) for x in args.page_size_list)}, timed interleaved, "
+              f"reported as t({PAGE}) / t(page)")
     return 0
 
 
@@ -1090,20 +1262,27 @@ def measure_gemm(torch, dev, n, reps=20, warm_s=0.3):
 
 
 class Inputs:
-    """Paged KV cache(s), block table and queries of one case, on the GPU."""
+    """Paged KV cache(s), block table and queries of one case, on the GPU.
 
-    def __init__(self, torch, case, args, dev, dtype, l2_bytes):
+    ``page``: tokens per page (default: the case's, i.e. --page-size). With ``source`` (another
+    Inputs of the same case) the caches hold the same tokens as the source's, laid out in
+    `page`-token pages, and the query sets are the source's own tensors: the same inputs in
+    another page size (the compared module's 64-token copy, the --page-sizes variants)."""
+
+    def __init__(self, torch, case, args, dev, dtype, l2_bytes, page=None, source=None):
         self.torch = torch
+        page = int(page or getattr(case, "page", PAGE))
+        self.page = page
         b, lens = case.b, case.lens
         gen_cpu = torch.Generator().manual_seed(args.seed * 1000003 + 17)
-        pages_per = [(L + PAGE - 1) // PAGE for L in lens]
+        pages_per = [(L + page - 1) // page for L in lens]
         num_pages = max(1, sum(pages_per))
         width = max(1, max(pages_per))
         if args.pages == "shuffled":
             order = torch.randperm(num_pages, generator=gen_cpu).tolist()
         else:
             order = list(range(num_pages))
-        # Columns past ceil(L/64) hold junk, as the API allows: valid page ids, not ours.
+        # Columns past ceil(L/page) hold junk, as the API allows: valid page ids, not ours.
         table = torch.randint(0, num_pages, (b, width), generator=gen_cpu, dtype=torch.int32)
         tail = []  # flat token slots past L in each request's last page
         off = 0
@@ -1111,12 +1290,25 @@ class Inputs:
             if n:
                 table[i, :n] = torch.tensor(order[off:off + n], dtype=torch.int32)
                 last = order[off + n - 1]
-                tail.extend(range(last * PAGE + L - (n - 1) * PAGE, (last + 1) * PAGE))
+                tail.extend(range(last * page + L - (n - 1) * page, (last + 1) * page))
             off += n
         self.block_table = table.to(dev)
         self.cache_seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
         self.num_pages = num_pages
-        self.set_bytes = (num_pages * PAGE * case.h_kv * D + b * case.s_q * case.h_q * D) * 2
+        self.set_bytes = (num_pages * page * case.h_kv * D + b * case.s_q * case.h_q * D) * 2
+        if source is not None:
+            self.n_sets = source.n_sets
+            self.qs = source.qs
+            src, dst = self._token_slots(torch, source, lens, dev), self._token_slots(torch, self, lens, dev)
+            self.ks = []
+            for k_src in source.ks:
+                k = torch.full((num_pages, page, case.h_kv, D), float("nan"), dtype=k_src.dtype,
+                               device=dev)
+                if dst.numel():
+                    k.view(num_pages * page, case.h_kv, D)[dst] = \
+                        k_src.reshape(-1, case.h_kv, D)[src]
+                self.ks.append(k)
+            return
         if l2_bytes > 0:
             want = math.ceil(args.l2_factor * l2_bytes / self.set_bytes)
         else:
@@ -1126,12 +1318,30 @@ class Inputs:
         gen = torch.Generator(device=dev).manual_seed(args.seed * 7919 + 1)
         self.qs, self.ks = [], []
         for _ in range(self.n_sets):
-            k = torch.randn(num_pages, PAGE, case.h_kv, D, dtype=dtype, device=dev, generator=gen)
+            k = torch.randn(num_pages, page, case.h_kv, D, dtype=dtype, device=dev, generator=gen)
             if tail_idx is not None:
-                k.view(num_pages * PAGE, case.h_kv, D)[tail_idx] = float("nan")
+                k.view(num_pages * page, case.h_kv, D)[tail_idx] = float("nan")
             q = torch.randn(b, case.s_q, case.h_q, D, dtype=dtype, device=dev, generator=gen)
             self.ks.append(k)
             self.qs.append(q)
+
+    @staticmethod
+    def _token_slots(torch, inp, lens, dev):
+        """Flat cache slot (page * page_size + offset) of token j of request i, for every
+        token of every request in order: (sum of lens,) int64 on dev."""
+        table = inp.block_table.long()
+        parts = []
+        for i, L in enumerate(lens):
+            if L:
+                j = torch.arange(L, device=dev)
+                parts.append(table[i, j // inp.page] * inp.page + j % inp.page)
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
+
+    def with_page(self, torch, case, args, dev, page):
+        """The same inputs (tokens, values, queries) in `page`-token pages (self if equal)."""
+        if page == self.page:
+            return self
+        return Inputs(torch, case, args, dev, self.ks[0].dtype, 0, page=page, source=self)
 
 
 def visible_mask(torch, case, dev):
@@ -1150,9 +1360,10 @@ def spot_reference(torch, case, inp, set_idx, i, scale):
         return None
     s_q, h_q, h_kv = case.s_q, case.h_q, case.h_kv
     g = h_q // h_kv
-    n = (L + PAGE - 1) // PAGE
+    page = inp.page
+    n = (L + page - 1) // page
     pages = inp.block_table[i, :n].long()
-    K = inp.ks[set_idx][pages].reshape(n * PAGE, h_kv, D)[:L].float().permute(1, 0, 2)
+    K = inp.ks[set_idx][pages].reshape(n * page, h_kv, D)[:L].float().permute(1, 0, 2)
     Q = inp.qs[set_idx][i].float().reshape(s_q, h_kv, g, D).permute(1, 0, 2, 3)
     Q = Q.reshape(h_kv, s_q * g, D)
     S = torch.bmm(Q, K.transpose(1, 2)) * scale  # (h_kv, rows, L), row = t * g + hh
@@ -1470,9 +1681,119 @@ def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler, 
     return res
 
 
+def run_page_sizes(torch, fm, case, variants, meta, splits, kernel, args, ceil, sampler):
+    """--page-sizes for one (case, kernel), in place of run_kernel: ``variants`` maps each page
+    size (PAGE included) to Inputs holding the same tokens and queries. Each page size is
+    called once eagerly (sanity check; output compared with the 64-token one), captured in its
+    own CUDA graph of the same number of calls, and the graphs are timed interleaved (each
+    round: every page size in turn, as --compare times two modules). Per page size: medians
+    over the rounds and ratio = t(64) / t(page) (> 1: that page size is faster). The row's own
+    figures (time, rates, sanity) are the 64-token ones."""
+    res = dict(kernel=kernel)
+    try:
+        res["kernel_name"] = fm.kernel_for_device(variants[PAGE].block_table.device, kernel)
+    except Exception as exc:  # noqa: BLE001
+        res["kernel_name_error"] = repr(exc)
+    kw = {} if kernel == "auto" else {"kernel": kernel}
+    scale = 1.0 / math.sqrt(D)
+    pages = sorted(variants)
+
+    def caller(inp):
+        def call(j):
+            s = j % inp.n_sets
+            return fm.flash_mla_with_kvcache(inp.qs[s], inp.ks[s], inp.block_table,
+                                             inp.cache_seqlens, DV, meta, splits,
+                                             causal=case.causal, **kw)
+        return call
+
+    calls = {p: caller(variants[p]) for p in pages}
+    entries = {p: dict(page=p, num_pages=variants[p].num_pages) for p in pages}
+    # Eager calls first (argument errors surface here, before any capture).
+    base_out, base_lse = calls[PAGE](0)
+    torch.cuda.synchronize()
+    for p in pages:
+        e = entries[p]
+        try:
+            out, lse = (base_out, base_lse) if p == PAGE else calls[p](0)
+            torch.cuda.synchronize()
+            e["sanity"] = sanity(torch, case, variants[p], out, lse, 0, not args.no_spot_check,
+                                 scale)
+            if p != PAGE:
+                e["agreement"] = agreement(torch, base_out, base_lse, out, lse)
+            del out, lse
+        except Exception as exc:  # noqa: BLE001 - reported in the row, the others go on
+            e["error"] = f"call: {type(exc).__name__}: {exc}"
+            _sync_quietly(torch)
+    del base_out, base_lse
+    res["sanity"] = entries[PAGE]["sanity"]
+    res["eager_ms"] = _median(time_events(torch, lambda: calls[PAGE](0), 5, 2))
+    n_calls = args.calls_per_graph or max(10, min(20, math.ceil(20.0 / max(res["eager_ms"],
+                                                                           1e-3))))
+    res.update(calls_per_graph=n_calls, n_sets=variants[PAGE].n_sets)
+    res["page_sizes"] = dict(calls_per_graph=n_calls, pages={str(p): e for p, e in entries.items()})
+    graphs = {}
+    for p in pages:
+        if entries[p].get("error"):
+            continue
+        try:
+            graphs[p], _ = capture_graph(torch, calls[p], n_calls, variants[p].n_sets)
+        except Exception as exc:  # noqa: BLE001
+            entries[p]["error"] = f"graph capture: {type(exc).__name__}: {exc}"
+            _sync_quietly(torch)
+    if PAGE not in graphs:
+        res["error"] = entries[PAGE].get("error", "the 64-token graph did not run")
+        return res
+    order = [p for p in pages if p in graphs]
+    per_round = args.replays_per_round or max(1, min(8, math.ceil(1.0 / max(res["eager_ms"] * n_calls,
+                                                                               1e-3))))
+    t0 = time.perf_counter()
+    times = time_interleaved(torch, [graphs[p].replay for p in order], args.reps, args.warmup,
+                             per_round)
+    res["clock"] = sampler.window(t0, time.perf_counter())
+    res["page_sizes"].update(replays_per_round=per_round, clock=res["clock"])
+    per_call = {p: [t / (per_round * n_calls) for t in ts] for p, ts in zip(order, times)}
+    base = _median(per_call[PAGE])
+    for p in order:
+        ts = per_call[p]
+        entries[p].update(ms=_median(ts), ms_min=min(ts), ms_p10=_pct(ts, 0.1), ms_p90=_pct(ts, 0.9),
+                          rounds=len(ts))
+        entries[p]["ratio"] = base / entries[p]["ms"]
+        entries[p]["ratio_paired_median"] = _median([b / t for b, t in zip(per_call[PAGE], ts)])
+    del graphs
+    ms = base
+    ts = per_call[PAGE]
+    res.update(timing="graph", replays_per_round=per_round, ms=ms, ms_min=min(ts),
+               ms_p10=_pct(ts, 0.1), ms_p90=_pct(ts, 0.9), reps=len(ts),
+               tflops=case.flops / (ms * 1e-3) / 1e12, gbps=case.bytes / (ms * 1e-3) / 1e9)
+    if ceil.get("gemm", {}).get("tflops"):
+        res["pct_gemm"] = 100.0 * res["tflops"] / ceil["gemm"]["tflops"]
+    if ceil.get("copy", {}).get("gbps"):
+        res["pct_copy"] = 100.0 * res["gbps"] / ceil["copy"]["gbps"]
+    if case.ref:
+        res["ref_over_ours"] = case.ref["ms"] / ms
+    return res
+
+
+def page_size_problems(res):
+    """Page sizes of a --page-sizes row that failed: error, sanity check, or disagreement with
+    the 64-token output. [(page, short reason)]."""
+    out = []
+    for key, e in ((res.get("page_sizes") or {}).get("pages") or {}).items():
+        if e.get("error"):
+            out.append((int(key), "ERROR " + _first_line(e["error"], 40)))
+        elif not (e.get("sanity") or {}).get("ok"):
+            out.append((int(key), "FAIL " + "; ".join((e.get("sanity") or {}).get("problems", []))[:40]))
+        elif e.get("agreement") and not e["agreement"].get("ok"):
+            out.append((int(key), "DIFF " + "; ".join(e["agreement"].get("problems", []))[:40]))
+    return sorted(out)
+
+
 def row_failed(res):
-    """Ours failed, its sanity check failed, or the compared module disagreed with it."""
+    """Ours failed, its sanity check failed, the compared module disagreed with it, or (with
+    --page-sizes) a page size failed or disagreed with the 64-token output."""
     if res.get("error") or not (res.get("sanity") or {}).get("ok"):
+        return True
+    if page_size_problems(res):
         return True
     a = (res.get("compare") or {}).get("agreement")
     return bool(a) and not a.get("ok")
@@ -1492,10 +1813,19 @@ def progress_line(case, res):
         if cmp.get("eager"):
             eager += (f" (theirs {fmt_us(cmp['eager'].get('wall_us'))} / "
                       f"{fmt_us(cmp['eager'].get('host_us'))})")
+    pages = ""
+    ps = (r.get("page_sizes") or {}).get("pages") or {}
+    if ps:
+        pages = "; t(64)/t(page): " + ", ".join(
+            f"{k} {fmt_ratio(e.get('ratio'))}" for k, e in sorted(ps.items(), key=lambda x: int(x[0]))
+            if int(k) != PAGE)
+        bad = page_size_problems(r)
+        if bad:
+            pages += " (" + "; ".join(f"{p}: {why}" for p, why in bad) + ")"
     return (f"  {case.name} [{r['kernel']}]: {fmt_time(r.get('ms'))} (fastest "
             f"{fmt_time(r.get('ms_min'))}, burst {fmt_time(r.get('burst_ms'))}), "
             f"{fmt_num(r.get('tflops'), 1)} TFLOP/s, {fmt_num(r.get('gbps'), 0)} GB/s, SM MHz "
-            f"{clock_label(r.get('clock'))}, {check_label(r)}{theirs}{eager}")
+            f"{clock_label(r.get('clock'))}, {check_label(r)}{theirs}{eager}{pages}")
 
 
 def run_gpu(args):
@@ -1520,7 +1850,8 @@ def run_gpu(args):
                                 sweep=args.sweep, eager=args.eager, eager_calls=args.eager_calls,
                                 replays_per_round=args.replays_per_round or "auto",
                                 max_sets=args.max_sets, l2_factor=args.l2_factor, d=D, dv=DV,
-                                page_block_size=PAGE),
+                                page_block_size=args.page_size,
+                                page_sizes=args.page_size_list),
                   formulas=dict(flops="b*h_q*s_q*mean_L*2*(d+dv)",
                                 bytes="b*(mean_L*h_kv*d + s_q*h_q*(d+dv))*2",
                                 time="median over graph replays of (replay time / calls per graph)",
@@ -1554,7 +1885,7 @@ def run_gpu(args):
         report["compare"] = dict(arg=args.compare, label=other.label, module=mod.__name__,
                                  file=getattr(mod, "__file__", None),
                                  version=getattr(mod, "__version__", None),
-                                 metadata_seqlen_q=other.seqlen_q)
+                                 metadata_seqlen_q=other.seqlen_q, page_block_size=PAGE)
         print(f"compare: {other.label} from {getattr(mod, '__file__', '?')}"
               + (" (get_mla_metadata given seqlen_q)" if other.seqlen_q else ""), flush=True)
     write_json(args.json, report)
@@ -1583,7 +1914,7 @@ def run_gpu(args):
         entry["results"] = []
         report["cases"].append(entry)
         t0 = time.perf_counter()
-        inp = meta = splits = None
+        inp = meta = splits = variants = None
         try:
             if fm is None:
                 raise RuntimeError("flash_mla not importable: "
@@ -1592,19 +1923,27 @@ def run_gpu(args):
             entry.update(num_pages=inp.num_pages, n_sets=inp.n_sets, set_bytes=inp.set_bytes)
             meta, splits = fm.get_mla_metadata(inp.cache_seqlens, case.s_q * case.h_q // case.h_kv,
                                                case.h_kv)
+            if args.page_size_list:  # the same tokens in every page size; one plan for all
+                variants = {p: inp.with_page(torch, case, args, dev, p) for p in args.page_size_list}
+                entry["num_pages_by_page_size"] = {str(p): v.num_pages for p, v in variants.items()}
             torch.cuda.synchronize()
             setup_err = None
         except Exception as exc:  # noqa: BLE001
             setup_err = f"setup: {type(exc).__name__}: {exc}"
         if other is not None and setup_err is None:
-            other.prepare(torch, case, inp)
+            # FlashMLA takes 64-token pages only: give it the same cache in 64-token pages.
+            other.prepare(torch, case, inp.with_page(torch, case, args, dev, PAGE))
         for kernel in args.kernels:
             if setup_err:
                 entry["results"].append(dict(kernel=kernel, error=setup_err))
                 continue
             try:
-                res = run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler,
-                                 other)
+                if variants:
+                    res = run_page_sizes(torch, fm, case, variants, meta, splits, kernel, args,
+                                         ceil, sampler)
+                else:
+                    res = run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil,
+                                     sampler, other)
             except Exception as exc:  # noqa: BLE001
                 res = dict(kernel=kernel, error=f"{type(exc).__name__}: {exc}")
                 _sync_quietly(torch)
@@ -1613,7 +1952,7 @@ def run_gpu(args):
         entry["wall_s"] = time.perf_counter() - t0
         if other is not None:
             other.release()
-        del inp, meta, splits
+        del inp, meta, splits, variants
         try:
             torch.cuda.empty_cache()
         except Exception:  # noqa: BLE001
@@ -1623,6 +1962,8 @@ def run_gpu(args):
     sampler.close()
     if other is not None:
         report["compare_summary"] = compare_summary(report)
+    if args.page_size_list:
+        report["page_size_summary"] = page_size_summary(report)
     print()
     print(format_report(report))
     if args.png:

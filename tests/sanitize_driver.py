@@ -15,6 +15,8 @@ Cases (--cases, default all):
   hostile  lengths past the block table and junk page indices among the used entries: results
            are meaningless but nothing may be read out of bounds (memcheck), and
            check_inputs=True must refuse the call
+  page16   b=3, s_q=1, h_q=16, 16-token pages (a 64-token tile spans four pages), one split request
+  page256  b=2, s_q=2, h_q=32, causal, 256-token pages (a tile is a slice of a page)
 Each case runs with get_mla_metadata and every kernel that runs here (--kernels), through the
 torch API once with check_inputs=True (the input-check kernels) and once into preallocated
 out= / lse=. With --num-sms N it goes through flash_mla.ops instead, planning for N SMs (N SM
@@ -44,11 +46,13 @@ from flash_mla.reference import mla_decode_reference  # noqa: E402
 DV = 512
 KERNELS = ("auto", "sm80_large", "sm80_small", "sm90")
 CASES = {
-    # name: (b, s_q, h_q, h_kv, lengths, dtype, q_layout, k_layout, causal, table_width)
-    "split": (3, 1, 16, 1, [1, 1300, 0], torch.bfloat16, "head_pad", "row_pad", False, None),
-    "gqa": (2, 2, 64, 2, [65, 300], torch.float16, "bhsd", "contiguous", True, None),
-    "wide": (2, 1, 128, 1, [700, 64], torch.bfloat16, "contiguous", "row_pad", True, None),
-    "hostile": (3, 2, 16, 1, [100, 64, 10], torch.bfloat16, "contiguous", "head_pad", True, 3),
+    # name: (b, s_q, h_q, h_kv, lengths, dtype, q_layout, k_layout, causal, table_width, page)
+    "split": (3, 1, 16, 1, [1, 1300, 0], torch.bfloat16, "head_pad", "row_pad", False, None, 64),
+    "gqa": (2, 2, 64, 2, [65, 300], torch.float16, "bhsd", "contiguous", True, None, 64),
+    "wide": (2, 1, 128, 1, [700, 64], torch.bfloat16, "contiguous", "row_pad", True, None, 64),
+    "hostile": (3, 2, 16, 1, [100, 64, 10], torch.bfloat16, "contiguous", "head_pad", True, 3, 64),
+    "page16": (3, 1, 16, 1, [1, 700, 33], torch.bfloat16, "contiguous", "row_pad", False, None, 16),
+    "page256": (2, 2, 32, 1, [300, 1000], torch.float16, "contiguous", "contiguous", True, None, 256),
 }
 
 
@@ -81,9 +85,9 @@ def case_inputs(name: str):
     block_table, cache_seqlens); the "hostile" case's table and lengths are then broken:
     request 0 claims 300 tokens (3 columns hold 192: pages past the table), request 1 has junk
     in a used entry, request 2 a negative page in its only entry."""
-    b, s_q, h_q, h_kv, lengths, dtype, q_layout, k_layout, causal, width = CASES[name]
+    b, s_q, h_q, h_kv, lengths, dtype, q_layout, k_layout, causal, width, page = CASES[name]
     cpu = build_paged_case(b, s_q, h_q, h_kv, lengths, dtype, seed=1234 + len(name), device="cpu",
-                           q_layout=q_layout, k_layout=k_layout, table_width=width)
+                           q_layout=q_layout, k_layout=k_layout, table_width=width, page=page)
     block_table_cpu, seqlens_cpu = cpu.block_table.clone(), cpu.cache_seqlens.clone()
     if name == "hostile":
         seqlens_cpu[0] = 300
@@ -95,7 +99,7 @@ def case_inputs(name: str):
 def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
     """The flash_mla.ops path with a plan for `num_sms` SMs (few CTAs)."""
     cpu, (q, k_cache, block_table, cache_seqlens) = case_inputs(name)
-    b, s_q, h_q, h_kv, _, dtype, _, _, causal, _ = CASES[name]
+    b, s_q, h_q, h_kv, _, dtype, _, _, causal, _, page = CASES[name]
     parts = ops.num_sm_parts(s_q, h_q, h_kv, num_sms=num_sms)
     shapes = ops.workspace_shapes(b, s_q, h_q, h_kv, parts)
     meta = torch.zeros(shapes["tile_scheduler_metadata"], dtype=torch.int32).cuda()
@@ -103,8 +107,8 @@ def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
     stream = torch.cuda.current_stream()
     ops.get_mla_metadata(cache_seqlens, meta, splits, stream=stream)
     result = torch.zeros((ops.INPUT_CHECK_WORDS,), dtype=torch.int64).cuda()
-    ops.check_paged_inputs(block_table, cache_seqlens, cpu.num_blocks, result, stream=stream)
-    verdict = ops.input_check_error(result.tolist(), cpu.num_blocks, block_table.shape[1])
+    ops.check_paged_inputs(block_table, cache_seqlens, cpu.num_blocks, result, stream=stream, page_size=page)
+    verdict = ops.input_check_error(result.tolist(), cpu.num_blocks, block_table.shape[1], page_size=page)
     ok = (verdict is not None) == (name == "hostile")
     log(f"  {name:8s} check_paged_inputs: {verdict or 'valid'}{'' if ok else '  <- FAIL'}")
     if name != "hostile":
@@ -132,7 +136,7 @@ def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
 
 def run_case(name: str, kernels, log) -> bool:
     cpu, (q, k_cache, block_table, cache_seqlens) = case_inputs(name)
-    _, s_q, h_q, h_kv, _, dtype, _, _, causal, _ = CASES[name]
+    _, s_q, h_q, h_kv, _, dtype, _, _, causal, _, _ = CASES[name]
     ok = True
     if name != "hostile":
         ref_out, ref_lse = mla_decode_reference(cpu.q, cpu.k_cache, cpu.block_table, cpu.cache_seqlens, DV,

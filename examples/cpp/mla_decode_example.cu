@@ -71,7 +71,7 @@ struct Shape {
 bool run_shape(const Shape& shape, std::mt19937& rng) {
   using flash_mla::kHeadDim;    // 576
   using flash_mla::kHeadDimV;   // 512
-  using flash_mla::kPageSize;   // 64
+  constexpr int kPageSize = 64;  // tokens per page: DecodeParams::page_size, 16, 32, 64, 128 or 256
   const int b = static_cast<int>(shape.seqlens.size());
   const int s_q = shape.seqlen_q, h_q = shape.num_heads_q, h_kv = shape.num_heads_kv;
   const float scale = 1.f / std::sqrt(float(kHeadDim));
@@ -135,6 +135,7 @@ bool run_shape(const Shape& shape, std::mt19937& rng) {
   p.num_heads_kv = h_kv;
   p.num_blocks = num_blocks;
   p.max_blocks_per_seq = max_pages;
+  p.page_size = kPageSize;
   p.softmax_scale = scale;
   p.causal = shape.causal;
   p.q = d_q.ptr;  // contiguous: strides in elements

@@ -5,8 +5,9 @@
 //                            everywhere (validate() and every check run before any CUDA call)
 //   test_mla_decode gpu      correctness against a float host reference: bf16 and fp16,
 //                            h_q 16 and 128, s_q 1 and 2, causal and not, every kernel the
-//                            device and the build support; exits 77 (CTest: skipped) without
-//                            a GPU of compute capability >= 8.0
+//                            device and the build support, 64-token pages and cases of 16,
+//                            32, 128 and 256 tokens per page; exits 77 (CTest: skipped)
+//                            without a GPU of compute capability >= 8.0
 //
 // The GPU cases poison what the kernel must not read: NaN in unused cache slots, pages and
 // padding, junk block_table entries past each request's pages, NaN around a strided q.
@@ -26,6 +27,7 @@
 #include <cuda_runtime.h>
 
 #include <flash_mla/flash_mla.hpp>
+#include <flash_mla/input_check.cuh>
 
 namespace {
 
@@ -35,11 +37,12 @@ using flash_mla::kHeadDim;
 using flash_mla::kHeadDimV;
 using flash_mla::KernelChoice;
 using flash_mla::kMetaInts;
-using flash_mla::kPageSize;
 using flash_mla::MetadataParams;
 using flash_mla::Status;
 
 constexpr int kExitSkip = 77;
+constexpr int kDefaultPage = 64;  ///< DecodeParams::page_size when left alone
+const int kPageSizes[] = {16, 32, 64, 128, 256};
 int failures = 0;
 
 void expect(bool ok, const std::string& what) {
@@ -80,7 +83,7 @@ DecodeParams valid_params() {
   p.k_cache = fake_ptr();
   p.k_head_stride = kHeadDim;
   p.k_token_stride = kHeadDim;
-  p.k_block_stride = kPageSize * kHeadDim;
+  p.k_block_stride = kDefaultPage * kHeadDim;
   p.block_table = static_cast<const int32_t*>(fake_ptr());
   p.block_table_stride = 4;
   p.cache_seqlens = static_cast<const int32_t*>(fake_ptr());
@@ -142,6 +145,13 @@ void check_decode_params() {
       {"k_cache strides", [](DecodeParams& p) { p.k_block_stride = 8 * kHeadDim + 2; }},
       {"strides must be >= 0", [](DecodeParams& p) { p.q_seq_stride = -kHeadDim; }},
       {"strides must be >= 0", [](DecodeParams& p) { p.k_head_stride = -8; }},
+      {"page_size", [](DecodeParams& p) { p.page_size = 48; }},
+      {"page_size", [](DecodeParams& p) { p.page_size = 0; }},
+      {"page_size", [](DecodeParams& p) { p.page_size = 1; }},
+      {"page_size", [](DecodeParams& p) { p.page_size = 8; }},
+      {"page_size", [](DecodeParams& p) { p.page_size = 65; }},
+      {"page_size", [](DecodeParams& p) { p.page_size = 512; }},
+      {"page_size", [](DecodeParams& p) { p.page_size = -64; }},
   };
   int i = 0;
   for (const Bad& b : bad) {
@@ -163,6 +173,51 @@ void check_decode_params() {
   empty.softmax_scale = 0.5f;
   expect(flash_mla::validate(empty).ok(), "batch 0 with null pointers passes validate");
   expect(flash_mla::mla_decode(empty).ok(), "batch 0 mla_decode is a no-op");
+  empty.page_size = 48;
+  expect_error(flash_mla::validate(empty), "page_size", "batch 0 with page_size 48");
+}
+
+/// Page sizes: 64 by default; 16, 32, 64, 128 and 256 accepted (with the page stride they
+/// imply, or a padded one); anything else refused by validate() with a message naming
+/// page_size and the supported sizes, and by check_paged_inputs() before it launches.
+void check_page_sizes() {
+  expect(DecodeParams{}.page_size == 64, "DecodeParams::page_size defaults to 64");
+  expect(flash_mla::InputCheckParams{}.page_size == 64, "InputCheckParams::page_size defaults to 64");
+  expect(valid_params().page_size == kDefaultPage, "valid_params leaves page_size at its default");
+  for (int page : kPageSizes) {
+    expect(flash_mla::is_supported_page_size(page), "is_supported_page_size(" + std::to_string(page) + ")");
+    DecodeParams p = valid_params();
+    p.page_size = page;
+    p.k_block_stride = int64_t(page) * kHeadDim;
+    const Status st = flash_mla::validate(p);
+    expect(st.ok(), "validate accepts page_size " + std::to_string(page) + ": " + st.message);
+    p.k_block_stride = int64_t(page + 8) * kHeadDim;  // pages further apart than their size
+    expect(flash_mla::validate(p).ok(), "validate accepts a padded page stride, page_size " + std::to_string(page));
+  }
+  for (int page : {0, 1, 8, 15, 17, 33, 48, 63, 65, 96, 192, 255, 257, 512, 1024, -16, -64, INT_MIN, INT_MAX}) {
+    const std::string what = "page_size " + std::to_string(page);
+    expect(!flash_mla::is_supported_page_size(page), "is_supported_page_size rejects " + what);
+    DecodeParams p = valid_params();
+    p.page_size = page;
+    const Status st = flash_mla::validate(p);
+    expect_error(st, "page_size", "validate, " + what);
+    expect_error(st, "16, 32, 64, 128, 256", "validate lists the page sizes, " + what);
+    expect_error(flash_mla::mla_decode(p), "page_size", "mla_decode, " + what);  // before any CUDA call
+  }
+  // check_paged_inputs refuses an unsupported page size before it launches anything.
+  flash_mla::InputCheckParams ic;
+  ic.block_table = static_cast<const int32_t*>(fake_ptr());
+  ic.block_table_stride = 4;
+  ic.cache_seqlens = static_cast<const int32_t*>(fake_ptr());
+  ic.batch = 3;
+  ic.max_blocks_per_seq = 4;
+  ic.num_blocks = 10;
+  ic.result = static_cast<int64_t*>(fake_ptr());
+  for (int page : {0, 48, 512}) {
+    ic.page_size = page;
+    expect_error(flash_mla::check_paged_inputs(ic), "page_size",
+                 "check_paged_inputs, page_size " + std::to_string(page));
+  }
 }
 
 void check_metadata_params() {
@@ -226,6 +281,7 @@ void check_sizes() {
 
 int run_checks() {
   check_decode_params();
+  check_page_sizes();
   check_metadata_params();
   check_sizes();
   if (failures) {
@@ -279,13 +335,15 @@ struct Case {
   int seqlen_q, num_heads_q, num_heads_kv;
   bool causal;
   std::vector<int32_t> seqlens;
-  bool strided;  // padded q and k_cache strides, q not 16-byte aligned
+  bool strided;  // padded q and k_cache strides (pages further apart than their size), q not 16-byte aligned
+  int page = kDefaultPage;  // tokens per page of k_cache
 };
 
 std::string describe(const Case& c) {
   std::string s = std::string(c.dtype == DType::kBF16 ? "bf16" : "fp16") + " s_q=" + std::to_string(c.seqlen_q) +
                   " h_q=" + std::to_string(c.num_heads_q) + " h_kv=" + std::to_string(c.num_heads_kv) +
-                  " causal=" + std::to_string(int(c.causal)) + (c.strided ? " strided" : "") + " L=[";
+                  " causal=" + std::to_string(int(c.causal)) + (c.strided ? " strided" : "") +
+                  (c.page != kDefaultPage ? " page=" + std::to_string(c.page) : std::string()) + " L=[";
   for (size_t i = 0; i < c.seqlens.size(); ++i) s += (i ? "," : "") + std::to_string(c.seqlens[i]);
   return s + "]";
 }
@@ -293,7 +351,7 @@ std::string describe(const Case& c) {
 /// Inputs of one case on the host, in the element type, with the layout the kernel reads.
 template <typename T>
 struct HostInputs {
-  int batch = 0, max_pages = 0, num_blocks = 0;
+  int batch = 0, max_pages = 0, num_blocks = 0, page = kDefaultPage;
   int64_t q_batch_stride = 0, q_seq_stride = 0, q_head_stride = 0, q_offset = 0;
   int64_t k_block_stride = 0, k_token_stride = 0, k_head_stride = 0;
   std::vector<T> q, k;
@@ -301,8 +359,8 @@ struct HostInputs {
 
   const T* q_row(int i, int t, int h) const { return &q[q_offset + i * q_batch_stride + t * q_seq_stride + h * q_head_stride]; }
   const T* k_row(int i, int j, int kvh) const {
-    const int page = block_table[size_t(i) * max_pages + j / kPageSize];
-    return &k[page * k_block_stride + (j % kPageSize) * k_token_stride + kvh * k_head_stride];
+    const int block = block_table[size_t(i) * max_pages + j / page];
+    return &k[block * k_block_stride + (j % page) * k_token_stride + kvh * k_head_stride];
   }
 };
 
@@ -312,10 +370,12 @@ HostInputs<T> make_inputs(const Case& c, std::mt19937& rng) {
   const int b = static_cast<int>(c.seqlens.size()), s_q = c.seqlen_q, h_q = c.num_heads_q, h_kv = c.num_heads_kv;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   in.batch = b;
+  in.page = c.page;
+  const int page = c.page;
   int needed = 0, widest = 0;
   for (int L : c.seqlens) {
-    needed += (L + kPageSize - 1) / kPageSize;
-    widest = std::max(widest, (L + kPageSize - 1) / kPageSize);
+    needed += (L + page - 1) / page;
+    widest = std::max(widest, (L + page - 1) / page);
   }
   in.num_blocks = needed + 3;
   in.max_pages = widest + 2;  // junk columns past every request's pages
@@ -327,7 +387,7 @@ HostInputs<T> make_inputs(const Case& c, std::mt19937& rng) {
   const int32_t junk[] = {-1, INT32_MIN, INT32_MAX, 1000000000, in.num_blocks};
   in.block_table.assign(size_t(b) * in.max_pages, 0);
   for (int i = 0, used = 0; i < b; ++i) {
-    const int n = (c.seqlens[i] + kPageSize - 1) / kPageSize;
+    const int n = (c.seqlens[i] + page - 1) / page;
     for (int p = 0; p < in.max_pages; ++p) {
       in.block_table[size_t(i) * in.max_pages + p] = p < n ? pages[used++] : junk[rng() % 5];
     }
@@ -341,7 +401,7 @@ HostInputs<T> make_inputs(const Case& c, std::mt19937& rng) {
   in.q_offset = c.strided ? 2 : 0;
   in.k_head_stride = kHeadDim;
   in.k_token_stride = h_kv * kHeadDim + pad;
-  in.k_block_stride = kPageSize * in.k_token_stride + 2 * pad;
+  in.k_block_stride = page * in.k_token_stride + 2 * pad;
 
   std::normal_distribution<float> normal(0.f, 1.f);
   in.q.assign(size_t(in.q_offset + b * in.q_batch_stride), from_float<T>(nan));
@@ -504,6 +564,7 @@ bool run_case(const Case& c, int device, std::mt19937& rng) {
   p.num_heads_kv = h_kv;
   p.num_blocks = in.num_blocks;
   p.max_blocks_per_seq = in.max_pages;
+  p.page_size = c.page;
   p.softmax_scale = scale;
   p.causal = c.causal;
   p.q = d_q.ptr + in.q_offset;
@@ -598,6 +659,22 @@ int run_gpu() {
           cases.push_back({dtype, s_q, h_q, 1, causal, lens, (cases.size() % 2) == 1});
         }
   cases.push_back({DType::kBF16, 2, 32, 2, true, {129, 1000, 2}, true});  // two KV heads
+  // Other page sizes: lengths 0, 1, page - 1, page + 1, a few pages plus an odd remainder, one
+  // request of ~1,100-1,500 tokens (up to 94 pages of 16); bf16 h_q 128 s_q 1 (padded strides)
+  // and fp16 h_q 16 s_q 2 causal (contiguous) per page size.
+  for (int page : kPageSizes) {
+    if (page == kDefaultPage) continue;
+    for (int variant = 0; variant < 2; ++variant) {
+      const int long_len = (variant == 0 ? 1100 : 1400) + 2 * int(rng() % 50) + 1;  // odd: no page multiple
+      std::vector<int32_t> lens = {0, 1, page - 1, page + 1, 3 * page + 7, long_len};
+      if (variant == 1) lens.push_back(64);  // a tile boundary inside a page of 128 / 256
+      std::shuffle(lens.begin(), lens.end(), rng);
+      Case c = variant == 0 ? Case{DType::kBF16, 1, 128, 1, false, lens, true}
+                            : Case{DType::kFP16, 2, 16, 1, true, lens, false};
+      c.page = page;
+      cases.push_back(c);
+    }
+  }
 
   bool ok = true;
   for (const Case& c : cases) {

@@ -6,7 +6,8 @@
   included), so every parameter set gets its own fresh but reproducible random data.
 * ``make_case`` fixture: ``build_paged_case(...)`` below, a random paged-KV decode problem
   with poisoned unused memory (NaN cache slots and pages, junk block-table tails, NaN query
-  padding) and optionally non-contiguous ``q`` / ``k_cache``.
+  padding), any supported page size (``page=``, default 64) and optionally non-contiguous
+  ``q`` / ``k_cache``.
 * ``make_seqlens`` fixture: ``seqlens_for(...)``, length patterns with the edge values.
 * ``check_decode`` fixture: ``assert_decode_matches(...)``, the comparison of a kernel result
   with the reference (tolerances documented there).
@@ -32,7 +33,8 @@ import torch
 
 HEAD_DIM = 576
 HEAD_DIM_V = 512
-PAGE = 64
+PAGE = 64  # the default page size (tokens per page, dim 1 of k_cache)
+PAGE_SIZES = (16, 32, 64, 128, 256)  # every page size the kernels take
 
 # ----------------------------------------------------------------------------------------------
 # GPU marker
@@ -127,16 +129,38 @@ def make_seqlens():
     return seqlens_for
 
 
+def page_edge_lengths(page: int) -> List[int]:
+    """Lengths at the edges of pages of ``page`` tokens and of the kernels' 64-token tiles:
+    0, 1, page - 1, page, page + 1, 2 and 3 pages (page boundaries that are not tile
+    boundaries when page < 64), 63, 64, 65, 192 (tile boundaries inside a page when
+    page > 64), lengths that are multiples of neither, and several pages per request (up to
+    1,499 tokens: 94 pages of 16)."""
+    return sorted({0, 1, page - 1, page, page + 1, 2 * page, 3 * page, 3 * page + 1,
+                   3 * page + page // 2 + 1, 63, 64, 65, 192, 1437, 1500 // page * page, 1499})
+
+
+def page_lengths(page: int, b: int, rng: random.Random) -> List[int]:
+    """``b`` lengths drawn from ``page_edge_lengths(page)`` (cycling from a random start, then
+    shuffled), one of them at least 1,437 tokens long."""
+    edge = page_edge_lengths(page)
+    start = rng.randrange(len(edge))
+    lens = [edge[(start + i) % len(edge)] for i in range(b)]
+    if max(lens) < 1437:
+        lens[rng.randrange(b)] = rng.choice((1437, 1499))
+    rng.shuffle(lens)
+    return lens
+
+
 # ----------------------------------------------------------------------------------------------
 # Paged cases
 # ----------------------------------------------------------------------------------------------
 
 Q_LAYOUTS = ("contiguous", "head_pad", "bhsd", "hsbd")
-K_LAYOUTS = ("contiguous", "head_pad", "row_pad")
+K_LAYOUTS = ("contiguous", "head_pad", "row_pad", "page_pad")
 
 
-def pages_of(seqlen: int) -> int:
-    return -(-seqlen // PAGE) if seqlen > 0 else 0
+def pages_of(seqlen: int, page: int = PAGE) -> int:
+    return -(-seqlen // page) if seqlen > 0 else 0
 
 
 @dataclasses.dataclass
@@ -148,7 +172,7 @@ class PagedCase:
     block_table: torch.Tensor
     cache_seqlens: torch.Tensor
     seqlens: List[int]
-    valid: torch.Tensor  # (num_blocks, PAGE) bool: slots holding real tokens
+    valid: torch.Tensor  # (num_blocks, page) bool: slots holding real tokens
     dtype: torch.dtype
     q_layout: str
     k_layout: str
@@ -176,6 +200,11 @@ class PagedCase:
         return self.k_cache.shape[0]
 
     @property
+    def page(self) -> int:
+        """Tokens per page (dim 1 of k_cache)."""
+        return self.k_cache.shape[1]
+
+    @property
     def rows_per_kv_head(self) -> int:
         """The ``num_heads_per_head_k`` argument of get_mla_metadata: s_q * h_q // h_kv."""
         return self.s_q * self.h_q // self.h_kv
@@ -191,7 +220,8 @@ class PagedCase:
         return dataclasses.replace(self, q=q, k_cache=k)
 
     def describe(self) -> str:
-        return (f"b={self.b} s_q={self.s_q} h_q={self.h_q} h_kv={self.h_kv} dtype={self.dtype} "
+        page = f" page={self.page}" if self.page != PAGE else ""
+        return (f"b={self.b} s_q={self.s_q} h_q={self.h_q} h_kv={self.h_kv} dtype={self.dtype}{page} "
                 f"q={self.q_layout} k={self.k_layout} seqlens={_short_list(self.seqlens)}")
 
 
@@ -233,23 +263,29 @@ def _make_q(b, s_q, h_q, dtype, layout, scale, gen, device) -> torch.Tensor:
 
 
 def _make_k(valid, h_kv, dtype, layout, scale, gen, device) -> torch.Tensor:
-    """(num_blocks, 64, h_kv, 576) cache: random rows where ``valid``, NaN everywhere else
-    (unused slots of last pages, unused pages, padding of the strided layouts)."""
+    """(num_blocks, page, h_kv, 576) cache (page = valid.shape[1]): random rows where
+    ``valid``, NaN everywhere else (unused slots of last pages, unused pages, padding of the
+    strided layouts)."""
     nan = float("nan")
-    num_blocks = valid.shape[0]
+    num_blocks, page = valid.shape
     if layout == "contiguous":
-        k = torch.full((num_blocks, PAGE, h_kv, HEAD_DIM), nan, dtype=dtype, device=device)
+        k = torch.full((num_blocks, page, h_kv, HEAD_DIM), nan, dtype=dtype, device=device)
     elif layout == "head_pad":
         # A slice of a cache with more KV heads (other strides than the contiguous ones).
-        base = torch.full((num_blocks, PAGE, h_kv + 2, HEAD_DIM), nan, dtype=dtype, device=device)
+        base = torch.full((num_blocks, page, h_kv + 2, HEAD_DIM), nan, dtype=dtype, device=device)
         k = base[:, :, 1:h_kv + 1]
     elif layout == "row_pad":
         # Rows of 640 elements of which the middle 576 are used (16-byte aligned offsets).
-        base = torch.full((num_blocks, PAGE, h_kv, HEAD_DIM + 64), nan, dtype=dtype, device=device)
+        base = torch.full((num_blocks, page, h_kv, HEAD_DIM + 64), nan, dtype=dtype, device=device)
         k = base[..., 32:32 + HEAD_DIM]
+    elif layout == "page_pad":
+        # Pages further apart than page * h_kv * 576 elements: three NaN token rows between
+        # consecutive pages (one before, two after), and a storage offset of one token row.
+        base = torch.full((num_blocks, page + 3, h_kv, HEAD_DIM), nan, dtype=dtype, device=device)
+        k = base[:, 1:page + 1]
     else:
         raise ValueError(f"unknown k_cache layout {layout!r}")
-    data = torch.randn((num_blocks, PAGE, h_kv, HEAD_DIM), generator=gen, device=device,
+    data = torch.randn((num_blocks, page, h_kv, HEAD_DIM), generator=gen, device=device,
                        dtype=dtype)
     if scale != 1.0:
         data = data * scale
@@ -288,25 +324,29 @@ def build_paged_case(
     table_width: Optional[int] = None,
     q_scale: float = 1.0,
     k_scale: float = 1.0,
+    page: int = PAGE,
 ) -> PagedCase:
     """A random paged decode problem with poisoned unused memory.
 
     * ``seqlens``: explicit lengths or a pattern of ``seqlens_for``.
+    * ``page``: tokens per page (dim 1 of ``k_cache``), 64 by default; token j of request i is
+      ``k_cache[block_table[i, j // page], j % page]``.
     * The cache has more pages than needed (``num_blocks``, default needed + max(3, needed/8));
       each request's logical pages map to a random permutation of physical pages.
     * Every cache slot not holding one of the first L tokens of a request is NaN: the tail of
       each last page, every unused page, and the padding of the strided ``k_layout``s.
     * ``block_table`` (int32) has at least one extra column (``table_width``); every entry past
-      a request's ceil(L/64) pages is junk: -1, INT32_MIN/MAX, 10**9, num_blocks, random.
+      a request's ceil(L/page) pages is junk: -1, INT32_MIN/MAX, 10**9, num_blocks, random.
     * ``q`` uses ``q_layout`` (see Q_LAYOUTS; "head_pad" surrounds it with NaN heads).
     * Data are randn * scale: with the default scale 1/sqrt(576) the scores are ~N(0, 1), so
       the softmax is neither one-hot nor flat.
     """
     assert h_kv >= 1 and h_q % h_kv == 0, (h_q, h_kv)
+    assert page >= 1, page
     device = torch.device(device)
     rng = random.Random(seed)
     lens = seqlens_for(seqlens, b, s_q, rng)
-    page_counts = [pages_of(L) for L in lens]
+    page_counts = [pages_of(L, page) for L in lens]
     needed = sum(page_counts)
     if num_blocks is None:
         num_blocks = needed + max(3, needed // 8)
@@ -318,7 +358,7 @@ def build_paged_case(
     physical = list(range(num_blocks))
     rng.shuffle(physical)
     table = []
-    valid = torch.zeros((num_blocks, PAGE), dtype=torch.bool)
+    valid = torch.zeros((num_blocks, page), dtype=torch.bool)
     used = 0
     for L, n in zip(lens, page_counts):
         pages = physical[used:used + n]
@@ -326,8 +366,8 @@ def build_paged_case(
         table.append(pages + [_junk_entry(rng, num_blocks) for _ in range(width - n)])
         if n:
             valid[pages] = True
-            if L % PAGE:
-                valid[pages[-1], L % PAGE:] = False
+            if L % page:
+                valid[pages[-1], L % page:] = False
 
     gen = _generator(device, seed)
     q = _make_q(b, s_q, h_q, dtype, q_layout, q_scale, gen, device)
@@ -461,12 +501,18 @@ def check_decode():
 CPU_PARTS = 4  # rows of the fake CPU metadata of cpu_decode_args
 
 
-def cpu_decode_args(b=2, s_q=1, h_q=16, h_kv=1, dtype=torch.bfloat16, parts=CPU_PARTS):
-    """Decode arguments that are right in every respect except the device (all on the CPU)."""
+def cpu_decode_args(b=2, s_q=1, h_q=16, h_kv=1, dtype=torch.bfloat16, parts=CPU_PARTS, page=PAGE):
+    """Decode arguments that are right in every respect except the device (all on the CPU).
+
+    ``page``: tokens per page of ``k_cache`` (dim 1); the block table has enough columns for
+    the lengths (70 tokens) at that page size, and ``k_cache`` enough pages for every column.
+    With the default page of 64: a (4, 64, h_kv, 576) cache and a (b, 2) block table."""
+    width = max(2, pages_of(70, page))
+    num_blocks = max(4, b * width)
     return dict(
         q=torch.zeros((b, s_q, h_q, HEAD_DIM), dtype=dtype),
-        k_cache=torch.zeros((4, PAGE, h_kv, HEAD_DIM), dtype=dtype),
-        block_table=torch.zeros((b, 2), dtype=torch.int32),
+        k_cache=torch.zeros((num_blocks, page, h_kv, HEAD_DIM), dtype=dtype),
+        block_table=torch.zeros((b, width), dtype=torch.int32),
         cache_seqlens=torch.full((b,), 70, dtype=torch.int32),
         head_dim_v=HEAD_DIM_V,
         tile_scheduler_metadata=torch.zeros((parts, 8), dtype=torch.int32),

@@ -7,12 +7,13 @@ behind (checked by a device synchronisation after every example). Running the GP
 own process keeps a crash from poisoning the CUDA context of the rest of the test session.
 
 What is thrown at the calls (see ``draw_case``): a valid base problem (random batch including
-0, s_q, h_q, h_kv, pages, lengths) and then 0-3 mutations of its arrays: another dtype, rank or
+0, s_q, h_q, h_kv, page size (16 to 256 tokens), pages, lengths) and then 0-3 mutations of its
+arrays: another dtype, rank or
 dimension size (zero-sized included), non-contiguous or stride-0 layouts, a storage offset
 (misalignment), another device, a non-array object, out-of-range indices (junk block_table
 entries, lengths past the table or negative); plus hostile scalars (head_dim_v,
-softmax_scale, causal, kernel, head counts, stream handles) and preallocated outputs with the
-same mutations.
+softmax_scale, causal, kernel, head counts, stream handles, check_paged_inputs' page_size) and
+preallocated outputs with the same mutations.
 
 GPU safety rule (what the contract promises, nothing more): tile-scheduler metadata is always
 a plan that get_mla_metadata computed for the lengths actually passed (its contents are never
@@ -44,6 +45,7 @@ FATAL_MARKERS = ("illegal memory access", "illegal address", "misaligned address
                  "hardware stack error", "launch timed out")
 
 D, DV, PAGE = 576, 512, 64
+PAGES = (64, 64, 16, 32, 128, 256)  # page sizes of the base problems (64, FlashMLA's, twice as often)
 FLOAT_DTYPES = (torch.bfloat16, torch.float16)
 OTHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64,
                 torch.int16, torch.uint8, torch.bool, torch.complex64)
@@ -172,24 +174,27 @@ def draw_case(draw, device: str) -> Dict[str, Any]:
     s_q = draw(st.integers(1, 3))
     h_kv = draw(st.sampled_from([1, 1, 2]))
     h_q = h_kv * draw(st.sampled_from([1, 2, 3, 16, 20, 64, 128]))
-    width = draw(st.integers(1, 4))
-    lens = draw(st.lists(st.integers(0, PAGE * width), min_size=b, max_size=b))
-    needed = sum(-(-L // PAGE) for L in lens)
+    page = draw(st.sampled_from(PAGES))
+    # Up to 256 tokens a request whatever the page size (so the cache stays as small as with 64).
+    width = draw(st.integers(1, max(1, 256 // page)))
+    lens = draw(st.lists(st.integers(0, page * width), min_size=b, max_size=b))
+    needed = sum(-(-L // page) for L in lens)
     num_blocks = needed + draw(st.integers(0, 3))
     table = torch.zeros((b, width), dtype=torch.int32)
     perm = torch.randperm(max(num_blocks, 1))
     used = 0
     for i, L in enumerate(lens):
-        n = -(-L // PAGE)
+        n = -(-L // page)
         table[i, :n] = perm[used:used + n].to(torch.int32)
         used += n
     case = dict(
         q=(torch.randn((b, s_q, h_q, D)) * 0.04).to(dtype).to(device),
-        k_cache=(torch.randn((num_blocks, PAGE, h_kv, D)) * 0.04).to(dtype).to(device),
+        k_cache=(torch.randn((num_blocks, page, h_kv, D)) * 0.04).to(dtype).to(device),
         block_table=table.to(device),
         cache_seqlens=torch.tensor(lens, dtype=torch.int32).reshape(b).to(device),
     )
-    sizes = dict(b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, rows=s_q * h_q // h_kv, dtype=dtype, num_blocks=num_blocks)
+    sizes = dict(b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, rows=s_q * h_q // h_kv, dtype=dtype, num_blocks=num_blocks,
+                 page=page)
     return case, sizes
 
 
@@ -264,6 +269,7 @@ CAUSAL_BAD = ["yes", np.array([1, 2]), [True]]
 KERNEL_GOOD = ["auto", "sm80_large", "sm80_small", "sm90"]
 KERNEL_BAD = ["bogus", "", "SM90", 5, -1, None, 1.0, ["auto"]]
 INT_BAD = [0, -1, -(2 ** 31), 2 ** 31, 2 ** 63, 2 ** 70, 65536, 1.5, None, "4", True, False]
+PAGE_SIZE_BAD = [0, -64, 1, 8, 48, 63, 65, 512, 2 ** 31, 2 ** 70, 64.0, "64", None, True]
 
 
 def stream_values(device: str):
@@ -393,8 +399,11 @@ def example_ops_check(draw, device: str) -> Dict[str, Any]:
         _maybe_numpy(arrays, draw)
     num_blocks = hostile_scalar(draw, [sizes["num_blocks"], 0, 1000], [-1, 2 ** 31, 2 ** 70, 1.5, None, "3"])
     good, bad = stream_values(device)
+    kwargs = {}
+    if draw(st.integers(0, 3)):  # page_size given three times out of four (default: 64)
+        kwargs["page_size"] = hostile_scalar(draw, [sizes["page"], 16, 256], PAGE_SIZE_BAD)
     return dict(fn=ops.check_paged_inputs, args=(arrays["block_table"], arrays["cache_seqlens"], num_blocks,
-                                                 arrays["result"], hostile_scalar(draw, good, bad)), kwargs={})
+                                                 arrays["result"], hostile_scalar(draw, good, bad)), kwargs=kwargs)
 
 
 def example_ops_sizes(draw, device: str) -> Dict[str, Any]:

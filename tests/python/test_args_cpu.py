@@ -6,7 +6,8 @@ exercised with CPU tensors. Conventions:
 
 * wrong dtype -> TypeError;
 * wrong rank / shape / stride / page size / head dims / h_q % h_kv / metadata shape /
-  softmax_scale / head_dim_v -> ValueError;
+  softmax_scale / head_dim_v -> ValueError (page sizes: 16, 32, 64, 128 and 256 tokens are
+  accepted, any other page_block_size is refused);
 * everything right but on the CPU -> ValueError mentioning CUDA;
 * each message names the offending argument.
 
@@ -17,6 +18,7 @@ give the same exceptions.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -28,7 +30,7 @@ import torch
 import flash_mla
 from flash_mla import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
 
-from conftest import CPU_PARTS, cpu_decode_args  # noqa: E402  (tests/python is on sys.path)
+from conftest import CPU_PARTS, PAGE_SIZES, cpu_decode_args  # noqa: E402  (tests/python is on sys.path)
 
 D = 576
 DV = 512
@@ -176,9 +178,7 @@ REJECTED = {
     # k_cache shape
     "k_cache_rank3": (with_(k_cache=_k((4 * PAGE, 1, D))), ValueError, "k_cache"),
     "k_cache_d512": (with_(k_cache=_k((4, PAGE, 1, 512))), ValueError, "k_cache"),
-    "k_cache_page32": (with_(k_cache=_k((8, 32, 1, D))), ValueError, "k_cache"),
-    "k_cache_page128": (with_(k_cache=_k((2, 128, 1, D))), ValueError, "k_cache"),
-    "k_cache_page1": (with_(k_cache=_k((256, 1, 1, D))), ValueError, "k_cache"),
+    # (page sizes: the "page sizes" section below)
     "k_cache_h_kv0": (with_(k_cache=_k((4, PAGE, 0, D))), ValueError, "k_cache"),
     "k_cache_last_dim_strided": (with_(k_cache=lambda a: last_dim_strided(a["k_cache"])),
                                  ValueError, "k_cache"),
@@ -243,6 +243,178 @@ def test_rejected_arguments(mutate, exc, match, path):
     # Shape / dtype checks come before the device check: a complaint about the device would
     # mean the real problem went unnoticed (the device message may name the argument too).
     assert not re.search(CUDA, str(info.value)), str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# page sizes: 16, 32, 64, 128, 256 tokens per page accepted, anything else refused
+# ----------------------------------------------------------------------------------------------
+
+UNSUPPORTED_PAGES = (48, 8, 512, 1, 65, 96)
+SUPPORTED_PAGES_TEXT = "16, 32, 64, 128, 256"
+
+
+def _assert_reaches_device_check(info):
+    """The call got past every argument check: the error is the CUDA-device one, and says
+    nothing about the page size."""
+    msg = str(info.value)
+    assert re.search(CUDA, msg), msg
+    assert "page_block_size" not in msg and "page size" not in msg, msg
+
+
+def _assert_page_size_refused(info):
+    msg = str(info.value)
+    assert "page_block_size" in msg and SUPPORTED_PAGES_TEXT in msg, msg
+    assert not re.search(CUDA, msg), msg  # found before the device check
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(dtype=FP16), dict(h_q=3, s_q=2), dict(h_q=128, h_kv=8)],
+                         ids=["bf16", "fp16", "h_q3_s_q2", "h_q128_h_kv8"])
+@pytest.mark.parametrize("page", PAGE_SIZES, ids=[f"page{p}" for p in PAGE_SIZES])
+def test_supported_page_sizes_reach_device_check(page, kwargs, path):
+    args = cpu_decode_args(page=page, **kwargs)
+    assert args["k_cache"].shape[1] == page
+    with pytest.raises(ValueError) as info:
+        call(args)
+    _assert_reaches_device_check(info)
+
+
+@pytest.mark.parametrize("page", PAGE_SIZES, ids=[f"page{p}" for p in PAGE_SIZES])
+def test_supported_page_sizes_with_padded_strides_reach_device_check(page, path):
+    """Pages further apart than page * h_kv * 576 elements (a slice of a longer page) and a
+    head slice: strides other than the last are free."""
+    args = cpu_decode_args(page=page)
+    n = args["k_cache"].shape[0]
+    args["k_cache"] = torch.zeros((n, page + 4, 1, D), dtype=BF16)[:, 2:page + 2]
+    with pytest.raises(ValueError) as info:
+        call(args)
+    _assert_reaches_device_check(info)
+    args["k_cache"] = torch.zeros((n, page, 3, D), dtype=BF16)[:, :, 1:2]
+    with pytest.raises(ValueError) as info:
+        call(args)
+    _assert_reaches_device_check(info)
+
+
+@pytest.mark.parametrize("page", UNSUPPORTED_PAGES, ids=[f"page{p}" for p in UNSUPPORTED_PAGES])
+def test_unsupported_page_size_rejected(page, path):
+    with pytest.raises(ValueError, match="page_block_size") as info:
+        call(cpu_decode_args(page=page))
+    _assert_page_size_refused(info)
+
+
+@pytest.mark.parametrize("page", [48, 512], ids=["page48", "page512"])
+def test_unsupported_page_size_rejected_with_fp16_and_options(page):
+    with pytest.raises(ValueError, match="page_block_size") as info:
+        call(cpu_decode_args(page=page, dtype=FP16, s_q=2), causal=True, kernel="sm80_small")
+    _assert_page_size_refused(info)
+    with pytest.raises(ValueError, match="page_block_size") as info:
+        call(cpu_decode_args(page=page), check_inputs=True)
+    _assert_page_size_refused(info)
+
+
+@pytest.mark.parametrize("page", [48, 8], ids=["page48", "page8"])
+def test_sched_with_unsupported_page_size_raises_and_stays_empty(page):
+    args = cpu_decode_args(page=page)
+    sched, _ = get_mla_metadata()
+    args["tile_scheduler_metadata"], args["num_splits"] = sched, None
+    with pytest.raises(ValueError, match="page_block_size") as info:
+        call(args, causal=True)
+    _assert_page_size_refused(info)
+    assert sched.config is None and sched.tile_scheduler_metadata is None
+
+
+@pytest.mark.parametrize("page", [16, 256], ids=["page16", "page256"])
+def test_sched_with_supported_page_size_reaches_device_check(page):
+    args = cpu_decode_args(page=page)
+    sched, _ = get_mla_metadata()
+    args["tile_scheduler_metadata"], args["num_splits"] = sched, None
+    with pytest.raises(ValueError) as info:
+        call(args, causal=True)
+    _assert_reaches_device_check(info)
+    assert sched.config is None
+
+
+@pytest.mark.parametrize("page", [16, 256], ids=["page16", "page256"])
+def test_check_inputs_with_supported_page_size_reaches_device_check(page):
+    with pytest.raises(ValueError) as info:
+        call(cpu_decode_args(page=page), check_inputs=True)
+    _assert_reaches_device_check(info)
+
+
+# flash_mla.ops: the same k_cache shapes, NumPy arrays (host memory: the device check fails last)
+
+def _ops_decode_arrays(page, dtype=np.float16):
+    b, s_q, h_q, h_kv, parts = 2, 1, 16, 1, CPU_PARTS
+    torch_args = cpu_decode_args(b=b, s_q=s_q, h_q=h_q, h_kv=h_kv, dtype=torch.float16, page=page)
+    shapes = flash_mla.ops.workspace_shapes(b, s_q, h_q, h_kv, parts)
+    arrays = [torch_args[n].numpy() for n in ("q", "k_cache", "block_table", "cache_seqlens",
+                                              "tile_scheduler_metadata", "num_splits")]
+    return arrays + [np.zeros(shapes["out"], dtype), np.zeros(shapes["lse"], np.float32),
+                     np.zeros(shapes["o_accum"], np.float32), np.zeros(shapes["lse_accum"], np.float32)]
+
+
+@pytest.mark.parametrize("page", PAGE_SIZES, ids=[f"page{p}" for p in PAGE_SIZES])
+def test_ops_decode_supported_page_sizes_reach_device_check(page):
+    arrays = _ops_decode_arrays(page)
+    assert arrays[1].shape[1] == page
+    with pytest.raises(ValueError) as info:
+        flash_mla.ops.mla_decode(*arrays, causal=True, stream=0)
+    _assert_reaches_device_check(info)
+
+
+@pytest.mark.parametrize("page", UNSUPPORTED_PAGES, ids=[f"page{p}" for p in UNSUPPORTED_PAGES])
+def test_ops_decode_unsupported_page_size_rejected(page):
+    with pytest.raises(ValueError, match="page_block_size") as info:
+        flash_mla.ops.mla_decode(*_ops_decode_arrays(page), causal=True, stream=0)
+    _assert_page_size_refused(info)
+
+
+# ops.check_paged_inputs(..., *, page_size=64) and ops.input_check_error(..., *, page_size=64)
+
+def _check_arrays():
+    return (np.zeros((3, 2), np.int32), np.zeros((3,), np.int32), 10, np.zeros((8,), np.int64))
+
+
+def test_check_paged_inputs_page_size_is_keyword_only_default_64():
+    for fn in (flash_mla.ops.check_paged_inputs, flash_mla.ops.input_check_error):
+        param = inspect.signature(fn).parameters["page_size"]
+        assert param.kind is inspect.Parameter.KEYWORD_ONLY, fn.__name__
+        assert param.default == 64, fn.__name__
+    with pytest.raises(TypeError):
+        flash_mla.ops.check_paged_inputs(*_check_arrays(), None, 16)  # positional page_size
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES, ids=[f"page{p}" for p in PAGE_SIZES])
+def test_check_paged_inputs_supported_page_sizes_reach_device_check(page_size):
+    with pytest.raises(ValueError) as info:
+        flash_mla.ops.check_paged_inputs(*_check_arrays(), page_size=page_size)
+    msg = str(info.value)
+    assert re.search(CUDA, msg) and "page_size" not in msg, msg
+
+
+@pytest.mark.parametrize("page_size", [0, 48, True, "64", -64, 512, 1.5, 64.0],
+                         ids=["zero", "48", "true", "str", "negative", "512", "float", "float_integral"])
+def test_check_paged_inputs_bad_page_size(page_size):
+    with pytest.raises((TypeError, ValueError)) as info:
+        flash_mla.ops.check_paged_inputs(*_check_arrays(), page_size=page_size)
+    msg = str(info.value)
+    assert "page_size" in msg and not re.search(CUDA, msg), msg
+
+
+def test_input_check_error_page_size_in_message():
+    too_long = [1, 3, -1, 5000, 1, 0, 0, 0]
+    for page_size, text in ((None, "64 * max_blocks_per_seq = 256"), (16, "16 * max_blocks_per_seq = 64"),
+                             (64, "64 * max_blocks_per_seq = 256"), (256, "256 * max_blocks_per_seq = 1024")):
+        kwargs = {} if page_size is None else dict(page_size=page_size)
+        msg = flash_mla.ops.input_check_error(too_long, num_blocks=10, max_blocks_per_seq=4, **kwargs)
+        assert "cache_seqlens[3] = 5000" in msg, msg
+        assert f"[0, {text}]" in msg, msg
+    msg = flash_mla.ops.input_check_error(too_long, page_size=16)  # the table width unknown
+    assert "[0, 16 * max_blocks_per_seq]" in msg, msg
+    bad_page = [2, 1, 2, -7, 4, 0, 0, 0]
+    for page_size in PAGE_SIZES:
+        msg = flash_mla.ops.input_check_error(bad_page, num_blocks=10, max_blocks_per_seq=4, page_size=page_size)
+        assert "block_table[1, 2] = -7" in msg and "num_blocks = 10" in msg and "4 invalid" in msg, msg
+    assert flash_mla.ops.input_check_error([0] * 8, page_size=16) is None
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.0, -1.0, math.nan, math.inf, -math.inf],

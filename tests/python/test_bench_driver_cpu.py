@@ -226,3 +226,141 @@ def test_agreement_tolerances(bench):
     assert not bad["ok"] and bad["lse_nonfinite_mismatch"] == 1
     bad = bench.agreement(torch, out, lse, out[:1], lse)
     assert not bad["ok"] and "shapes" in bad["problems"][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# page sizes: --page-size (ours in N-token pages, the compared module in a 64-token copy) and
+# --page-sizes (every page size timed interleaved, compared with the 64-token output)
+# ----------------------------------------------------------------------------------------------
+
+
+def _tokens(inp, case, set_idx=0):
+    """(sum of lens, h_kv, d) float32: every request's tokens in order, read through its table."""
+    rows = []
+    for i, L in enumerate(case.lens):
+        n = (L + inp.page - 1) // inp.page
+        k = inp.ks[set_idx][inp.block_table[i, :n].long()].reshape(n * inp.page, case.h_kv, inp.ks[0].shape[-1])
+        rows.append(k[:L].float())
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("pages", ["contiguous", "shuffled"])
+@pytest.mark.parametrize("page", [16, 32, 128, 256])
+def test_inputs_page_size_and_64_token_copy(bench, page, pages):
+    """Inputs in `page`-token pages: ceil(L / page) pages a request, NaN past L in each last
+    page; with_page(64) holds the same tokens (and shares the queries)."""
+    case = bench.Case("imbalanced", None, 2, 4, 1, lens=[70, 200, 5, 0, 129], causal=True)
+    case.set_page(page)
+    assert case.name.endswith(f" page={page}") and case.describe()["page_block_size"] == page
+    args = make_args(pages=pages)
+    dev = torch.device("cpu")
+    inp = bench.Inputs(torch, case, args, dev, torch.bfloat16, l2_bytes=10**6)
+    assert inp.page == page and tuple(inp.ks[0].shape[:2]) == (inp.num_pages, page)
+    assert inp.num_pages == sum((L + page - 1) // page for L in case.lens)
+    assert inp.block_table.shape[1] == max((L + page - 1) // page for L in case.lens)
+    flat = inp.ks[0].reshape(-1, case.h_kv, bench.D)
+    assert int(torch.isnan(flat[:, 0, 0].float()).sum()) == inp.num_pages * page - sum(case.lens)
+    ours = _tokens(inp, case)
+    assert torch.isfinite(ours).all()
+    copy = inp.with_page(torch, case, args, dev, bench.PAGE)
+    assert copy.page == 64 and copy.ks[0].shape[1] == 64 and copy.n_sets == inp.n_sets
+    assert copy.qs is inp.qs
+    for s in range(inp.n_sets):
+        assert torch.equal(_tokens(copy, case, s), _tokens(inp, case, s))
+    assert inp.with_page(torch, case, args, dev, page) is inp
+
+
+def test_driver_page_size_16_compares_with_a_64_token_copy(bench, fake_cuda):
+    """--page-size 16 --compare: ours decodes 16-token pages, theirs the 64-token copy of the
+    same cache; the outputs agree and the row passes."""
+    case = bench.Case("imbalanced", None, 2, 4, 1, lens=[70, 200, 5], causal=True)
+    case.set_page(16)
+    args = make_args()
+    dev = torch.device("cpu")
+    ours = fake_module("ours")
+    theirs = fake_module("theirs")
+    inp = bench.Inputs(torch, case, args, dev, torch.bfloat16, l2_bytes=10**6)
+    other = bench.Compared(theirs)
+    other.prepare(torch, case, inp.with_page(torch, case, args, dev, bench.PAGE))
+    assert other.inp.ks[0].shape[1] == 64 and inp.ks[0].shape[1] == 16
+    meta, splits = ours.get_mla_metadata(inp.cache_seqlens, case.s_q * case.h_q, 1)
+    res = bench.run_kernel(torch, ours, case, inp, meta, splits, "auto", args, {}, NoClock(), other)
+    assert res["sanity"]["ok"], res["sanity"]
+    assert res["compare"]["agreement"]["ok"], res["compare"]["agreement"]
+    assert not bench.row_failed(res)
+
+
+def _page_module(broken_page=None):
+    """A fake flash_mla whose decode returns zeros for one page size (a page-size bug)."""
+    mod = fake_module("ours")
+    good = mod.flash_mla_with_kvcache
+
+    def flash_mla_with_kvcache(q, k_cache, *args, **kwargs):
+        out, lse = good(q, k_cache, *args, **kwargs)
+        if k_cache.shape[1] == broken_page:
+            out = torch.zeros_like(out)
+        return out, lse
+
+    mod.flash_mla_with_kvcache = flash_mla_with_kvcache
+    return mod
+
+
+def _run_page_sizes(bench, module, page_sizes=(16, 32, 64, 128, 256), **kw):
+    case = bench.Case("imbalanced", None, 2, 4, 1, lens=[70, 200, 5, 1], causal=True)
+    args = make_args(**kw)
+    dev = torch.device("cpu")
+    inp = bench.Inputs(torch, case, args, dev, torch.bfloat16, l2_bytes=10**6)
+    variants = {p: inp.with_page(torch, case, args, dev, p) for p in page_sizes}
+    meta, splits = module.get_mla_metadata(inp.cache_seqlens, case.s_q * case.h_q, 1)
+    res = bench.run_page_sizes(torch, module, case, variants, meta, splits, "auto", args,
+                               {"gemm": {"tflops": 100.0}, "copy": {"gbps": 1000.0}}, NoClock())
+    return case, res
+
+
+def test_driver_page_sizes_interleaved(bench, fake_cuda):
+    case, res = _run_page_sizes(bench, _page_module())
+    ps = res["page_sizes"]
+    assert sorted(int(k) for k in ps["pages"]) == [16, 32, 64, 128, 256]
+    assert len(fake_cuda) == 5  # one graph per page size
+    # The row's own figures are the 64-token ones of the interleaved timing.
+    assert res["timing"] == "graph" and res["ms"] == ps["pages"]["64"]["ms"] and res["sanity"]["ok"]
+    assert res["pct_gemm"] > 0 and res["pct_copy"] > 0 and res["reps"] == 3 and "burst_ms" not in res
+    for key, e in ps["pages"].items():
+        assert e["sanity"]["ok"], (key, e)
+        assert e["ms"] > 0 and e["rounds"] == 3 and e["ratio"] > 0, (key, e)
+        if key != "64":
+            assert e["agreement"]["ok"] and e["agreement"]["out_max_abs_diff"] == 0.0, (key, e)
+    assert ps["pages"]["64"]["ratio"] == pytest.approx(1.0)
+    assert ps["pages"]["16"]["num_pages"] == 5 + 13 + 1 + 1
+    assert not bench.page_size_problems(res) and not bench.row_failed(res)
+    assert "t(64)/t(page): 16 " in bench.progress_line(case, res)
+
+    report = {"cases": [dict(case.describe(), results=[res])], "kernels": ["auto"], "ceilings": {},
+              "settings": {"page_block_size": 64, "page_sizes": [16, 32, 64, 128, 256]}}
+    report["page_size_summary"] = bench.page_size_summary(report)
+    assert sorted(report["page_size_summary"]["by_page"]) == ["128", "16", "256", "32"]
+    assert report["page_size_summary"]["by_page"]["16"]["n"] == 1
+    text = bench.format_report(report)
+    header = next(line for line in text.splitlines() if line.startswith("case ") and "t(16)" in line)
+    assert [c.strip() for c in header.split("|")][2:] == ["t(16)", "t(32)", "t(64)", "t(128)", "t(256)", "64/16",
+                                                          "64/32", "64/128", "64/256", "check"]
+    assert "page 16 vs 64, CUDA graph, t(64) / t(16): 1 rows" in text
+    assert "all agree with the 64-token output" in text
+    assert "t(64)/t(page) geomean (min): 16 " in bench.summary_line(report)
+    bench.write_json(None, report)
+
+
+def test_driver_page_sizes_flags_a_page_size_bug(bench, fake_cuda):
+    """A page size whose output differs from the 64-token one fails the row."""
+    case, res = _run_page_sizes(bench, _page_module(broken_page=32), page_sizes=(32, 64, 256), burst=False)
+    problems = bench.page_size_problems(res)
+    assert [p for p, _ in problems] == [32] and problems[0][1].startswith("FAIL spot")  # the sanity check
+    assert bench.row_failed(res)
+    case, res = _run_page_sizes(bench, _page_module(broken_page=32), page_sizes=(32, 64, 256), burst=False,
+                                no_spot_check=True)
+    problems = bench.page_size_problems(res)
+    assert [p for p, _ in problems] == [32] and problems[0][1].startswith("DIFF")  # against page 64
+    assert bench.row_failed(res)
+    report = {"cases": [dict(case.describe(), results=[res])], "kernels": ["auto"], "ceilings": {}}
+    text = bench.format_report(report)
+    assert "32: DIFF" in text and "1 failed" in text

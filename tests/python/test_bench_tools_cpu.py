@@ -419,3 +419,105 @@ def test_png_without_matplotlib(bench, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     msg = bench.write_png(synthetic_report(), str(tmp_path / "x.png"))
     assert "matplotlib not importable" in msg and not (tmp_path / "x.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# --page-size and --page-sizes
+# ----------------------------------------------------------------------------------------------
+
+REFERENCE_ROWS = ["compute b=128 L=8192 sq=1 hq=128 causal", "compute b=128 L=32768 sq=1 hq=128 causal",
+                  "compute b=128 L=8192 sq=2 hq=128 causal", "compute b=128 L=32768 sq=2 hq=128 causal",
+                  "memory b=128 L=8192 sq=1 hq=16", "memory b=128 L=16384 sq=1 hq=32",
+                  "imbalanced b=4 L=4641/45118/1730/1696 sq=4 hq=16 causal"]
+
+
+@pytest.mark.parametrize("page", [16, 32, 128, 256])
+def test_dry_run_page_size(page):
+    """--page-size N: the same rows, the same lengths, named '... page=N'; the capture count
+    does not change; with --compare the compared module gets a 64-token-page copy."""
+    base = run_bench("--dry-run")
+    res = run_bench("--dry-run", "--page-size", str(page))
+    assert res.returncode == 0, res.stderr
+    assert table_names(res.stdout) == [f"{n} page={page}" for n in REFERENCE_ROWS]
+    assert f"page size {page}" in res.stdout.splitlines()[0]
+    lengths = [line.split(": ", 1)[1] for line in res.stdout.splitlines() if line.startswith("lengths[")]
+    assert lengths == [line.split(": ", 1)[1] for line in base.stdout.splitlines() if line.startswith("lengths[")]
+    assert "estimate: 7 rows" in res.stdout and "7 CUDA-graph captures" in res.stdout
+    res = run_bench("--dry-run", "--page-size", str(page), "--compare", "some_module_name")
+    assert res.returncode == 0, res.stderr
+    assert "given a copy of each cache in 64-token pages" in res.stdout
+    assert "14 CUDA-graph captures" in res.stdout
+
+
+def test_dry_run_page_size_64_is_the_default():
+    base = run_bench("--dry-run")
+    res = run_bench("--dry-run", "--page-size", "64")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == base.stdout
+    assert "page=" not in res.stdout and "page size 64" in res.stdout
+    res = run_bench("--dry-run", "--compare", "some_module_name")
+    assert "64-token pages" not in res.stdout
+
+
+@pytest.mark.parametrize("value", ["48", "0", "512", "1", "sixteen"])
+def test_page_size_refuses_other_sizes(value):
+    res = run_bench("--dry-run", "--page-size", value)
+    assert res.returncode == 2 and "--page-size" in res.stderr, res.stderr
+
+
+def test_page_size_in_case_json(bench):
+    args = bench.parse_args(["--dry-run", "--page-size", "32", "--no-defaults", "--case",
+                             "b=2,s_q=1,h_q=8,mean_L=100"])
+    (case,) = args.cases
+    assert case.page == 32 and case.name == "custom b=2 L=100 sq=1 hq=8 page=32"
+    assert case.describe()["page_block_size"] == 32
+    (case,) = bench.parse_args(["--dry-run", "--no-defaults", "--case", "b=2,s_q=1,h_q=8,mean_L=100"]).cases
+    assert case.page == 64 and "page_block_size" not in case.describe()
+
+
+def test_dry_run_page_sizes():
+    """--page-sizes: the rows unchanged, one capture per page size per row and kernel."""
+    res = run_bench("--dry-run", "--page-sizes", "16,32,64,128,256")
+    assert res.returncode == 0, res.stderr
+    assert table_names(res.stdout) == REFERENCE_ROWS
+    assert "page sizes: 16, 32, 64, 128, 256, timed interleaved, reported as t(64) / t(page)" in res.stdout
+    assert "estimate: 7 rows" in res.stdout and "35 CUDA-graph captures" in res.stdout
+    # 64 (the baseline) is added; the sweep's eager loop is off in this mode.
+    res = run_bench("--dry-run", "--page-sizes", "256,16", "--sweep", "serving", "--kernel", "auto,sm90",
+                    "--max-captures", "300")
+    assert res.returncode == 0, res.stderr
+    assert "page sizes: 16, 64, 256," in res.stdout
+    assert "204 CUDA-graph captures" in res.stdout  # 34 rows x 2 kernels x 3 page sizes
+    assert "eager loop" not in res.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--page-sizes", "16,48"], "--page-sizes"),
+    (["--page-sizes", "16,x"], "--page-sizes"),
+    (["--page-sizes", ","], "--page-sizes"),
+    (["--page-sizes", "16,16"], "named twice"),
+    (["--page-sizes", "16,64", "--compare", "some_module_name"], "--compare"),
+    (["--page-sizes", "16,64", "--page-size", "32"], "--page-size"),
+    (["--page-sizes", "16,64", "--eager"], "--eager"),
+    (["--page-sizes", "16,32,64,128,256", "--sweep", "serving", "--max-captures", "100"],
+     "170 CUDA-graph captures"),
+])
+def test_page_sizes_usage_errors(argv, message):
+    res = run_bench("--dry-run", *argv)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_page_sizes_parsed(bench):
+    args = bench.parse_args(["--page-sizes", "128,16", "--sweep", "serving"])
+    assert args.page_size_list == [16, 64, 128] and args.eager is False and args.page_size == 64
+    assert bench.capture_count(args) == 34 * 3
+    args = bench.parse_args([])
+    assert args.page_size_list is None and args.page_size == 64 and bench.capture_count(args) == 7
+
+
+def test_help_mentions_the_page_options():
+    res = run_bench("--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    assert "--page-size N" in text and "--page-sizes N,N,..." in text
+    assert "64-token pages" in text  # what --compare gets

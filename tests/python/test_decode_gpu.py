@@ -3,7 +3,13 @@
 Every case poisons what the kernel must not read (see conftest.build_paged_case): NaN in
 unused cache slots and pages, junk past each request's pages in block_table, NaN heads around
 a sliced q. Outputs are allocated inside the call, so the "no stale memory" check is: every
-out value finite, and rows with no visible key exactly out == 0, lse == +inf.
+out value finite, and rows with no visible key exactly out == 0, lse == +inf. The page-size
+tests also decode into NaN-filled out= / lse= buffers.
+
+Page sizes: the main matrix runs 64-token pages; a focused matrix ("page sizes" below) runs
+every supported page size (16, 32, 64, 128, 256) on every kernel, with lengths at the edges of
+the pages and of the kernels' 64-token tiles, and the CUDA-graph and scheduler-object tests
+have small-page cases.
 
 The whole module is skipped without a CUDA GPU (checked before importing flash_mla).
 """
@@ -30,7 +36,7 @@ from flash_mla import (  # noqa: E402
 )
 from flash_mla.reference import mla_decode_reference  # noqa: E402
 
-from conftest import capture_graph  # noqa: E402  (tests/python is on sys.path)
+from conftest import PAGE_SIZES, capture_graph, page_lengths  # noqa: E402  (tests/python is on sys.path)
 
 pytestmark = pytest.mark.requires_gpu
 
@@ -229,6 +235,109 @@ def test_softmax_scale(softmax_scale, make_case, check_decode, seed):
 
 
 # ----------------------------------------------------------------------------------------------
+# page sizes: 16, 32, 64, 128 and 256 tokens per page
+# ----------------------------------------------------------------------------------------------
+
+
+class PageShape(NamedTuple):
+    name: str
+    b: int
+    s_q: int
+    h_q: int
+    h_kv: int
+    causal: bool
+    q_layout: str = "contiguous"
+    k_layout: str = "contiguous"
+
+
+# Lengths: conftest.page_lengths, i.e. 0, 1, page - 1, page, page + 1, multiples of the page
+# that are not multiples of 64 (and the reverse), odd lengths, one request of >= 1,437 tokens
+# (up to 94 pages of 16), all in one batch. "page_pad": pages further apart than their size.
+PAGE_SHAPES = [
+    PageShape("b8_sq1_h128_kv1", 8, 1, 128, 1, False),
+    PageShape("b16_sq2_h16_kv1_causal", 16, 2, 16, 1, True, "bhsd", "page_pad"),
+    PageShape("b12_sq2_h3_kv1_causal", 12, 2, 3, 1, True, "head_pad", "head_pad"),
+    PageShape("b10_sq1_h24_kv1", 10, 1, 24, 1, False, "hsbd", "row_pad"),
+    PageShape("b6_sq2_h20_kv2_causal", 6, 2, 20, 2, True, "contiguous", "page_pad"),
+]
+
+
+def _nan_outputs(case):
+    """NaN-filled out / lse views with one NaN batch entry on each side (16-byte aligned)."""
+    out_buf = torch.full((case.b + 2, case.s_q, case.h_q, HEAD_DIM_V), math.nan, dtype=case.dtype,
+                         device="cuda")
+    lse_buf = torch.full((case.b + 2, case.h_q, case.s_q), math.nan, device="cuda")
+    return out_buf, lse_buf
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("page", PAGE_SIZES, ids=[f"page{p}" for p in PAGE_SIZES])
+@pytest.mark.parametrize("shape", PAGE_SHAPES, ids=[s.name for s in PAGE_SHAPES])
+def test_page_sizes_every_kernel(shape, page, dtype, make_case, check_decode, seed):
+    """Every page size on every kernel this GPU runs, against one float64 reference: shuffled
+    physical pages, NaN in every unused slot (past each length in its last page, in pages no
+    request uses, in the padding of the strided layouts), junk block_table entries past each
+    request's ceil(L / page) pages. "auto" allocates its outputs; the forced kernels write into
+    NaN-filled out= / lse= buffers whose neighbours must stay NaN."""
+    lens = page_lengths(page, shape.b, random.Random(seed))
+    case = make_case(shape.b, shape.s_q, shape.h_q, shape.h_kv, lens, dtype, seed=seed,
+                     q_layout=shape.q_layout, k_layout=shape.k_layout, page=page)
+    assert case.page == page
+    meta, splits = metadata(case)
+    ref_out, ref_lse = reference(case, shape.causal)
+    for kernel in runnable_kernels():
+        what = f"{kernel} {case.describe()}"
+        if kernel == "auto":
+            out, lse = decode(case, meta, splits, shape.causal, kernel=kernel)
+        else:
+            out_buf, lse_buf = _nan_outputs(case)
+            out, lse = decode(case, meta, splits, shape.causal, kernel=kernel, out=out_buf[1:-1],
+                              lse=lse_buf[1:-1])
+            torch.cuda.synchronize()
+            assert torch.isnan(out_buf[0].float()).all() and torch.isnan(out_buf[-1].float()).all(), what
+            assert torch.isnan(lse_buf[0]).all() and torch.isnan(lse_buf[-1]).all(), what
+        check_decode(out, lse, ref_out, ref_lse, dtype, what=what)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_metadata_reused_across_page_sizes(dtype, make_case, check_decode, seed):
+    """The plan depends on the lengths and head counts only: one get_mla_metadata serves caches
+    of every page size (same lengths, other block tables), each call on another kernel, and is
+    what get_mla_metadata returns for every one of those cases."""
+    lens = [0, 1, 15, 16, 17, 63, 64, 65, 127, 129, 255, 256, 257, 1000, 1499]
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    meta, splits = get_mla_metadata(seqlens, 2 * 16, 1)
+    meta_before, splits_before = meta.clone(), splits.clone()
+    kernels = runnable_kernels()
+    for i, page in enumerate((16, 256, 32, 128, 64)):
+        case = make_case(len(lens), 2, 16, 1, lens, dtype, seed=seed + page, page=page,
+                         q_layout="head_pad")
+        kernel = kernels[i % len(kernels)]
+        out, lse = decode(case, meta, splits, True, kernel=kernel)
+        check_decode(out, lse, *reference(case, True), dtype, what=f"page {page} {kernel}")
+        assert torch.equal(meta, meta_before) and torch.equal(splits, splits_before)
+        own_meta, own_splits = metadata(case)
+        assert torch.equal(own_meta, meta) and torch.equal(own_splits, splits), f"page {page}"
+
+
+@pytest.mark.parametrize("page", [16, 256], ids=["page16", "page256"])
+def test_sched_api_with_page_sizes(page, make_case, check_decode, seed):
+    """A FlashMLASchedMeta planned on a cache of `page`-token pages serves later layers of that
+    page size; a cache of another page size raises ValueError naming page_block_size."""
+    case = make_case(9, 2, 32, 1, page_lengths(page, 9, random.Random(seed)), torch.bfloat16,
+                     seed=seed, page=page, q_layout="bhsd")
+    sched, _ = get_mla_metadata()
+    out, lse = decode(case, sched, None, True)
+    check_decode(out, lse, *reference(case, True), torch.bfloat16, what="planning call")
+    layer = case.with_new_data(seed + 1)
+    out, lse = decode(layer, sched, None, True)
+    check_decode(out, lse, *reference(layer, True), torch.bfloat16, what="second layer")
+    other = make_case(9, 2, 32, 1, case.seqlens, torch.bfloat16, seed=seed + 2)  # 64-token pages
+    with pytest.raises(ValueError, match="page_block_size"):
+        decode(other, sched, None, True)
+
+
+# ----------------------------------------------------------------------------------------------
 # metadata: reuse across layers, equality with the host plan
 # ----------------------------------------------------------------------------------------------
 
@@ -300,7 +409,7 @@ def test_metadata_matches_host_plan(lengths, rows, h_kv):
 # ----------------------------------------------------------------------------------------------
 
 
-def _twin_cases(make_case, seed, b=12, s_q=2, h_q=64, h_kv=1, dtype=torch.bfloat16):
+def _twin_cases(make_case, seed, b=12, s_q=2, h_q=64, h_kv=1, dtype=torch.bfloat16, page=64):
     """Two cases with identical shapes (batch, pages, table width) and different lengths, so
     that B's tensors can be copied into A's (a graph's static inputs)."""
     rng = random.Random(seed)
@@ -309,10 +418,10 @@ def _twin_cases(make_case, seed, b=12, s_q=2, h_q=64, h_kv=1, dtype=torch.bfloat
     lens_b = [rng.choice([0, 1, 63, 129]) if rng.random() < 0.3 else rng.randint(0, 2500)
               for _ in range(b)]
     lens_b[0] = 8193  # one long request in B only: a different plan
-    pages = lambda ls: [-(-L // 64) for L in ls]  # noqa: E731
+    pages = lambda ls: [-(-L // page) for L in ls]  # noqa: E731
     num_blocks = max(sum(pages(lens_a)), sum(pages(lens_b))) + 8
     width = max(pages(lens_a) + pages(lens_b)) + 2
-    common = dict(num_blocks=num_blocks, table_width=width, q_layout="head_pad")
+    common = dict(num_blocks=num_blocks, table_width=width, q_layout="head_pad", page=page)
     a = make_case(b, s_q, h_q, h_kv, lens_a, dtype, seed=seed, **common)
     bb = make_case(b, s_q, h_q, h_kv, lens_b, dtype, seed=seed + 1, **common)
     return a, bb
@@ -377,6 +486,35 @@ def test_cuda_graph_metadata_and_decode(causal, make_case, check_decode, seed):
     assert meta.cpu().tolist() == [[int(x) for x in row] for row in host_meta]
     assert splits.cpu().tolist() == [int(x) for x in host_splits]
     check_decode(out, lse, *reference(a, causal), torch.bfloat16, what="replay B")
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+def test_cuda_graph_small_pages(kernel, make_case, check_decode, seed):
+    """A 16-token-page cache in a captured step (metadata and decode): replays see new lengths,
+    block table, q and cache contents written in place (the twin's are laid out for 16-token
+    pages too: 4x as many block_table columns as with 64)."""
+    reason = kernel_skip_reason(kernel)
+    if reason:
+        pytest.skip(reason)
+    a, b = _twin_cases(make_case, seed, page=16)
+    assert a.page == b.page == 16
+
+    def step():
+        meta, splits = metadata(a)
+        return (meta, splits) + tuple(decode(a, meta, splits, True, kernel=kernel))
+
+    graph, (meta, splits, out, lse) = capture_graph(step)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_decode(out, lse, *reference(a, True), torch.bfloat16, what=f"{kernel} replay A")
+
+    _load_into(a, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    host_meta, host_splits = host_plan(b.seqlens, a.rows_per_kv_head, a.h_kv, num_sms())
+    assert meta.cpu().tolist() == [[int(x) for x in row] for row in host_meta]
+    assert splits.cpu().tolist() == [int(x) for x in host_splits]
+    check_decode(out, lse, *reference(a, True), torch.bfloat16, what=f"{kernel} replay B")
 
 
 def test_cuda_graph_sched_api(make_case, check_decode, seed):

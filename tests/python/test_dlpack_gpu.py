@@ -12,6 +12,9 @@ streams, and compared with flash_mla.reference (float64) on the torch side.
   torch or CuPy buffers (JAX arrays are immutable: passing one as an output is a TypeError),
   the result imported into JAX with jax.dlpack.from_dlpack (zero-copy).
 
+* Page sizes: ops.mla_decode with caches of 16 to 256 tokens per page (torch tensors through
+  DLPack, so it needs neither CuPy nor JAX).
+
 Skipped without a CUDA GPU, and per framework when CuPy / JAX (with a GPU backend) is missing.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 
 import numpy as np
@@ -33,6 +37,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from flash_mla import get_mla_metadata, ops  # noqa: E402
 from flash_mla.reference import mla_decode_reference  # noqa: E402
+
+from conftest import PAGE_SIZES, page_lengths  # noqa: E402  (tests/python is on sys.path)
 
 pytestmark = pytest.mark.requires_gpu
 
@@ -171,7 +177,7 @@ def test_cupy_argument_errors(make_case, seed):
     bad = [
         (0, q.astype(cp.float32), TypeError, "q"),
         (0, q[:, :, :, ::2], ValueError, "q"),
-        (1, k[:, :32], ValueError, "k_cache"),
+        (1, k[:, :48], ValueError, "page_block_size"),  # 48-token pages: not a supported size
         (2, bt.astype(cp.int64), TypeError, "block_table"),
         (3, cp.asnumpy(sl), ValueError, "cache_seqlens"),  # host memory
         (6, out.astype(cp.float32), TypeError, "out"),
@@ -210,6 +216,32 @@ def test_cupy_check_paged_inputs(make_case, seed):
     ops.check_paged_inputs(bt, sl, case.num_blocks, result)
     message = ops.input_check_error(cp.asnumpy(result).tolist(), case.num_blocks, 5)
     assert message is not None and "block_table[1, 0] = -3" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# page sizes (torch tensors through DLPack)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", PAGE_SIZES, ids=[f"page{p}" for p in PAGE_SIZES])
+def test_ops_decode_page_sizes(page, make_case, check_decode, seed):
+    """ops.get_mla_metadata + ops.mla_decode on caches of every page size, outputs NaN-filled
+    beforehand, the workspace sized by ops.workspace_shapes."""
+    case = make_case(7, 2, 16, 1, page_lengths(page, 7, random.Random(seed)), torch.bfloat16, seed=seed,
+                     page=page, k_layout="page_pad")
+    shapes = _sizes(case)
+    meta = torch.empty(shapes["tile_scheduler_metadata"], dtype=torch.int32, device="cuda")
+    splits = torch.empty(shapes["num_splits"], dtype=torch.int32, device="cuda")
+    out = torch.full(shapes["out"], math.nan, dtype=torch.bfloat16, device="cuda")
+    lse = torch.full(shapes["lse"], math.nan, device="cuda")
+    o_accum = torch.full(shapes["o_accum"], math.nan, device="cuda")
+    lse_accum = torch.full(shapes["lse_accum"], math.nan, device="cuda")
+    stream = torch.cuda.current_stream()
+    ops.get_mla_metadata(case.cache_seqlens, meta, splits, stream=stream)
+    ops.mla_decode(case.q, case.k_cache, case.block_table, case.cache_seqlens, meta, splits, out, lse, o_accum,
+                   lse_accum, causal=True, stream=stream)
+    torch.cuda.synchronize()
+    check_decode(out, lse, *reference(case, True), torch.bfloat16, what=f"ops page {page} {case.describe()}")
 
 
 # ----------------------------------------------------------------------------------------------

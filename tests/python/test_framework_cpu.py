@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import flash_mla
 from flash_mla import flash_mla_with_kvcache, get_mla_metadata, ops
 
-from conftest import cpu_decode_args  # noqa: E402  (tests/python is on sys.path)
+from conftest import PAGE_SIZES, cpu_decode_args  # noqa: E402  (tests/python is on sys.path)
 
 D, DV, PAGE = 576, 512, 64
 CUDA = r"(?i)cuda"
@@ -87,6 +87,24 @@ def test_fake_tensor_shapes(b, s_q, h_q, h_kv, dtype):
         r_out, r_lse = flash_mla_with_kvcache(q, k, bt, sl, DV, meta, splits, lse=l2)
         assert r_lse is l2 and tuple(r_out.shape) == (b, s_q, h_q, DV)
         # the later-FlashMLA scheduler object
+        sched, _ = get_mla_metadata()
+        out, lse = flash_mla_with_kvcache(q, k, bt, sl, DV, sched, None, causal=True)
+        assert tuple(out.shape) == (b, s_q, h_q, DV) and sched.config is not None
+
+
+@pytest.mark.parametrize("page", PAGE_SIZES, ids=[f"page{p}" for p in PAGE_SIZES])
+def test_fake_tensor_shapes_page_sizes(page):
+    """Caches of every page size trace under FakeTensorMode (the custom ops' fake path and the
+    scheduler object's planning); the outputs do not depend on the page size."""
+    with FakeTensorMode():
+        b, s_q, h_q, h_kv = 3, 2, 16, 1
+        q = torch.empty((b, s_q, h_q, D), dtype=BF16, device="cuda")
+        k = torch.empty((9, page, h_kv, D), dtype=BF16, device="cuda")
+        bt = torch.empty((b, 5), dtype=torch.int32, device="cuda")
+        sl = torch.empty((b,), dtype=torch.int32, device="cuda")
+        meta, splits = get_mla_metadata(sl, s_q * h_q // h_kv, h_kv)
+        out, lse = flash_mla_with_kvcache(q, k, bt, sl, DV, meta, splits, causal=True)
+        assert tuple(out.shape) == (b, s_q, h_q, DV) and tuple(lse.shape) == (b, h_q, s_q)
         sched, _ = get_mla_metadata()
         out, lse = flash_mla_with_kvcache(q, k, bt, sl, DV, sched, None, causal=True)
         assert tuple(out.shape) == (b, s_q, h_q, DV) and sched.config is not None
@@ -517,11 +535,11 @@ def reference_kernels(monkeypatch):
     monkeypatch.setattr(_torch_ops, "current_stream_handle", lambda index: 0)
 
 
-def _cpu_case(b=3, s_q=2, h_q=16, h_kv=1, lengths=(70, 0, 130), seed=0):
+def _cpu_case(b=3, s_q=2, h_q=16, h_kv=1, lengths=(70, 0, 130), seed=0, page=PAGE, k_layout="contiguous"):
     from conftest import build_paged_case
 
     return build_paged_case(b, s_q, h_q, h_kv, list(lengths), torch.bfloat16, seed=seed, device="cpu",
-                            q_layout="head_pad")
+                            q_layout="head_pad", page=page, k_layout=k_layout)
 
 
 def test_opcheck_with_reference_kernels(reference_kernels):
@@ -557,6 +575,41 @@ def test_compile_runs_with_reference_kernels(backend, dynamic, reference_kernels
         assert not torch.isnan(out_c.float()).any()
         for g, e in zip(got, eager):
             assert torch.equal(g, e)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("page", PAGE_SIZES, ids=[f"page{p}" for p in PAGE_SIZES])
+def test_page_sizes_with_reference_kernels(page, reference_kernels, monkeypatch):
+    """A cache of `page`-token pages through the real argument checks of both paths (direct and
+    custom op), the reference standing in for the kernels: the results are the reference's,
+    out= / lse= written in place; with the scheduler object and under torch.compile too."""
+    from flash_mla import _torch_ops
+    from flash_mla.reference import mla_decode_reference
+
+    lengths = (0, 1, page - 1, page + 1, 3 * page + 5, 200)
+    case = _cpu_case(b=len(lengths), lengths=lengths, seed=page, page=page, k_layout="page_pad")
+    assert case.k_cache.shape[1] == page
+    ref_out, ref_lse = mla_decode_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens, DV,
+                                            None, True)
+    ref_out = ref_out.to(BF16)
+    meta, splits = get_mla_metadata(case.cache_seqlens, case.rows_per_kv_head, case.h_kv)
+    args = (case.q, case.k_cache, case.block_table, case.cache_seqlens, DV, meta, splits)
+    for direct in (True, False):
+        monkeypatch.setattr(_torch_ops, "DIRECT_EAGER", direct)
+        out, lse = flash_mla_with_kvcache(*args, causal=True)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse), f"direct={direct}"
+        o2, l2 = torch.full_like(out, math.nan), torch.full_like(lse, math.nan)
+        r_out, r_lse = flash_mla_with_kvcache(*args, causal=True, out=o2, lse=l2)
+        assert r_out is o2 and r_lse is l2 and torch.equal(o2, ref_out) and torch.equal(l2, ref_lse)
+        sched, _ = get_mla_metadata()
+        out, lse = flash_mla_with_kvcache(*args[:5], sched, None, causal=True)
+        assert torch.equal(out, ref_out) and sched.config is not None
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    o_buf = torch.full((case.b, case.s_q, case.h_q, DV), math.nan, dtype=BF16)
+    l_buf = torch.full((case.b, case.h_q, case.s_q), math.nan)
+    total, l1, l2 = compiled(case.q, case.k_cache, case.block_table, case.cache_seqlens, o_buf, l_buf)
+    assert torch.equal(o_buf, ref_out) and torch.equal(l1, ref_lse) and torch.equal(l2, ref_lse)
     torch._dynamo.reset()
 
 

@@ -1,11 +1,14 @@
 """GPU: framework integration of the torch API and the behaviour around it.
 
 * torch.library custom ops: torch.library.opcheck, torch.compile(fullgraph=True) with the
-  eager / aot_eager / inductor backends (static and dynamic shapes), out= / lse= under compile;
+  eager / aot_eager / inductor backends (static and dynamic shapes), out= / lse= under compile,
+  caches of 16- and 256-token pages under compile;
 * out= / lse= preallocated outputs (results, neighbours untouched, checks on the GPU);
 * CUDA graphs: several layers captured with one metadata, replayed with new contents;
 * check_inputs=True: bad pages and lengths found on the GPU, valid junk tails accepted, eager
-  only (refused during graph capture), and the framework-neutral ops.check_paged_inputs;
+  only (refused during graph capture), and the framework-neutral ops.check_paged_inputs; with
+  16- and 256-token pages, the limits follow k_cache's page size (its page_size keyword for
+  ops.check_paged_inputs);
 * determinism: repeated calls give bitwise identical out and lse, for every kernel;
 * two streams running different batches concurrently both give correct results.
 
@@ -28,7 +31,7 @@ import flash_mla  # noqa: E402
 from flash_mla import flash_mla_with_kvcache, get_mla_metadata, ops  # noqa: E402
 from flash_mla.reference import mla_decode_reference  # noqa: E402
 
-from conftest import capture_graph  # noqa: E402  (tests/python is on sys.path)
+from conftest import capture_graph, page_edge_lengths  # noqa: E402  (tests/python is on sys.path)
 
 pytestmark = pytest.mark.requires_gpu
 
@@ -98,9 +101,10 @@ def test_opcheck_custom_ops(make_case, seed):
 # ----------------------------------------------------------------------------------------------
 
 
-def _layers(make_case, seed, b=6, s_q=2, h_q=32, h_kv=1, n=3, dtype=torch.bfloat16, lengths="mixed"):
+def _layers(make_case, seed, b=6, s_q=2, h_q=32, h_kv=1, n=3, dtype=torch.bfloat16, lengths="mixed",
+            page=64):
     """n layers of one decoding step: same lengths / block table, fresh q and cache each."""
-    first = make_case(b, s_q, h_q, h_kv, lengths, dtype, seed=seed, q_layout="head_pad")
+    first = make_case(b, s_q, h_q, h_kv, lengths, dtype, seed=seed, q_layout="head_pad", page=page)
     return [first] + [first.with_new_data(seed + i) for i in range(1, n)]
 
 
@@ -139,6 +143,24 @@ def test_compile_fullgraph_matches_eager(backend, dynamic, make_case, check_deco
             check_decode(o, l, *reference(case), case.dtype, what=f"{backend} step {step} layer {i}")
             assert_bitwise_equal(o, eo, f"{backend} out vs eager, step {step} layer {i}")
             assert_bitwise_equal(l, el, f"{backend} lse vs eager, step {step} layer {i}")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("page", [16, 256], ids=["page16", "page256"])
+def test_compile_fullgraph_page_sizes(page, make_case, check_decode, seed):
+    """Caches of 16- and 256-token pages through torch.compile(fullgraph=True) (aot_eager): the
+    custom ops' fake implementations take them, and the compiled step matches eager."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_model_step, backend="aot_eager", fullgraph=True)
+    layers = _layers(make_case, seed, b=7, n=2, page=page)
+    assert layers[0].page == page
+    qs, ks = [c.q for c in layers], [c.k_cache for c in layers]
+    eager = _model_step(qs, ks, layers[0].block_table, layers[0].cache_seqlens)
+    got = compiled(qs, ks, layers[0].block_table, layers[0].cache_seqlens)
+    for i, ((o, l), (eo, el), case) in enumerate(zip(got, eager, layers)):
+        check_decode(o, l, *reference(case), case.dtype, what=f"page {page} layer {i}")
+        assert_bitwise_equal(o, eo, f"page {page} out vs eager, layer {i}")
+        assert_bitwise_equal(l, el, f"page {page} lse vs eager, layer {i}")
     torch._dynamo.reset()
 
 
@@ -331,6 +353,110 @@ def test_check_inputs_length_at_capacity_is_valid(make_case, check_decode, seed)
     meta, splits = metadata(case)
     out, lse = decode(case, meta, splits, check_inputs=True)
     check_decode(out, lse, *reference(case), case.dtype, what="L = 64 * max_blocks_per_seq")
+
+
+# check_inputs with other page sizes: every limit follows k_cache's page size. The cases are
+# chosen so that a check still using 64-token pages would get each one wrong.
+
+SMALL_AND_LARGE_PAGES = pytest.mark.parametrize("page", [16, 256], ids=["page16", "page256"])
+
+
+@SMALL_AND_LARGE_PAGES
+def test_check_inputs_page_sizes_accept_valid_junk_tails(page, make_case, check_decode, seed):
+    """Junk in every block_table column from ceil(L / page) on is legal (with 256-token pages a
+    64-token-page check would read those columns as used); NaN past L too."""
+    lens = page_edge_lengths(page)
+    case = make_case(len(lens), 2, 16, 1, lens, torch.bfloat16, seed=seed, page=page)
+    meta, splits = metadata(case)
+    out, lse = decode(case, meta, splits, check_inputs=True)
+    check_decode(out, lse, *reference(case), case.dtype, what=f"page {page} check_inputs")
+
+
+def _page_check_case(make_case, seed, page):
+    """Four requests; request 2 uses several columns of a 6-column table, the table has junk
+    past every request's pages."""
+    lens = {16: [70, 16, 65, 5], 256: [700, 64, 257, 5]}[page]
+    return make_case(4, 1, 16, 1, lens, torch.bfloat16, seed=seed, page=page, table_width=6)
+
+
+@SMALL_AND_LARGE_PAGES
+def test_check_inputs_page_sizes_bad_page(page, make_case, check_decode, seed):
+    """A bad entry in the last column request 2 uses (ceil(L / page) - 1) is found; the same
+    value one column further (past its pages) is legal."""
+    case = _page_check_case(make_case, seed, page)
+    meta, splits = metadata(case)
+    used = -(-case.seqlens[2] // page)
+    junk_tail = case.block_table[2, used].item()
+    last = case.block_table[2, used - 1].item()
+    case.block_table[2, used - 1] = -7
+    with pytest.raises(ValueError, match=rf"check_inputs: block_table\[2, {used - 1}\] = -7 .*num_blocks = "
+                                         rf"{case.num_blocks}\)"):
+        decode(case, meta, splits, check_inputs=True)
+    case.block_table[2, used - 1] = last
+    case.block_table[2, used] = -7
+    out, lse = decode(case, meta, splits, check_inputs=True)
+    check_decode(out, lse, *reference(case), case.dtype, what=f"page {page}, junk at column {used}")
+    case.block_table[2, used] = junk_tail
+
+
+@SMALL_AND_LARGE_PAGES
+def test_check_inputs_page_sizes_length_limit(page, make_case, check_decode, seed):
+    """cache_seqlens up to page * max_blocks_per_seq is valid; one more raises with that limit
+    in the message ("16 * max_blocks_per_seq = 96")."""
+    case = _page_check_case(make_case, seed, page)
+    capacity = page * case.block_table.shape[1]
+    meta, splits = metadata(case)
+    case.cache_seqlens[1] = capacity + 1
+    with pytest.raises(ValueError, match=rf"check_inputs: cache_seqlens\[1\] = {capacity + 1} is outside "
+                                         rf"\[0, {page} \* max_blocks_per_seq = {capacity}\]"):
+        decode(case, meta, splits, check_inputs=True)
+    # At the limit: every column of request 1 is used, so they must all be pages of k_cache.
+    full = make_case(2, 1, 16, 1, [capacity, 3], torch.bfloat16, seed=seed + 1, page=page, table_width=6)
+    assert full.block_table.shape[1] == 6
+    meta, splits = metadata(full)
+    out, lse = decode(full, meta, splits, check_inputs=True)
+    check_decode(out, lse, *reference(full), full.dtype, what=f"page {page}, L = {capacity}")
+
+
+@SMALL_AND_LARGE_PAGES
+def test_ops_check_paged_inputs_page_size(page, make_case, seed):
+    """ops.check_paged_inputs(..., page_size=page) checks ceil(L / page) columns and lengths up
+    to page * max_blocks_per_seq; without page_size it checks as for 64-token pages."""
+    case = _page_check_case(make_case, seed, page)
+    result = torch.full((ops.INPUT_CHECK_WORDS,), 77, dtype=torch.int64, device="cuda")
+    stream = torch.cuda.current_stream()
+    width = case.block_table.shape[1]
+    capacity = page * width
+
+    def verdict(**kwargs):
+        ops.check_paged_inputs(case.block_table, case.cache_seqlens, case.num_blocks, result, stream, **kwargs)
+        return result.tolist()[:5]
+
+    assert verdict(page_size=page) == [0, 0, 0, 0, 0]
+    bad = case.num_blocks + 1
+    if page == 16:
+        # Request 0 (70 tokens) uses columns 0..4 of 16 tokens, 0..1 of 64 tokens.
+        assert verdict() == [0, 0, 0, 0, 0]
+        saved = case.block_table[0, 4].item()
+        case.block_table[0, 4] = bad
+        assert verdict(page_size=16) == [2, 0, 4, bad, 1]
+        assert verdict() == [0, 0, 0, 0, 0]
+        case.block_table[0, 4] = saved
+    else:
+        # Request 0 (700 tokens) uses columns 0..2 of 256 tokens; for 64-token pages it would
+        # need 11 columns of the 6 there are.
+        assert verdict()[:4] == [1, 0, -1, 700]
+        saved = case.block_table[2, 1].item()
+        case.block_table[2, 1] = bad  # request 2 (257 tokens) uses columns 0..1
+        assert verdict(page_size=256) == [2, 2, 1, bad, 1]
+        case.block_table[2, 1] = saved
+    case.cache_seqlens[3] = capacity
+    assert verdict(page_size=page)[0] != 1  # at the limit (its junk columns are now used)
+    case.cache_seqlens[3] = capacity + 1
+    assert verdict(page_size=page) == [1, 3, -1, capacity + 1, 1]
+    message = ops.input_check_error(verdict(page_size=page), case.num_blocks, width, page_size=page)
+    assert message is not None and f"cache_seqlens[3] = {capacity + 1}" in message
+    assert f"{page} * max_blocks_per_seq = {capacity}]" in message, message
 
 
 def test_check_inputs_refused_duringcapture_graph(make_case, seed):
