@@ -1668,6 +1668,12 @@ def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler, 
         res["sanity"]["problems"].append("CUDA-graph capture failed")
         if cmp is not None and "ms" not in cmp and not cmp.get("error"):
             cmp["error"] = "not timed: our CUDA-graph capture failed"
+    return record_timing(res, case, per_call, ceil)
+
+
+def record_timing(res, case, per_call, ceil):
+    """The row's time figures from its per-call times (ms): median, spread, TFLOP/s, GB/s, the
+    share of the ceilings measured in the same run, and FlashMLA's published figure's ratio."""
     ms = _median(per_call)
     res.update(ms=ms, ms_min=min(per_call), ms_p10=_pct(per_call, 0.1),
                ms_p90=_pct(per_call, 0.9), reps=len(per_call),
@@ -1760,18 +1766,8 @@ def run_page_sizes(torch, fm, case, variants, meta, splits, kernel, args, ceil, 
         entries[p]["ratio"] = base / entries[p]["ms"]
         entries[p]["ratio_paired_median"] = _median([b / t for b, t in zip(per_call[PAGE], ts)])
     del graphs
-    ms = base
-    ts = per_call[PAGE]
-    res.update(timing="graph", replays_per_round=per_round, ms=ms, ms_min=min(ts),
-               ms_p10=_pct(ts, 0.1), ms_p90=_pct(ts, 0.9), reps=len(ts),
-               tflops=case.flops / (ms * 1e-3) / 1e12, gbps=case.bytes / (ms * 1e-3) / 1e9)
-    if ceil.get("gemm", {}).get("tflops"):
-        res["pct_gemm"] = 100.0 * res["tflops"] / ceil["gemm"]["tflops"]
-    if ceil.get("copy", {}).get("gbps"):
-        res["pct_copy"] = 100.0 * res["gbps"] / ceil["copy"]["gbps"]
-    if case.ref:
-        res["ref_over_ours"] = case.ref["ms"] / ms
-    return res
+    res.update(timing="graph", replays_per_round=per_round)
+    return record_timing(res, case, per_call[PAGE], ceil)
 
 
 def page_size_problems(res):

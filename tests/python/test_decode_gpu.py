@@ -468,16 +468,22 @@ def test_cuda_graph_metadata_and_decode(causal, make_case, check_decode, seed):
     """get_mla_metadata and the decode captured together: replays re-plan from the current
     cache_seqlens, so new lengths, block table, q and cache all take effect."""
     a, b = _twin_cases(make_case, seed)
+    _check_replanning_graph(a, b, causal, "auto", check_decode, "")
+
+
+def _check_replanning_graph(a, b, causal, kernel, check_decode, label):
+    """Captures get_mla_metadata + decode of case `a`, replays it, loads twin `b`'s lengths,
+    block table, q and cache into `a`'s tensors and replays again: the plan must be the host's
+    for the new lengths and both replays must match the reference."""
 
     def step():
         meta, splits = metadata(a)
-        out, lse = decode(a, meta, splits, causal)
-        return meta, splits, out, lse
+        return (meta, splits) + tuple(decode(a, meta, splits, causal, kernel=kernel))
 
     graph, (meta, splits, out, lse) = capture_graph(step)
     graph.replay()
     torch.cuda.synchronize()
-    check_decode(out, lse, *reference(a, causal), torch.bfloat16, what="replay A")
+    check_decode(out, lse, *reference(a, causal), torch.bfloat16, what=f"{label}replay A")
 
     _load_into(a, b)
     graph.replay()
@@ -485,7 +491,7 @@ def test_cuda_graph_metadata_and_decode(causal, make_case, check_decode, seed):
     host_meta, host_splits = host_plan(b.seqlens, a.rows_per_kv_head, a.h_kv, num_sms())
     assert meta.cpu().tolist() == [[int(x) for x in row] for row in host_meta]
     assert splits.cpu().tolist() == [int(x) for x in host_splits]
-    check_decode(out, lse, *reference(a, causal), torch.bfloat16, what="replay B")
+    check_decode(out, lse, *reference(a, causal), torch.bfloat16, what=f"{label}replay B")
 
 
 @pytest.mark.parametrize("kernel", ALL_KERNELS)
@@ -498,23 +504,7 @@ def test_cuda_graph_small_pages(kernel, make_case, check_decode, seed):
         pytest.skip(reason)
     a, b = _twin_cases(make_case, seed, page=16)
     assert a.page == b.page == 16
-
-    def step():
-        meta, splits = metadata(a)
-        return (meta, splits) + tuple(decode(a, meta, splits, True, kernel=kernel))
-
-    graph, (meta, splits, out, lse) = capture_graph(step)
-    graph.replay()
-    torch.cuda.synchronize()
-    check_decode(out, lse, *reference(a, True), torch.bfloat16, what=f"{kernel} replay A")
-
-    _load_into(a, b)
-    graph.replay()
-    torch.cuda.synchronize()
-    host_meta, host_splits = host_plan(b.seqlens, a.rows_per_kv_head, a.h_kv, num_sms())
-    assert meta.cpu().tolist() == [[int(x) for x in row] for row in host_meta]
-    assert splits.cpu().tolist() == [int(x) for x in host_splits]
-    check_decode(out, lse, *reference(a, True), torch.bfloat16, what=f"{kernel} replay B")
+    _check_replanning_graph(a, b, True, kernel, check_decode, f"{kernel} ")
 
 
 def test_cuda_graph_sched_api(make_case, check_decode, seed):

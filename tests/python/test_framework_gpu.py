@@ -136,14 +136,19 @@ def test_compile_fullgraph_matches_eager(backend, dynamic, make_case, check_deco
     # Two decoding steps of different batch sizes (a recompile, or one dynamic graph).
     for step, b in enumerate((6, 9)):
         layers = _layers(make_case, seed + 100 * step, b=b)
-        qs, ks = [c.q for c in layers], [c.k_cache for c in layers]
-        eager = _model_step(qs, ks, layers[0].block_table, layers[0].cache_seqlens)
-        got = compiled(qs, ks, layers[0].block_table, layers[0].cache_seqlens)
-        for i, ((o, l), (eo, el), case) in enumerate(zip(got, eager, layers)):
-            check_decode(o, l, *reference(case), case.dtype, what=f"{backend} step {step} layer {i}")
-            assert_bitwise_equal(o, eo, f"{backend} out vs eager, step {step} layer {i}")
-            assert_bitwise_equal(l, el, f"{backend} lse vs eager, step {step} layer {i}")
+        _check_compiled_step(compiled, layers, check_decode, f"{backend} step {step}")
     torch._dynamo.reset()
+
+
+def _check_compiled_step(compiled, layers, check_decode, label):
+    """The compiled model step on `layers` matches the reference and, bit for bit, eager."""
+    qs, ks = [c.q for c in layers], [c.k_cache for c in layers]
+    eager = _model_step(qs, ks, layers[0].block_table, layers[0].cache_seqlens)
+    got = compiled(qs, ks, layers[0].block_table, layers[0].cache_seqlens)
+    for i, ((o, l), (eo, el), case) in enumerate(zip(got, eager, layers)):
+        check_decode(o, l, *reference(case), case.dtype, what=f"{label} layer {i}")
+        assert_bitwise_equal(o, eo, f"{label} out vs eager, layer {i}")
+        assert_bitwise_equal(l, el, f"{label} lse vs eager, layer {i}")
 
 
 @pytest.mark.parametrize("page", [16, 256], ids=["page16", "page256"])
@@ -154,13 +159,7 @@ def test_compile_fullgraph_page_sizes(page, make_case, check_decode, seed):
     compiled = torch.compile(_model_step, backend="aot_eager", fullgraph=True)
     layers = _layers(make_case, seed, b=7, n=2, page=page)
     assert layers[0].page == page
-    qs, ks = [c.q for c in layers], [c.k_cache for c in layers]
-    eager = _model_step(qs, ks, layers[0].block_table, layers[0].cache_seqlens)
-    got = compiled(qs, ks, layers[0].block_table, layers[0].cache_seqlens)
-    for i, ((o, l), (eo, el), case) in enumerate(zip(got, eager, layers)):
-        check_decode(o, l, *reference(case), case.dtype, what=f"page {page} layer {i}")
-        assert_bitwise_equal(o, eo, f"page {page} out vs eager, layer {i}")
-        assert_bitwise_equal(l, el, f"page {page} lse vs eager, layer {i}")
+    _check_compiled_step(compiled, layers, check_decode, f"page {page}")
     torch._dynamo.reset()
 
 
