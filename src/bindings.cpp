@@ -12,6 +12,7 @@
 // dtype, ValueError for a wrong shape, stride, value or device.
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -44,7 +45,8 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 
 /// The element types the checks distinguish; kOther carries its name in View::other_dtype.
-enum class DT : uint8_t { kBF16, kFP16, kFP32, kI32, kI64, kOther };
+enum class DT : uint8_t { kBF16, kFP16, kFP32, kI32, kI64, kFP8, kOther };
+constexpr int kKnownDTypes = static_cast<int>(DT::kOther);
 
 const char* dt_name(DT dt) {
   switch (dt) {
@@ -53,6 +55,7 @@ const char* dt_name(DT dt) {
     case DT::kFP32: return "float32";
     case DT::kI32: return "int32";
     case DT::kI64: return "int64";
+    case DT::kFP8: return "float8_e4m3fn";
     default: return "?";
   }
 }
@@ -147,8 +150,17 @@ constexpr nb::dlpack::dtype kDlFP16{static_cast<uint8_t>(nb::dlpack::dtype_code:
 constexpr nb::dlpack::dtype kDlFP32{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 32, 1};
 constexpr nb::dlpack::dtype kDlI32{static_cast<uint8_t>(nb::dlpack::dtype_code::Int), 32, 1};
 constexpr nb::dlpack::dtype kDlI64{static_cast<uint8_t>(nb::dlpack::dtype_code::Int), 64, 1};
+constexpr nb::dlpack::dtype kDlFP8{10, 8, 1};  // DLPack's kDLFloat8_e4m3fn
+
+DT dt_of(nb::dlpack::dtype dt) {
+  return dt == kDlBF16 ? DT::kBF16 : dt == kDlFP16 ? DT::kFP16 : dt == kDlFP32 ? DT::kFP32
+       : dt == kDlI32  ? DT::kI32  : dt == kDlI64  ? DT::kI64  : dt == kDlFP8  ? DT::kFP8 : DT::kOther;
+}
 
 std::string dl_dtype_name(nb::dlpack::dtype dt) {
+  static const char* fp8_codes[] = {"float8_e3m4",     "float8_e4m3", "float8_e4m3b11fnuz", "float8_e4m3fn",
+                                    "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",    "float8_e8m0fnu"};
+  if (dt.code >= 7 && dt.code <= 14 && dt.bits == 8) return fp8_codes[dt.code - 7];  // DLPack 1.1 codes
   static const char* codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
   const std::string code = dt.code < 7 ? codes[dt.code] : "code" + std::to_string(dt.code);
   return code + std::to_string(dt.bits);
@@ -165,8 +177,7 @@ struct Arg {
     v.name = n;
     import(h, writable);
     const nb::dlpack::dtype dt = a.dtype();
-    v.dtype = dt == kDlBF16 ? DT::kBF16 : dt == kDlFP16 ? DT::kFP16 : dt == kDlFP32 ? DT::kFP32
-            : dt == kDlI32  ? DT::kI32  : dt == kDlI64  ? DT::kI64  : DT::kOther;
+    v.dtype = dt_of(dt);
     if (v.dtype == DT::kOther) v.other_dtype = dl_dtype_name(dt);
     v.ndim = static_cast<int>(a.ndim());
     for (int i = 0; i < v.ndim && i < kMaxDims; ++i) {
@@ -203,6 +214,15 @@ struct Arg {
   }
 };
 
+/// An argument that may be None (view() is then null).
+struct OptionalArg {
+  std::optional<Arg> arg;
+  OptionalArg(const char* n, nb::handle h) {
+    if (!h.is_none()) arg.emplace(n, h);
+  }
+  const View* view() const { return arg ? &arg->v : nullptr; }
+};
+
 // ---------------------------------------------------------------------------------------------
 // torch tensors, read through their Python attributes (no DLPack export)
 // ---------------------------------------------------------------------------------------------
@@ -213,7 +233,7 @@ struct TorchApi {
   PyTypeObject* tensor = nullptr;
   PyTypeObject* parameter = nullptr;
   PyObject* to_dlpack = nullptr;  // torch._C._to_dlpack where available (the C-level exporter)
-  PyObject* dtypes[5] = {};  // in DT order: bfloat16, float16, float32, int32, int64
+  PyObject* dtypes[kKnownDTypes] = {};  // in DT order: bfloat16, float16, float32, int32, int64, float8_e4m3fn
   PyObject *s_shape = nullptr, *s_stride = nullptr, *s_data_ptr = nullptr, *s_dtype = nullptr, *s_is_cuda = nullptr,
            *s_get_device = nullptr, *s_requires_grad = nullptr, *s_device = nullptr, *s_type = nullptr;
   bool ready() const { return tensor != nullptr; }
@@ -286,9 +306,7 @@ bool torch_view_from_capsule(PyObject* o, View& v) {
     PyErr_Clear();
     return false;
   }
-  const nb::dlpack::dtype dt = t->dtype;
-  v.dtype = dt == kDlBF16 ? DT::kBF16 : dt == kDlFP16 ? DT::kFP16 : dt == kDlFP32 ? DT::kFP32
-          : dt == kDlI32  ? DT::kI32  : dt == kDlI64  ? DT::kI64  : DT::kOther;
+  v.dtype = dt_of(t->dtype);
   v.ndim = t->ndim;
   const int n = v.ndim < kMaxDims ? v.ndim : kMaxDims;
   int64_t compact = 1;
@@ -321,8 +339,8 @@ View torch_view(const char* name, nb::handle h) {
   if (g_torch.to_dlpack != nullptr && torch_view_from_capsule(o, v)) return v;
   {
     Ref dtype(PyObject_GetAttr(o, g_torch.s_dtype));
-    for (int i = 0; i < 5; ++i) {
-      if (dtype.get() == g_torch.dtypes[i]) v.dtype = static_cast<DT>(i);
+    for (int i = 0; i < kKnownDTypes; ++i) {
+      if (dtype.get() != nullptr && dtype.get() == g_torch.dtypes[i]) v.dtype = static_cast<DT>(i);
     }
   }
   if (v.dtype == DT::kOther) v.other_dtype = torch_dtype_name(o);
@@ -402,9 +420,11 @@ void check_metadata_out(const View& meta, const View& splits, int batch) {
 struct DecodeInputs {
   flash_mla::DecodeParams params;
 
+  /// descale_q / descale_k: null for None.
   DecodeInputs(const View& q, const View& k_cache, const View& block_table, const View& cache_seqlens,
-               int64_t head_dim_v, const View* meta, const View* splits, double softmax_scale) {
-    q.dtype_in({DT::kBF16, DT::kFP16}, "bfloat16 or float16");
+               int64_t head_dim_v, const View* meta, const View* splits, double softmax_scale,
+               const View* descale_q, const View* descale_k) {
+    q.dtype_in({DT::kBF16, DT::kFP16, DT::kFP8}, "bfloat16, float16 or float8_e4m3fn");
     q.rank(4, "(batch, s_q, h_q, 576)");
     q.dim(3, kHeadDim, "head dim d");
     q.last_dim_contiguous();
@@ -412,9 +432,15 @@ struct DecodeInputs {
     if (seqlen_q < 1) value_error("q: s_q (dim 1) must be >= 1, got shape " + q.shape_str());
     if (heads_q < 1) value_error("q: h_q (dim 2) must be >= 1, got shape " + q.shape_str());
 
-    if (k_cache.dtype != q.dtype) {
-      type_error("k_cache: dtype must match q (" + q.dtype_str() + "), got " + k_cache.dtype_str());
+    const bool kv_fp8 = k_cache.dtype == DT::kFP8, q_fp8 = q.dtype == DT::kFP8;
+    if (q_fp8 && !kv_fp8) {
+      type_error("k_cache: a float8_e4m3fn q needs a float8_e4m3fn k_cache, got " + k_cache.dtype_str());
     }
+    if (!kv_fp8 && k_cache.dtype != q.dtype) {
+      type_error("k_cache: dtype must match q (" + q.dtype_str() + ") or be float8_e4m3fn, got " + k_cache.dtype_str());
+    }
+    check_descale(descale_k, kv_fp8, "descale_k", "a float8_e4m3fn k_cache");
+    check_descale(descale_q, q_fp8, "descale_q", "a float8_e4m3fn q");
     k_cache.rank(4, "(num_blocks, page_block_size, h_kv, 576)");
     if (k_cache.dims[1] > 256 || !flash_mla::is_supported_page_size(static_cast<int>(k_cache.dims[1]))) {
       value_error("k_cache: page_block_size (dim 1) must be one of 16, 32, 64, 128, 256, got shape " +
@@ -442,7 +468,10 @@ struct DecodeInputs {
     }
 
     auto& p = params;
-    p.dtype = q.dtype == DT::kBF16 ? flash_mla::DType::kBF16 : flash_mla::DType::kFP16;
+    p.dtype = q_fp8 ? flash_mla::DType::kFP8E4M3 : q.dtype == DT::kBF16 ? flash_mla::DType::kBF16 : flash_mla::DType::kFP16;
+    p.kv_dtype = kv_fp8 ? flash_mla::KvDType::kFP8E4M3 : flash_mla::KvDType::kSameAsQ;
+    p.descale_q = descale_q != nullptr ? static_cast<const float*>(descale_q->data) : nullptr;
+    p.descale_k = descale_k != nullptr ? static_cast<const float*>(descale_k->data) : nullptr;
     p.batch = batch;
     p.seqlen_q = seqlen_q;
     p.num_heads_q = heads_q;
@@ -471,13 +500,31 @@ struct DecodeInputs {
   }
 
   int workspace_splits() const { return flash_mla::max_splits_of(params.batch, params.num_sm_parts); }
+
+  /// A descale (float32, shape (1,), 4-byte aligned): required exactly when its input is FP8.
+  static void check_descale(const View* d, bool needed, const char* name, const char* input) {
+    if (d == nullptr) {
+      if (needed) value_error(std::string(name) + ": required with " + input + " (float32 tensor of shape (1,))");
+      return;
+    }
+    if (!needed) value_error(std::string(name) + ": only valid with " + input + "; leave it None");
+    d->dtype_in({DT::kFP32}, "float32");
+    d->rank(1, "(1,)");
+    d->dim(0, 1, "size");
+    if (!d->aligned(4)) value_error(d->prefix() + "must be 4-byte aligned");
+  }
   int64_t rows() const { return static_cast<int64_t>(params.seqlen_q) * params.num_heads_q; }
 };
 
-/// out (batch, s_q, h_q, 512) in q's dtype and lse (batch, h_q, s_q) float32, contiguous.
+/// out (batch, s_q, h_q, 512) in q's dtype (bfloat16 for an FP8 q) and lse (batch, h_q, s_q)
+/// float32, contiguous.
 void check_out(const View& out, const flash_mla::DecodeParams& p) {
-  const DT q_dtype = p.dtype == flash_mla::DType::kBF16 ? DT::kBF16 : DT::kFP16;
-  if (out.dtype != q_dtype) type_error("out: dtype must match q");
+  const DT out_dtype = p.dtype == flash_mla::DType::kFP16 ? DT::kFP16 : DT::kBF16;
+  if (out.dtype != out_dtype) {
+    type_error(std::string("out: dtype must be ") + dt_name(out_dtype) +
+               (p.dtype == flash_mla::DType::kFP8E4M3 ? " (the output of an FP8 q)" : " (q's)") + ", got " +
+               out.dtype_str());
+  }
   out.rank(4, "(batch, s_q, h_q, 512)");
   out.dim(0, p.batch, "batch");
   out.dim(1, p.seqlen_q, "s_q");
@@ -552,21 +599,26 @@ uintptr_t stream_handle_of(nb::handle h) {
 /// (cuda:device), and the handle of the stream to launch on.
 nb::object torch_decode(nb::handle q_h, nb::handle k_h, nb::handle bt_h, nb::handle sl_h, int64_t head_dim_v,
                         nb::handle meta_h, nb::handle splits_h, nb::handle out_h, nb::handle lse_h, double softmax_scale,
-                        bool causal, int kernel, nb::handle prepare) {
+                        bool causal, int kernel, nb::handle prepare, nb::handle dq_h, nb::handle dk_h) {
   require_torch();
   const bool has_out = !out_h.is_none(), has_lse = !lse_h.is_none();
+  const bool has_dq = !dq_h.is_none(), has_dk = !dk_h.is_none();
   for (nb::handle h : {q_h, k_h, bt_h, sl_h, meta_h, splits_h}) {
     if (!is_plain_tensor(h)) return nb::none();
   }
   if ((has_out && !is_plain_tensor(out_h)) || (has_lse && !is_plain_tensor(lse_h))) return nb::none();
+  if ((has_dq && !is_plain_tensor(dq_h)) || (has_dk && !is_plain_tensor(dk_h))) return nb::none();
 
   const View q = torch_view("q", q_h), k = torch_view("k_cache", k_h), bt = torch_view("block_table", bt_h),
              sl = torch_view("cache_seqlens", sl_h), meta = torch_view("tile_scheduler_metadata", meta_h),
              splits = torch_view("num_splits", splits_h);
-  View out, lse;
+  View out, lse, dq, dk;
   if (has_out) out = torch_view("out", out_h);
   if (has_lse) lse = torch_view("lse", lse_h);
-  DecodeInputs in(q, k, bt, sl, head_dim_v, &meta, &splits, softmax_scale);
+  if (has_dq) dq = torch_view("descale_q", dq_h);
+  if (has_dk) dk = torch_view("descale_k", dk_h);
+  DecodeInputs in(q, k, bt, sl, head_dim_v, &meta, &splits, softmax_scale, has_dq ? &dq : nullptr,
+                  has_dk ? &dk : nullptr);
   auto& p = in.params;
   if (has_out) {
     check_out(out, p);
@@ -578,7 +630,7 @@ nb::object torch_decode(nb::handle q_h, nb::handle k_h, nb::handle bt_h, nb::han
   }
   const flash_mla::KernelChoice choice = kernel_choice(kernel);
   const int device = common_cuda_device({&q, &k, &bt, &sl, &meta, &splits, has_out ? &out : nullptr,
-                                         has_lse ? &lse : nullptr});
+                                         has_lse ? &lse : nullptr, has_dq ? &dq : nullptr, has_dk ? &dk : nullptr});
 
   // Every check passed: allocate what is missing (torch, on q's device) and launch.
   const int splits_n = in.workspace_splits();
@@ -608,19 +660,25 @@ nb::object torch_decode(nb::handle q_h, nb::handle k_h, nb::handle bt_h, nb::han
 /// be None (their checks skipped). Returns (batch, s_q, h_q, h_kv, workspace_splits or 0).
 std::tuple<int, int, int, int, int> torch_check_decode(nb::handle q_h, nb::handle k_h, nb::handle bt_h,
                                                        nb::handle sl_h, int64_t head_dim_v, nb::handle meta_h,
-                                                       nb::handle splits_h, double softmax_scale, bool check_device) {
+                                                       nb::handle splits_h, double softmax_scale, bool check_device,
+                                                       nb::handle dq_h, nb::handle dk_h) {
   require_torch();
   const bool has_meta = !meta_h.is_none() && !splits_h.is_none();
+  const bool has_dq = !dq_h.is_none(), has_dk = !dk_h.is_none();
   const View q = torch_view("q", q_h), k = torch_view("k_cache", k_h), bt = torch_view("block_table", bt_h),
              sl = torch_view("cache_seqlens", sl_h);
-  View meta, splits;
+  View meta, splits, dq, dk;
   if (has_meta) {
     meta = torch_view("tile_scheduler_metadata", meta_h);
     splits = torch_view("num_splits", splits_h);
   }
-  DecodeInputs in(q, k, bt, sl, head_dim_v, has_meta ? &meta : nullptr, has_meta ? &splits : nullptr, softmax_scale);
+  if (has_dq) dq = torch_view("descale_q", dq_h);
+  if (has_dk) dk = torch_view("descale_k", dk_h);
+  DecodeInputs in(q, k, bt, sl, head_dim_v, has_meta ? &meta : nullptr, has_meta ? &splits : nullptr, softmax_scale,
+                  has_dq ? &dq : nullptr, has_dk ? &dk : nullptr);
   if (check_device) {
-    common_cuda_device({&q, &k, &bt, &sl, has_meta ? &meta : nullptr, has_meta ? &splits : nullptr});
+    common_cuda_device({&q, &k, &bt, &sl, has_meta ? &meta : nullptr, has_meta ? &splits : nullptr,
+                        has_dq ? &dq : nullptr, has_dk ? &dk : nullptr});
   }
   const auto& p = in.params;
   return {p.batch, p.seqlen_q, p.num_heads_q, p.num_heads_kv, has_meta ? in.workspace_splits() : 0};
@@ -696,25 +754,29 @@ NB_MODULE(_C, m) {
   }, nb::arg("cache_seqlens"), nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"), nb::arg("stream"));
 
   m.def("check_decode_inputs", [](nb::handle q, nb::handle k, nb::handle bt, nb::handle sl, int64_t head_dim_v,
-                                  nb::handle meta, nb::handle splits, double softmax_scale, bool check_device) {
+                                  nb::handle meta, nb::handle splits, double softmax_scale, bool check_device,
+                                  nb::handle descale_q, nb::handle descale_k) {
     Arg aq("q", q), ak("k_cache", k), abt("block_table", bt), asl("cache_seqlens", sl),
         ameta("tile_scheduler_metadata", meta), asplits("num_splits", splits);
-    DecodeInputs in(aq.v, ak.v, abt.v, asl.v, head_dim_v, &ameta.v, &asplits.v, softmax_scale);
-    if (check_device) common_cuda_device({&aq.v, &ak.v, &abt.v, &asl.v, &ameta.v, &asplits.v});
+    OptionalArg adq("descale_q", descale_q), adk("descale_k", descale_k);
+    DecodeInputs in(aq.v, ak.v, abt.v, asl.v, head_dim_v, &ameta.v, &asplits.v, softmax_scale, adq.view(), adk.view());
+    if (check_device) common_cuda_device({&aq.v, &ak.v, &abt.v, &asl.v, &ameta.v, &asplits.v, adq.view(), adk.view()});
     const auto& p = in.params;
     return std::make_tuple(p.batch, p.seqlen_q, p.num_heads_q, p.num_heads_kv, in.workspace_splits());
   }, nb::arg("q"), nb::arg("k_cache"), nb::arg("block_table"), nb::arg("cache_seqlens"), nb::arg("head_dim_v"),
      nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"), nb::arg("softmax_scale"),
-     nb::arg("check_device") = true,
+     nb::arg("check_device") = true, nb::arg("descale_q").none() = nb::none(), nb::arg("descale_k").none() = nb::none(),
      "Checks the inputs of a decode call; returns (batch, s_q, h_q, h_kv, workspace_splits).\n"
      "check_device=False skips the device check (mla_decode checks devices after the outputs).");
 
   m.def("mla_decode", [](nb::handle q, nb::handle k, nb::handle bt, nb::handle sl, int64_t head_dim_v, nb::handle meta,
                          nb::handle splits, nb::handle out_h, nb::handle lse_h, nb::handle o_accum_h,
-                         nb::handle lse_accum_h, double softmax_scale, bool causal, int kernel, uintptr_t stream) {
+                         nb::handle lse_accum_h, double softmax_scale, bool causal, int kernel, uintptr_t stream,
+                         nb::handle descale_q, nb::handle descale_k) {
     Arg aq("q", q), ak("k_cache", k), abt("block_table", bt), asl("cache_seqlens", sl),
         ameta("tile_scheduler_metadata", meta), asplits("num_splits", splits);
-    DecodeInputs in(aq.v, ak.v, abt.v, asl.v, head_dim_v, &ameta.v, &asplits.v, softmax_scale);
+    OptionalArg adq("descale_q", descale_q), adk("descale_k", descale_k);
+    DecodeInputs in(aq.v, ak.v, abt.v, asl.v, head_dim_v, &ameta.v, &asplits.v, softmax_scale, adq.view(), adk.view());
     auto& p = in.params;
     Arg out("out", out_h, true), lse("lse", lse_h, true), o_accum("o_accum", o_accum_h, true),
         lse_accum("lse_accum", lse_accum_h, true);
@@ -739,7 +801,8 @@ NB_MODULE(_C, m) {
     if (!out.v.aligned(16)) value_error("out: must be 16-byte aligned");
     if (!oa.aligned(16)) value_error("o_accum: must be 16-byte aligned");
     if (!lse.v.aligned(4) || !la.aligned(4)) value_error("lse, lse_accum: must be 4-byte aligned");
-    const int device = common_cuda_device({&aq.v, &ak.v, &abt.v, &asl.v, &ameta.v, &asplits.v, &out.v, &lse.v, &oa, &la});
+    const int device = common_cuda_device(
+        {&aq.v, &ak.v, &abt.v, &asl.v, &ameta.v, &asplits.v, &out.v, &lse.v, &oa, &la, adq.view(), adk.view()});
     p.out = out.v.data;
     p.lse = static_cast<float*>(lse.v.data);
     p.o_accum = static_cast<float*>(oa.data);
@@ -752,12 +815,13 @@ NB_MODULE(_C, m) {
     raise_if_failed(flash_mla_ext::run_decode(p));
   }, nb::arg("q"), nb::arg("k_cache"), nb::arg("block_table"), nb::arg("cache_seqlens"), nb::arg("head_dim_v"),
      nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"), nb::arg("out"), nb::arg("lse"), nb::arg("o_accum"),
-     nb::arg("lse_accum"), nb::arg("softmax_scale"), nb::arg("causal"), nb::arg("kernel"), nb::arg("stream"));
+     nb::arg("lse_accum"), nb::arg("softmax_scale"), nb::arg("causal"), nb::arg("kernel"), nb::arg("stream"),
+     nb::arg("descale_q").none() = nb::none(), nb::arg("descale_k").none() = nb::none());
 
   // ---- the torch path (flash_mla._torch_ops): tensors read without DLPack ----
 
   m.def("torch_setup", [](nb::handle tensor_type, nb::handle parameter_type, nb::handle bf16, nb::handle fp16,
-                          nb::handle fp32, nb::handle i32, nb::handle i64, nb::handle to_dlpack) {
+                          nb::handle fp32, nb::handle i32, nb::handle i64, nb::handle to_dlpack, nb::handle fp8) {
     if (!PyType_Check(tensor_type.ptr()) || !PyType_Check(parameter_type.ptr())) {
       type_error("torch_setup: expected torch.Tensor and torch.nn.Parameter");
     }
@@ -768,8 +832,9 @@ NB_MODULE(_C, m) {
     };
     g_torch.parameter = reinterpret_cast<PyTypeObject*>(keep(parameter_type));
     g_torch.to_dlpack = to_dlpack.is_none() ? nullptr : keep(to_dlpack);
-    PyObject* dtypes[5] = {keep(bf16), keep(fp16), keep(fp32), keep(i32), keep(i64)};
-    for (int i = 0; i < 5; ++i) g_torch.dtypes[i] = dtypes[i];
+    PyObject* dtypes[kKnownDTypes] = {keep(bf16), keep(fp16), keep(fp32), keep(i32), keep(i64), nullptr};
+    if (!fp8.is_none()) dtypes[static_cast<int>(DT::kFP8)] = keep(fp8);
+    for (int i = 0; i < kKnownDTypes; ++i) g_torch.dtypes[i] = dtypes[i];
     const auto intern = [](const char* s) {
       PyObject* o = PyUnicode_InternFromString(s);
       if (o == nullptr) throw nb::python_error();
@@ -786,14 +851,14 @@ NB_MODULE(_C, m) {
     g_torch.s_type = intern("type");
     g_torch.tensor = reinterpret_cast<PyTypeObject*>(keep(tensor_type));  // last: marks the API ready
   }, nb::arg("tensor_type"), nb::arg("parameter_type"), nb::arg("bfloat16"), nb::arg("float16"), nb::arg("float32"),
-     nb::arg("int32"), nb::arg("int64"), nb::arg("to_dlpack").none(),
+     nb::arg("int32"), nb::arg("int64"), nb::arg("to_dlpack").none(), nb::arg("float8_e4m3fn").none() = nb::none(),
      "Hands torch's Tensor types, dtypes and (optional, None: attributes only) its C-level DLPack\n"
      "exporter to the torch entry points (called once by flash_mla._torch_ops).");
 
   m.def("torch_decode", &torch_decode, nb::arg("q"), nb::arg("k_cache"), nb::arg("block_table"),
         nb::arg("cache_seqlens"), nb::arg("head_dim_v"), nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"),
         nb::arg("out").none(), nb::arg("lse").none(), nb::arg("softmax_scale"), nb::arg("causal"), nb::arg("kernel"),
-        nb::arg("prepare"),
+        nb::arg("prepare"), nb::arg("descale_q").none() = nb::none(), nb::arg("descale_k").none() = nb::none(),
         "Decode on torch tensors: checks everything once, calls prepare() for the missing outputs, the\n"
         "workspace and the stream, launches. Returns (out, lse), or None for arguments that are not\n"
         "plain torch.Tensors.");
@@ -801,6 +866,7 @@ NB_MODULE(_C, m) {
   m.def("torch_check_decode", &torch_check_decode, nb::arg("q"), nb::arg("k_cache"), nb::arg("block_table"),
         nb::arg("cache_seqlens"), nb::arg("head_dim_v"), nb::arg("tile_scheduler_metadata").none(),
         nb::arg("num_splits").none(), nb::arg("softmax_scale"), nb::arg("check_device") = true,
+        nb::arg("descale_q").none() = nb::none(), nb::arg("descale_k").none() = nb::none(),
         "The checks of torch_decode; returns (batch, s_q, h_q, h_kv, workspace_splits).");
 
   m.def("torch_get_mla_metadata", &torch_get_mla_metadata, nb::arg("cache_seqlens"), nb::arg("num_heads_per_head_k"),
@@ -815,11 +881,11 @@ NB_MODULE(_C, m) {
     return std::make_tuple(rows, plan.num_splits);
   }, nb::arg("cache_seqlens"), nb::arg("num_sm_parts"), "The scheduler's plan computed on the host.");
 
-  m.def("kernel_name", [](int device, int kernel) {
+  m.def("kernel_name", [](int device, int kernel, bool kv_fp8) {
     std::string name;
-    raise_if_failed(flash_mla_ext::kernel_name(device, kernel_choice(kernel), &name));
+    raise_if_failed(flash_mla_ext::kernel_name(device, kernel_choice(kernel), kv_fp8, &name));
     return name;
-  }, nb::arg("device"), nb::arg("kernel"));
+  }, nb::arg("device"), nb::arg("kernel"), nb::arg("kv_fp8") = false);
 
   // ---- opt-in input validation and helpers of the framework-neutral API (flash_mla.ops) ----
 

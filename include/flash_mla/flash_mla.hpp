@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "combine.cuh"
 #include "params.hpp"
@@ -202,18 +203,23 @@ inline DeviceInfo device_info(int device) {
 
 }  // namespace detail
 
-inline Status resolve_kernel(KernelChoice choice, int device, KernelChoice* resolved) {
+/// kv_fp8: the cache is FP8, which the sm90 kernel does not take yet (kAuto then picks the
+/// portable kernel on Hopper too).
+inline Status resolve_kernel(KernelChoice choice, int device, KernelChoice* resolved, bool kv_fp8 = false) {
   const detail::DeviceInfo info = detail::device_info(device);
   if (info.error != cudaSuccess) return Status::error(std::string("cannot query device: ") + cudaGetErrorString(info.error));
   const int major = info.major, smem_optin = info.smem_optin;
   const bool sm90_built = info.sm90_built;
   if (major < 8) return Status::error("flash-mla needs an sm_80 or newer GPU (compute capability >= 8.0)");
   if (choice == KernelChoice::kAuto) {
-    if (major == 9 && sm90_built) {
+    if (major == 9 && sm90_built && !kv_fp8) {
       choice = KernelChoice::kSm90;
     } else {
       choice = smem_optin >= sm80::LargeTraits::kSmemBytes ? KernelChoice::kSm80Large : KernelChoice::kSm80Small;
     }
+  }
+  if (choice == KernelChoice::kSm90 && kv_fp8) {
+    return Status::error("the sm90 kernel does not take an FP8 k_cache yet: use kernel auto, sm80_large or sm80_small");
   }
   if (choice == KernelChoice::kSm90 && (major != 9 || !sm90_built)) {
     return Status::error("the sm90 kernel needs an sm_90 GPU and a build with FLASH_MLA_CUDA_ARCHS containing 90a");
@@ -244,12 +250,28 @@ inline const char* kernel_name(KernelChoice resolved) {
 /// h_kv >= 1 with h_q % h_kv == 0, h_kv <= 65535, s_q * h_q <= kMaxRowsPerRequest,
 /// num_sm_parts in [1, kMaxSmParts], max_splits >= batch + num_sm_parts (the workspace of
 /// get_split_workspace_size()), num_blocks and max_blocks_per_seq >= 0, page_size one of
-/// 16, 32, 64, 128, 256, softmax_scale finite and > 0. With batch > 0: no null pointer; q 2-byte aligned; k_cache, out and o_accum 16-byte
-/// aligned; lse, lse_accum and the int32 arrays 4-byte aligned; strides >= 0, those of k_cache
-/// multiples of 8 elements. What a struct cannot show (that pointers are device memory of the
-/// current device, buffer extents, the contents of cache_seqlens/block_table) is the caller's.
+/// 16, 32, 64, 128, 256, softmax_scale finite and > 0; an FP8 q only with an FP8 cache;
+/// descale_k given exactly for an FP8 cache and descale_q exactly for an FP8 q. With batch > 0:
+/// no null pointer; q aligned to its element size; k_cache, out and o_accum 16-byte aligned;
+/// lse, lse_accum, the descales and the int32 arrays 4-byte aligned; strides >= 0, those of
+/// k_cache multiples of 16 bytes. What a struct cannot show (that pointers are device memory of
+/// the current device, buffer extents, the contents of cache_seqlens/block_table) is the caller's.
 inline Status validate(const DecodeParams& p) {
-  if (p.dtype != DType::kBF16 && p.dtype != DType::kFP16) return Status::error("dtype must be bf16 or fp16");
+  if (p.dtype != DType::kBF16 && p.dtype != DType::kFP16 && p.dtype != DType::kFP8E4M3) {
+    return Status::error("dtype must be bf16, fp16 or fp8_e4m3");
+  }
+  if (p.kv_dtype != KvDType::kSameAsQ && p.kv_dtype != KvDType::kFP8E4M3) {
+    return Status::error("kv_dtype must be kSameAsQ or kFP8E4M3");
+  }
+  if (p.dtype == DType::kFP8E4M3 && !p.kv_fp8()) return Status::error("an FP8 q needs an FP8 k_cache (kv_dtype)");
+  if (p.kv_fp8() != (p.descale_k != nullptr)) {
+    return Status::error(p.kv_fp8() ? "descale_k is null (required with an FP8 k_cache)"
+                                    : "descale_k must be null unless k_cache is FP8");
+  }
+  const bool q_fp8 = p.dtype == DType::kFP8E4M3;
+  if (q_fp8 != (p.descale_q != nullptr)) {
+    return Status::error(q_fp8 ? "descale_q is null (required with an FP8 q)" : "descale_q must be null unless q is FP8");
+  }
   if (p.batch < 0) return Status::error("batch must be >= 0, got " + std::to_string(p.batch));
   Status st = detail::check_heads(p.seqlen_q, p.num_heads_q, p.num_heads_kv);
   if (st.ok()) st = detail::check_sm_parts(p.num_sm_parts);
@@ -269,7 +291,7 @@ inline Status validate(const DecodeParams& p) {
     const char* name;
     uintptr_t align;
   } pointers[] = {
-      {p.q, "q", 2},
+      {p.q, "q", q_fp8 ? 1u : 2u},
       {p.k_cache, "k_cache", 16},
       {p.block_table, "block_table", 4},
       {p.cache_seqlens, "cache_seqlens", 4},
@@ -279,6 +301,8 @@ inline Status validate(const DecodeParams& p) {
       {p.lse, "lse", 4},
       {p.o_accum, "o_accum", 16},
       {p.lse_accum, "lse_accum", 4},
+      {p.kv_fp8() ? p.descale_k : p.lse_accum, "descale_k", 4},  // (a non-null stand-in when unused)
+      {q_fp8 ? p.descale_q : p.lse_accum, "descale_q", 4},
   };
   for (const auto& arg : pointers) {
     if (arg.ptr == nullptr) return Status::error(std::string(arg.name) + " is null");
@@ -290,8 +314,9 @@ inline Status validate(const DecodeParams& p) {
       p.q_seq_stride < 0 || p.q_head_stride < 0 || p.block_table_stride < 0) {
     return Status::error("strides must be >= 0");
   }
-  if (p.k_block_stride % 8 || p.k_token_stride % 8 || p.k_head_stride % 8) {
-    return Status::error("k_cache strides must be multiples of 8 elements");
+  const int64_t k_align = 16 / p.kv_elem_bytes();  // 16-byte copies of a cache row
+  if (p.k_block_stride % k_align || p.k_token_stride % k_align || p.k_head_stride % k_align) {
+    return Status::error("k_cache strides must be multiples of 16 bytes (" + std::to_string(k_align) + " elements)");
   }
   return Status::success();
 }
@@ -310,10 +335,10 @@ cudaError_t allow_dynamic_smem(int bytes, int device) {
   return err;
 }
 
-template <typename Traits, typename Element>
+template <typename Traits, typename Element, typename KvStored, typename QStored>
 Status launch_sm80(const DecodeParams& p, int device) {
-  const auto kernel = sm80::decode_kernel<Traits, Element>;
-  cudaError_t err = allow_dynamic_smem<sm80::decode_kernel<Traits, Element>>(Traits::kSmemBytes, device);
+  const auto kernel = sm80::decode_kernel<Traits, Element, KvStored, QStored>;
+  cudaError_t err = allow_dynamic_smem<sm80::decode_kernel<Traits, Element, KvStored, QStored>>(Traits::kSmemBytes, device);
   if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 && p.q_head_stride % 8 == 0;
@@ -346,17 +371,23 @@ Status launch_sm90(const DecodeParams& p, int device) {
   return Status::success();
 }
 
-template <typename Element>
+/// Element: the multiplied type and out's; KvStored / QStored: k_cache's and q's storage
+/// (Element, or Fp8E4M3: common/fp8.cuh). The sm90 kernel takes 16-bit inputs only (resolve_kernel).
+template <typename Element, typename KvStored = Element, typename QStored = Element>
 Status launch_decode(const DecodeParams& p, KernelChoice kernel, int device) {
   switch (kernel) {
-    case KernelChoice::kSm80Large: return launch_sm80<sm80::LargeTraits, Element>(p, device);
-    case KernelChoice::kSm80Small: return launch_sm80<sm80::SmallTraits, Element>(p, device);
+    case KernelChoice::kSm80Large: return launch_sm80<sm80::LargeTraits, Element, KvStored, QStored>(p, device);
+    case KernelChoice::kSm80Small: return launch_sm80<sm80::SmallTraits, Element, KvStored, QStored>(p, device);
     case KernelChoice::kSm90:
-      // One instantiation per tile shape in the cache: a tile is 1, 2 or 4 pages (paged_kv.cuh).
-      switch (tile_boxes(p.page_size)) {
-        case 1: return launch_sm90<Element, 1>(p, device);
-        case 2: return launch_sm90<Element, 2>(p, device);
-        default: return launch_sm90<Element, 4>(p, device);
+      if constexpr (!std::is_same_v<KvStored, Element> || !std::is_same_v<QStored, Element>) {
+        return Status::error("the sm90 kernel does not take FP8 inputs yet");
+      } else {
+        // One instantiation per tile shape in the cache: a tile is 1, 2 or 4 pages (paged_kv.cuh).
+        switch (tile_boxes(p.page_size)) {
+          case 1: return launch_sm90<Element, 1>(p, device);
+          case 2: return launch_sm90<Element, 2>(p, device);
+          default: return launch_sm90<Element, 4>(p, device);
+        }
       }
     default: return Status::error("unknown kernel choice");
   }
@@ -377,8 +408,13 @@ inline Status mla_decode(const DecodeParams& p) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return Status::error("no current CUDA device");
   KernelChoice kernel;
-  st = resolve_kernel(p.kernel, device, &kernel);
+  st = resolve_kernel(p.kernel, device, &kernel, p.kv_fp8());
   if (!st.ok()) return st;
+  if (p.dtype == DType::kFP8E4M3) return detail::launch_decode<__nv_bfloat16, Fp8E4M3, Fp8E4M3>(p, kernel, device);
+  if (p.kv_fp8()) {
+    return p.dtype == DType::kBF16 ? detail::launch_decode<__nv_bfloat16, Fp8E4M3>(p, kernel, device)
+                                   : detail::launch_decode<__half, Fp8E4M3>(p, kernel, device);
+  }
   return p.dtype == DType::kBF16 ? detail::launch_decode<__nv_bfloat16>(p, kernel, device)
                                  : detail::launch_decode<__half>(p, kernel, device);
 }

@@ -15,10 +15,17 @@
 
 namespace flash_mla {
 
-/// Element type of q, k_cache and out.
+/// Element type of q and out (and of k_cache unless DecodeParams::kv_dtype says FP8).
 enum class DType : int {
-  kBF16 = 0,  ///< __nv_bfloat16
-  kFP16 = 1,  ///< __half
+  kBF16 = 0,     ///< __nv_bfloat16
+  kFP16 = 1,     ///< __half
+  kFP8E4M3 = 2,  ///< float8_e4m3fn q (with an FP8 cache and DecodeParams::descale_q); out is bf16
+};
+
+/// Element type of k_cache.
+enum class KvDType : int {
+  kSameAsQ = 0,  ///< bf16 / fp16, as DecodeParams::dtype
+  kFP8E4M3 = 1,  ///< float8_e4m3fn, one byte per channel, times *DecodeParams::descale_k
 };
 
 /// Which decode kernel to run. kAuto picks the best one for the device.
@@ -69,10 +76,12 @@ struct MetadataParams {
 /// of `batch` requests over a paged KV cache (docs/api.md). Token j of request i is
 /// k_cache[block_table[i * block_table_stride + j / page_size], j % page_size]; query head h reads KV head
 /// h / (h_q / h_kv). q, k_cache and out hold `dtype`; the last dim of q and k_cache is
-/// contiguous. Internally, query rows are packed per KV head as row = t * heads_per_kv + hh
+/// contiguous. With an FP8 cache (kv_dtype kFP8E4M3) the key/value used is float(k_cache) *
+/// *descale_k and k_cache's strides count bytes. Internally, query rows are packed per KV head as row = t * heads_per_kv + hh
 /// (t: query token, hh: head inside the KV head's group).
 struct DecodeParams {
-  DType dtype = DType::kBF16;  ///< element type of q, k_cache and out
+  DType dtype = DType::kBF16;  ///< element type of q and out (k_cache too unless kv_dtype is FP8)
+  KvDType kv_dtype = KvDType::kSameAsQ;  ///< element type of k_cache
   int batch = 0;               ///< b: requests (0: nothing to do)
   int seqlen_q = 0;            ///< s_q: query tokens per request (>= 1)
   int num_heads_q = 0;         ///< h_q: query heads (>= 1)
@@ -82,15 +91,20 @@ struct DecodeParams {
   int page_size = 64;          ///< tokens per page of k_cache (dim 1): is_supported_page_size()
   float softmax_scale = 0.f;   ///< multiplier of q.k, usually 1/sqrt(576); finite and > 0
   bool causal = false;         ///< token t sees keys 0 .. L - s_q + t (matters for s_q > 1 only)
+  /// [1] float32 device memory, read by the kernel (so a CUDA graph replays with its current
+  /// value): required with an FP8 cache, null otherwise. K and V are float(k_cache) * *descale_k.
+  const float* descale_k = nullptr;
+  /// [1] float32 device memory: required with an FP8 q, null otherwise (q is float(q) * *descale_q).
+  const float* descale_q = nullptr;
 
-  const void* q = nullptr;  ///< [batch, s_q, h_q, 576] query, 2-byte aligned
+  const void* q = nullptr;  ///< [batch, s_q, h_q, 576] query, aligned to its element size
   int64_t q_batch_stride = 0,  ///< q stride of dim 0 (batch), elements
       q_seq_stride = 0,        ///< q stride of dim 1 (s_q), elements
       q_head_stride = 0;       ///< q stride of dim 2 (h_q), elements
   const void* k_cache = nullptr;  ///< [num_blocks, page_size, h_kv, 576] paged KV cache, 16-byte aligned
-  int64_t k_block_stride = 0,  ///< k_cache stride of dim 0 (page), a multiple of 8
-      k_token_stride = 0,      ///< k_cache stride of dim 1 (token in page), a multiple of 8
-      k_head_stride = 0;       ///< k_cache stride of dim 2 (KV head), a multiple of 8
+  int64_t k_block_stride = 0,  ///< k_cache stride of dim 0 (page), elements, a multiple of 16 bytes
+      k_token_stride = 0,      ///< k_cache stride of dim 1 (token in page), a multiple of 16 bytes
+      k_head_stride = 0;       ///< k_cache stride of dim 2 (KV head), a multiple of 16 bytes
   const int32_t* block_table = nullptr;  ///< [batch, max_blocks_per_seq] physical page of each logical page
   int64_t block_table_stride = 0;        ///< block_table row stride, elements
   const int32_t* cache_seqlens = nullptr;  ///< [batch] KV length of each request, as given to get_mla_metadata
@@ -98,7 +112,7 @@ struct DecodeParams {
   int num_sm_parts = 0;                             ///< as given to get_mla_metadata
   const int32_t* num_splits = nullptr;              ///< [batch + 1] from get_mla_metadata
 
-  void* out = nullptr;         ///< out: [batch, s_q, h_q, 512] contiguous, dtype, 16-byte aligned
+  void* out = nullptr;  ///< out: [batch, s_q, h_q, 512] contiguous, dtype (bf16 for an FP8 q), 16-byte aligned
   float* lse = nullptr;        ///< out: [batch, h_q, s_q] contiguous, natural-log sum-exp (+inf: no key)
   float* o_accum = nullptr;    ///< [max_splits, s_q * h_q, 512] split workspace, 16-byte aligned
   float* lse_accum = nullptr;  ///< [max_splits, s_q * h_q] split workspace
@@ -106,6 +120,11 @@ struct DecodeParams {
 
   KernelChoice kernel = KernelChoice::kAuto;  ///< kernel to run; kAuto unless testing a path
   cudaStream_t stream = nullptr;              ///< stream the kernels run on
+
+  /// Whether k_cache holds float8_e4m3fn.
+  FLASH_MLA_HOST_DEVICE bool kv_fp8() const { return kv_dtype == KvDType::kFP8E4M3; }
+  /// Bytes per element of k_cache.
+  FLASH_MLA_HOST_DEVICE int kv_elem_bytes() const { return kv_fp8() ? 1 : 2; }
 
   /// Query rows per KV head: s_q * h_q / h_kv.
   FLASH_MLA_HOST_DEVICE int rows_per_kv_head() const { return num_heads_kv > 0 ? seqlen_q * (num_heads_q / num_heads_kv) : 0; }

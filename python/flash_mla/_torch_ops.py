@@ -15,9 +15,12 @@ The custom ops (the path under torch.compile, torch.export, make_fx and FakeTens
     torch.ops.flash_mla.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
         -> (tile_scheduler_metadata, num_splits)
     torch.ops.flash_mla.mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, kernel) -> (out, lse)
-    torch.ops.flash_mla.mla_decode_out(..., num_splits, out, lse, softmax_scale, causal, kernel)
-        -> None, writes out and lse
+        tile_scheduler_metadata, num_splits, softmax_scale, causal, kernel, descale_q, descale_k)
+        -> (out, lse)
+    torch.ops.flash_mla.mla_decode_out(..., num_splits, out, lse, softmax_scale, causal, kernel,
+        descale_q, descale_k) -> None, writes out and lse
+
+(descale_q / descale_k: None, or the float32 (1,) descales of an FP8 q / k_cache.)
 
 Each has a fake (meta) implementation giving the output shapes, so torch.compile (also with
 fullgraph=True), torch.export, make_fx and FakeTensorMode trace through the public functions
@@ -53,7 +56,7 @@ _TO_DLPACK = getattr(torch._C, "_to_dlpack", None)
 if os.environ.get("FLASH_MLA_TENSOR_READ", "") == "attributes":
     _TO_DLPACK = None
 _C.torch_setup(torch.Tensor, torch.nn.Parameter, torch.bfloat16, torch.float16, torch.float32, torch.int32,
-               torch.int64, _TO_DLPACK)
+               torch.int64, _TO_DLPACK, getattr(torch, "float8_e4m3fn", None))
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,7 +109,13 @@ def eager_direct(t) -> bool:
             and not _dispatch_modes() and not _functorch_active())
 
 
-_float32, _int32 = torch.float32, torch.int32
+_float32, _int32, _bfloat16 = torch.float32, torch.int32, torch.bfloat16
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+def out_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    """dtype of out for a q of ``q_dtype``: q's own, bfloat16 for an FP8 q."""
+    return _bfloat16 if q_dtype == _FP8 else q_dtype
 
 
 def _prepare_decode(q: Tensor, out: Optional[Tensor], lse: Optional[Tensor], batch: int, seqlen_q: int,
@@ -115,7 +124,7 @@ def _prepare_decode(q: Tensor, out: Optional[Tensor], lse: Optional[Tensor], bat
     split workspace (o_accum then lse_accum, one float32 buffer), all on q's device (cuda:
     ``device_index``), and the stream. (new_empty: q's device and dtype without parsing them.)"""
     if out is None:
-        out = q.new_empty((batch, seqlen_q, heads_q, HEAD_DIM_V))
+        out = q.new_empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=out_dtype(q.dtype))
     if lse is None:
         lse = q.new_empty((batch, heads_q, seqlen_q), dtype=_float32)
     workspace = q.new_empty((workspace_splits * seqlen_q * heads_q * (HEAD_DIM_V + 1),), dtype=_float32)
@@ -129,11 +138,11 @@ def _prepare_metadata(cache_seqlens: Tensor, parts: int, batch: int, device_inde
 
 
 def decode(q, k_cache, block_table, cache_seqlens, head_dim_v: int, meta, splits, softmax_scale: float,
-           causal: bool, kernel: int, out=None, lse=None):
+           causal: bool, kernel: int, out=None, lse=None, descale_q=None, descale_k=None):
     """(out, lse) of one decode call, or None when an argument is not a plain torch.Tensor.
     ``out`` / ``lse``: preallocated outputs or None (allocated here after the checks)."""
     return _C.torch_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse,
-                           softmax_scale, causal, kernel, _prepare_decode)
+                           softmax_scale, causal, kernel, _prepare_decode, descale_q, descale_k)
 
 
 def metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int):
@@ -158,18 +167,18 @@ def _metadata_impl(cache_seqlens: Tensor, num_heads_per_head_k: int, num_heads_k
 
 
 def _decode_impl(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale, causal,
-                 kernel):
+                 kernel, descale_q=None, descale_k=None):
     result = decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale, causal,
-                    kernel)
+                    kernel, None, None, descale_q, descale_k)
     if result is None:
         raise _not_plain("flash_mla_with_kvcache")
     return result
 
 
 def _decode_out_impl(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, softmax_scale,
-                     causal, kernel):
+                     causal, kernel, descale_q=None, descale_k=None):
     result = decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale, causal,
-                    kernel, out, lse)
+                    kernel, out, lse, descale_q, descale_k)
     if result is None:
         raise _not_plain("flash_mla_with_kvcache")
 
@@ -179,11 +188,11 @@ def _decode_out_impl(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, s
 # ----------------------------------------------------------------------------------------------
 
 
-def _fake_check(q: Tensor, **others: Tensor) -> None:
+def _fake_check(q: Tensor, **others: Optional[Tensor]) -> None:
     if q.dim() != 4:
         raise ValueError(f"q: expected 4 dims (batch, s_q, h_q, 576), got shape {tuple(q.shape)}")
     for name, t in others.items():
-        if t.device != q.device:
+        if t is not None and t.device != q.device:
             raise ValueError(f"{name}: is on {t.device} but q is on {q.device}")
 
 
@@ -197,18 +206,20 @@ def _metadata_fake(cache_seqlens, num_heads_per_head_k, num_heads_k):
     return meta, splits
 
 
-def _decode_fake(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale, causal, kernel):
+def _decode_fake(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale, causal, kernel,
+                 descale_q=None, descale_k=None):
     _fake_check(q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-                tile_scheduler_metadata=meta, num_splits=splits)
+                tile_scheduler_metadata=meta, num_splits=splits, descale_q=descale_q, descale_k=descale_k)
     batch, seqlen_q, heads_q, _ = q.shape
-    return (q.new_empty((batch, seqlen_q, heads_q, HEAD_DIM_V)),
+    return (q.new_empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=out_dtype(q.dtype)),
             q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32))
 
 
 def _decode_out_fake(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, softmax_scale,
-                     causal, kernel):
+                     causal, kernel, descale_q=None, descale_k=None):
     _fake_check(q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-                tile_scheduler_metadata=meta, num_splits=splits, out=out, lse=lse)
+                tile_scheduler_metadata=meta, num_splits=splits, out=out, lse=lse, descale_q=descale_q,
+                descale_k=descale_k)
     return None
 
 
@@ -228,16 +239,18 @@ if HAS_CUSTOM_OPS:
     @torch.library.custom_op("flash_mla::mla_decode", mutates_args=())
     def mla_decode(q: Tensor, k_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
                    tile_scheduler_metadata: Tensor, num_splits: Tensor, softmax_scale: float, causal: bool,
-                   kernel: int) -> tuple[Tensor, Tensor]:
+                   kernel: int, descale_q: Optional[Tensor] = None,
+                   descale_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         return _decode_impl(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                            num_splits, softmax_scale, causal, kernel)
+                            num_splits, softmax_scale, causal, kernel, descale_q, descale_k)
 
     @torch.library.custom_op("flash_mla::mla_decode_out", mutates_args=("out", "lse"))
     def mla_decode_out(q: Tensor, k_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
                        tile_scheduler_metadata: Tensor, num_splits: Tensor, out: Tensor, lse: Tensor,
-                       softmax_scale: float, causal: bool, kernel: int) -> None:
+                       softmax_scale: float, causal: bool, kernel: int, descale_q: Optional[Tensor] = None,
+                       descale_k: Optional[Tensor] = None) -> None:
         _decode_out_impl(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-                         out, lse, softmax_scale, causal, kernel)
+                         out, lse, softmax_scale, causal, kernel, descale_q, descale_k)
 
     get_mla_metadata.register_fake(_metadata_fake)
     mla_decode.register_fake(_decode_fake)
@@ -255,11 +268,12 @@ else:  # torch < 2.4: eager only
 
 
 def check_inputs_on_device(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits,
-                           softmax_scale: float) -> None:
+                           softmax_scale: float, descale_q=None, descale_k=None) -> None:
     """Raises ValueError when a used block_table entry is not a page of k_cache or a
     cache_seqlens value is outside [0, page_size * max_blocks_per_seq] (page_size: dim 1 of
     k_cache). Synchronises with the host."""
-    _C.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale)
+    _C.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, softmax_scale,
+                          descale_q=descale_q, descale_k=descale_k)
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("check_inputs=True reads its verdict back to the host and cannot run during CUDA "
                            "graph capture: check the inputs before capturing, or leave check_inputs=False")

@@ -152,8 +152,6 @@ _UNSUPPORTED_DEFAULTS = {
     "topk_length": None,
     "extra_topk_length": None,
     "topk": None,
-    "descale_q": None,
-    "descale_k": None,
 }
 
 
@@ -196,10 +194,11 @@ def flash_mla_with_kvcache(
     """MLA decoding attention over a paged KV cache.
 
     Args:
-        q: (batch, s_q, h_q, 576), bf16 or fp16, last dim contiguous.
-        k_cache: (num_blocks, page_block_size, h_kv, 576), same dtype, last dim contiguous;
-            page_block_size 16, 32, 64, 128 or 256 (token j of request i is
-            ``k_cache[block_table[i, j // page_block_size], j % page_block_size]``).
+        q: (batch, s_q, h_q, 576), bf16 or fp16, last dim contiguous; or float8_e4m3fn with
+            ``descale_q`` and an FP8 k_cache.
+        k_cache: (num_blocks, page_block_size, h_kv, 576), q's dtype or float8_e4m3fn (with
+            ``descale_k``), last dim contiguous; page_block_size 16, 32, 64, 128 or 256 (token j
+            of request i is ``k_cache[block_table[i, j // page_block_size], j % page_block_size]``).
         block_table: (batch, max_blocks_per_seq) int32.
         cache_seqlens: (batch,) int32, may hold zeros.
         head_dim_v: must be 512.
@@ -207,14 +206,22 @@ def flash_mla_with_kvcache(
             ``FlashMLASchedMeta`` and None.
         softmax_scale: defaults to 1/sqrt(576).
         causal: mask query token t of s_q to keys 0 .. L - s_q + t.
-        is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
-            topk_length, extra_topk_length: later-FlashMLA features, not built yet: they
+        is_fp8_kvcache: True declares an FP8 cache; it may then also be given as uint8 bytes
+            (viewed as float8_e4m3fn). An FP8 cache is recognised by its dtype without it.
+        indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length,
+            extra_topk_length: later-FlashMLA (token-sparse) features, not built yet: they
             raise NotImplementedError unless left at their defaults.
-        descale_q, descale_k (keyword only): the FP8 descales of vLLM's interface; accepted as
-            None (the default), NotImplementedError when given (FP8 decode is not built yet).
-        kernel (keyword only): "auto" (default: "sm90" on Hopper, else the portable kernel), or
-            "sm90" / "sm80_large" / "sm80_small" to force a path.
-        out, lse (keyword only): preallocated outputs, (batch, s_q, h_q, 512) in q's dtype and
+        descale_q, descale_k (keyword only, vLLM's names): float32 tensors of shape (1,) on q's
+            device, read by the kernel (no host sync; a CUDA graph replays with their current
+            values). ``descale_k`` is required with an FP8 cache and K/V are then
+            ``float(k_cache) * descale_k``; ``descale_q`` likewise with an FP8 q. Each is an
+            error with a 16-bit input. ``flash_mla.kv_formats.quantize_kv_cache_fp8`` makes both
+            the cache and its descale.
+        kernel (keyword only): "auto" (default: "sm90" on Hopper, else the portable kernel; an
+            FP8 cache runs the portable kernel everywhere for now), or "sm90" / "sm80_large" /
+            "sm80_small" to force a path ("sm90" takes 16-bit inputs only).
+        out, lse (keyword only): preallocated outputs, (batch, s_q, h_q, 512) in q's dtype
+            (bfloat16 for an FP8 q) and
             (batch, h_q, s_q) float32, contiguous, on q's device (checked); returned as given.
             Either may be given alone (the other is allocated).
         check_inputs (keyword only): validate on the GPU that cache_seqlens are in
@@ -223,17 +230,17 @@ def flash_mla_with_kvcache(
             CUDA-graph capture; a graph break under torch.compile). Off by default.
 
     Returns:
-        out (batch, s_q, h_q, 512) in q's dtype and lse (batch, h_q, s_q) float32
+        out (batch, s_q, h_q, 512) in q's dtype (bfloat16 for an FP8 q) and lse (batch, h_q, s_q) float32
         (natural log; +inf and out = 0 for rows that see no key).
     """
-    if (is_fp8_kvcache or indices is not None or attn_sink is not None or extra_k_cache is not None
-            or extra_indices_in_kvcache is not None or topk_length is not None or extra_topk_length is not None
-            or descale_q is not None or descale_k is not None):
+    if (indices is not None or attn_sink is not None or extra_k_cache is not None
+            or extra_indices_in_kvcache is not None or topk_length is not None or extra_topk_length is not None):
         _reject_unsupported(dict(is_fp8_kvcache=is_fp8_kvcache, indices=indices, attn_sink=attn_sink,
                                  extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
-                                 topk_length=topk_length, extra_topk_length=extra_topk_length,
-                                 descale_q=descale_q, descale_k=descale_k),
+                                 topk_length=topk_length, extra_topk_length=extra_topk_length),
                             what="flash_mla_with_kvcache")
+    if is_fp8_kvcache is not False and _bool_of(is_fp8_kvcache, "is_fp8_kvcache"):
+        k_cache = _fp8_cache_view(k_cache)
     kernel_id = _KERNELS.get(kernel) if type(kernel) is str else None
     if kernel_id is None:
         raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
@@ -249,7 +256,8 @@ def flash_mla_with_kvcache(
         causal = _bool_of(causal, "causal")
     if type(tile_scheduler_metadata) is not _Tensor and isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
         tile_scheduler_metadata, num_splits = _plan_sched(
-            tile_scheduler_metadata, q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+            tile_scheduler_metadata, q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+            descale_q, descale_k)
     elif num_splits is None:
         raise ValueError("num_splits: None is only valid with a FlashMLASchedMeta from get_mla_metadata(); "
                          "pass the num_splits returned together with tile_scheduler_metadata")
@@ -257,23 +265,40 @@ def flash_mla_with_kvcache(
         _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
                          tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
         _torch_ops.check_inputs_on_device(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                                          tile_scheduler_metadata, num_splits, softmax_scale)
+                                          tile_scheduler_metadata, num_splits, softmax_scale, descale_q, descale_k)
     if _torch_ops.eager_direct(q):
         # One call into the compiled module: every check, the allocations (torch), the launch.
         result = _torch_ops.decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                                   num_splits, softmax_scale, causal, kernel_id, out, lse)
+                                   num_splits, softmax_scale, causal, kernel_id, out, lse, descale_q, descale_k)
         if result is not None:
             return result
     # Traced (torch.compile, export, FakeTensorMode, ...) or arguments that are not plain tensors.
     _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
                      tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
+    _require_optional_tensors(descale_q=descale_q, descale_k=descale_k)
     if out is None and lse is None:
         return _torch_ops.mla_decode(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                                     tile_scheduler_metadata, num_splits, softmax_scale, causal, kernel_id)
+                                     tile_scheduler_metadata, num_splits, softmax_scale, causal, kernel_id,
+                                     descale_q, descale_k)
     out, lse = _outputs_for(q, out, lse)
     _torch_ops.mla_decode_out(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                              num_splits, out, lse, softmax_scale, causal, kernel_id)
+                              num_splits, out, lse, softmax_scale, causal, kernel_id, descale_q, descale_k)
     return out, lse
+
+
+def _require_optional_tensors(**tensors) -> None:
+    _require_tensors(**{name: t for name, t in tensors.items() if t is not None})
+
+
+def _fp8_cache_view(k_cache):
+    """k_cache of a call with is_fp8_kvcache=True: float8_e4m3fn as it is, or raw uint8 bytes
+    (as engines allocate FP8 caches) viewed as float8_e4m3fn."""
+    dtype = getattr(k_cache, "dtype", None)
+    if dtype == torch.uint8:
+        return k_cache.view(torch.float8_e4m3fn)
+    if dtype != torch.float8_e4m3fn:
+        raise TypeError(f"k_cache: is_fp8_kvcache=True needs a float8_e4m3fn (or uint8) cache, got {dtype}")
+    return k_cache
 
 
 def _outputs_for(q: torch.Tensor, out, lse):
@@ -283,7 +308,8 @@ def _outputs_for(q: torch.Tensor, out, lse):
             raise ValueError(f"q: expected 4 dims (batch, s_q, h_q, 576), got shape {tuple(q.shape)}")
         batch, seqlen_q, heads_q, _ = q.shape
         if out is None:
-            out = torch.empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=q.dtype, device=q.device)
+            out = torch.empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=_torch_ops.out_dtype(q.dtype),
+                              device=q.device)
         if lse is None:
             lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     _require_tensors(out=out, lse=lse)
@@ -297,14 +323,14 @@ def _is_traced(t: torch.Tensor) -> bool:
 
 
 def _plan_sched(sched: FlashMLASchedMeta, q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
-                causal):
+                causal, descale_q=None, descale_k=None):
     if sched.config is None:
         _require_tensors(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens)
         if not _is_traced(q):
             # Every input check before the planning launch (the metadata's come with the decode).
             # (Under torch.compile the custom ops' fake implementations check shapes instead.)
             _C.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, None, None, softmax_scale,
-                                  check_device=False)
+                                  check_device=False, descale_q=descale_q, descale_k=descale_k)
             for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table)):
                 if t.device != cache_seqlens.device:
                     raise ValueError(f"{name}: must be on cache_seqlens' device ({cache_seqlens.device}), "
@@ -343,9 +369,10 @@ def host_plan(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int, num_sm
     return _C.host_plan(seqlens, parts)
 
 
-def kernel_for_device(device=None, kernel: str = "auto") -> str:
+def kernel_for_device(device=None, kernel: str = "auto", *, kv_dtype: Optional[torch.dtype] = None) -> str:
     """Name of the decode kernel that runs on ``device`` (a CUDA device, its index, or None for
-    the current one) for the given choice. RuntimeError without a usable CUDA device."""
+    the current one) for the given choice and k_cache dtype (None: a 16-bit cache).
+    RuntimeError without a usable CUDA device."""
     if type(kernel) is not str or kernel not in _KERNELS:
         raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
     if device is None:
@@ -360,4 +387,4 @@ def kernel_for_device(device=None, kernel: str = "auto") -> str:
         raise RuntimeError("flash_mla: no CUDA device is available (torch.cuda.is_available() is False: no GPU, "
                            "no driver, or a CPU-only build of torch)")
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    return _C.kernel_name(index, _KERNELS[kernel])
+    return _C.kernel_name(index, _KERNELS[kernel], kv_dtype == torch.float8_e4m3fn)

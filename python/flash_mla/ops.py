@@ -229,15 +229,18 @@ def get_mla_metadata(cache_seqlens: Any, tile_scheduler_metadata: Any, num_split
 def mla_decode(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any, tile_scheduler_metadata: Any,
                num_splits: Any, out: Any, lse: Any, o_accum: Any, lse_accum: Any,
                softmax_scale: Optional[float] = None, causal: bool = False, stream: Any = None,
-               *, kernel: Any = "auto") -> Tuple[Any, Any]:
+               *, kernel: Any = "auto", descale_q: Any = None, descale_k: Any = None) -> Tuple[Any, Any]:
     """MLA decode into caller-provided ``out`` / ``lse`` (same contract as
-    ``flash_mla_with_kvcache``). Returns ``(out, lse)``. Asynchronous on ``stream``."""
+    ``flash_mla_with_kvcache``). Returns ``(out, lse)``. Asynchronous on ``stream``.
+
+    An FP8 cache (or q) comes as a float8_e4m3fn DLPack array with ``descale_k`` (``descale_q``):
+    float32 arrays of shape ``(1,)`` on the same device, read by the kernel."""
     _reject_immutable(out=out, lse=lse, o_accum=o_accum, lse_accum=lse_accum)
     if isinstance(causal, (str, bytes)):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     _C.mla_decode(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_scheduler_metadata, num_splits,
                   out, lse, o_accum, lse_accum, _softmax_scale(softmax_scale), bool(causal), _kernel_id(kernel),
-                  stream_handle(stream))
+                  stream_handle(stream), descale_q, descale_k)
     return out, lse
 
 

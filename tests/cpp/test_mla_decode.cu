@@ -177,6 +177,58 @@ void check_decode_params() {
   expect_error(flash_mla::validate(empty), "page_size", "batch 0 with page_size 48");
 }
 
+/// FP8 inputs: an FP8 cache needs descale_k and row strides of whole 16-byte chunks; an FP8 q
+/// needs descale_q and an FP8 cache (and may be 1-byte aligned); a descale given for a 16-bit
+/// input, or missing for an FP8 one, is refused, by mla_decode too, before any CUDA call.
+void check_fp8_params() {
+  expect(DecodeParams{}.kv_dtype == flash_mla::KvDType::kSameAsQ, "DecodeParams::kv_dtype defaults to kSameAsQ");
+  const auto fp8_cache = [] {
+    DecodeParams p = valid_params();
+    p.kv_dtype = flash_mla::KvDType::kFP8E4M3;
+    p.descale_k = static_cast<const float*>(fake_ptr());
+    return p;
+  };
+  const auto fp8_q = [&] {
+    DecodeParams p = fp8_cache();
+    p.dtype = DType::kFP8E4M3;
+    p.descale_q = static_cast<const float*>(fake_ptr(4));
+    p.q = fake_ptr(1);
+    return p;
+  };
+  expect(flash_mla::validate(fp8_cache()).ok(), "FP8 cache with descale_k passes: " + flash_mla::validate(fp8_cache()).message);
+  expect(flash_mla::validate(fp8_q()).ok(), "FP8 q and cache pass: " + flash_mla::validate(fp8_q()).message);
+  DecodeParams fp16_q = fp8_cache();
+  fp16_q.dtype = DType::kFP16;
+  expect(flash_mla::validate(fp16_q).ok(), "fp16 q with an FP8 cache passes");
+  DecodeParams byte_stride = fp8_cache();
+  byte_stride.k_token_stride = kHeadDim + 16;  // padded rows: 16 bytes more
+  expect(flash_mla::validate(byte_stride).ok(), "FP8 cache with a 16-byte row padding passes");
+
+  struct Bad {
+    const char* needle;
+    std::function<DecodeParams()> make;
+  };
+  const Bad bad[] = {
+      {"descale_k is null", [&] { DecodeParams p = fp8_cache(); p.descale_k = nullptr; return p; }},
+      {"descale_k must be null", [] { DecodeParams p = valid_params(); p.descale_k = static_cast<const float*>(fake_ptr()); return p; }},
+      {"descale_k must be 4-byte aligned", [&] { DecodeParams p = fp8_cache(); p.descale_k = static_cast<const float*>(fake_ptr(2)); return p; }},
+      {"FP8 q needs an FP8 k_cache", [&] { DecodeParams p = fp8_q(); p.kv_dtype = flash_mla::KvDType::kSameAsQ; p.descale_k = nullptr; return p; }},
+      {"descale_q is null", [&] { DecodeParams p = fp8_q(); p.descale_q = nullptr; return p; }},
+      {"descale_q must be null", [&] { DecodeParams p = fp8_cache(); p.descale_q = static_cast<const float*>(fake_ptr()); return p; }},
+      {"descale_q must be 4-byte aligned", [&] { DecodeParams p = fp8_q(); p.descale_q = static_cast<const float*>(fake_ptr(1)); return p; }},
+      {"k_cache strides", [&] { DecodeParams p = fp8_cache(); p.k_token_stride = kHeadDim + 8; return p; }},
+      {"kv_dtype", [&] { DecodeParams p = fp8_cache(); p.kv_dtype = static_cast<flash_mla::KvDType>(5); return p; }},
+      {"q must be 2-byte aligned", [&] { DecodeParams p = fp8_cache(); p.q = fake_ptr(1); return p; }},
+  };
+  int i = 0;
+  for (const Bad& b : bad) {
+    const DecodeParams p = b.make();
+    const std::string what = "FP8 case " + std::to_string(i++) + " (" + b.needle + ")";
+    expect_error(flash_mla::validate(p), b.needle, what);
+    expect_error(flash_mla::mla_decode(p), b.needle, "mla_decode, " + what);
+  }
+}
+
 /// Page sizes: 64 by default; 16, 32, 64, 128 and 256 accepted (with the page stride they
 /// imply, or a padded one); anything else refused by validate() with a message naming
 /// page_size and the supported sizes, and by check_paged_inputs() before it launches.
@@ -282,6 +334,7 @@ void check_sizes() {
 int run_checks() {
   check_decode_params();
   check_page_sizes();
+  check_fp8_params();
   check_metadata_params();
   check_sizes();
   if (failures) {

@@ -435,15 +435,12 @@ def test_unknown_kernel_choice(kernel):
 # ----------------------------------------------------------------------------------------------
 
 UNSUPPORTED_SET = {
-    "is_fp8_kvcache": True,
     "indices": torch.zeros((2, 1, 64), dtype=I32),
     "attn_sink": torch.zeros((16,), dtype=F32),
     "extra_k_cache": torch.zeros((4, PAGE, 1, D), dtype=BF16),
     "extra_indices_in_kvcache": torch.zeros((2, 1, 64), dtype=I32),
     "topk_length": torch.zeros((2,), dtype=I32),
     "extra_topk_length": torch.zeros((2,), dtype=I32),
-    "descale_q": torch.ones((1,), dtype=torch.float32),
-    "descale_k": torch.ones((1,), dtype=torch.float32),
 }
 
 
@@ -469,6 +466,18 @@ def test_default_valued_feature_kwargs_accepted(form):
         call(args, is_fp8_kvcache=False, indices=None, attn_sink=None, extra_k_cache=None,
              extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None,
              descale_q=None, descale_k=None)
+
+
+@pytest.mark.parametrize("name", ["descale_q", "descale_k"])
+def test_descale_with_16bit_inputs_raises(name):
+    # The FP8 descales are supported, but only with FP8 inputs: named before any device check.
+    with pytest.raises(ValueError, match=name):
+        call(cpu_decode_args(), **{name: torch.ones((1,), dtype=F32)})
+
+
+def test_is_fp8_kvcache_with_16bit_cache_raises():
+    with pytest.raises(TypeError, match="is_fp8_kvcache"):
+        call(cpu_decode_args(), is_fp8_kvcache=True)
 
 
 def test_unknown_kwarg_raises_type_error():
@@ -621,8 +630,10 @@ def test_positional_later_release_arguments():
     """Later releases take is_fp8_kvcache, indices, ... positionally after causal."""
     args = cpu_decode_args()
     positional = [args[name] for name in ORDER] + [None, False]
-    with pytest.raises(NotImplementedError, match="is_fp8_kvcache"):
+    with pytest.raises(TypeError, match="is_fp8_kvcache"):  # a 16-bit cache declared FP8
         flash_mla_with_kvcache(*positional, True)
+    with pytest.raises(NotImplementedError, match="indices"):
+        flash_mla_with_kvcache(*positional, False, torch.zeros((2, 1, 64), dtype=I32))
     with pytest.raises(ValueError, match=CUDA):
         flash_mla_with_kvcache(*positional, False, None, None)
 
@@ -807,6 +818,9 @@ cases = {
     "meta_transposed": dict(meta=torch.zeros((8, 4), dtype=torch.int32).t()),
     "k_meta_device": dict(k_cache=torch.zeros((4, PAGE, 1, D), dtype=torch.bfloat16, device="meta")),
     "k_conj_view": dict(k_cache=torch.zeros((4, PAGE, 1, D), dtype=torch.complex64).conj()),
+    "k_fp8": dict(k_cache=torch.zeros((4, PAGE, 1, D), dtype=torch.float8_e4m3fn)),
+    "q_fp8": dict(q=torch.zeros((2, 1, 16, D), dtype=torch.float8_e4m3fn)),
+    "k_e5m2": dict(k_cache=torch.zeros((4, PAGE, 1, D), dtype=torch.float8_e5m2)),
     "empty_batch": dict(q=torch.zeros((0, 1, 16, D), dtype=torch.bfloat16),
                         block_table=torch.zeros((0, 2), dtype=torch.int32),
                         cache_seqlens=torch.zeros((0,), dtype=torch.int32), splits=torch.zeros((1,), dtype=torch.int32)),
@@ -847,8 +861,13 @@ def test_tensor_readers_agree():
     assert outputs[""] == outputs["attributes"]
     got = outputs[""]
     assert re.search(CUDA, got["ok"]) and got["ok"].startswith("ValueError: q:")
-    assert got["q_f64"] == "TypeError: q: expected dtype bfloat16 or float16, got float64"
-    assert got["k_bool"] == "TypeError: k_cache: dtype must match q (bfloat16), got bool"
+    assert got["q_f64"] == "TypeError: q: expected dtype bfloat16, float16 or float8_e4m3fn, got float64"
+    assert got["k_bool"] == "TypeError: k_cache: dtype must match q (bfloat16) or be float8_e4m3fn, got bool"
+    # float8_e4m3fn is recognised by both readers (the FP8 cache then needs its descale) ...
+    assert got["k_fp8"].startswith("ValueError: descale_k: required with a float8_e4m3fn k_cache")
+    assert got["q_fp8"].startswith("TypeError: k_cache: a float8_e4m3fn q needs a float8_e4m3fn k_cache")
+    # ... and other FP8 encodings are not taken for it.
+    assert got["k_e5m2"] == "TypeError: k_cache: dtype must match q (bfloat16) or be float8_e4m3fn, got float8_e5m2"
     assert got["q_rank9"].startswith("ValueError: q: expected 4 dims") and "..." in got["q_rank9"]
     assert got["q_strided"].startswith("ValueError: q: the last dim must be contiguous")
     assert re.search(CUDA, got["q_transposed"]) and re.search(CUDA, got["bt_expanded"])

@@ -590,13 +590,12 @@ def test_sched_config_change_raises(change, make_case, check_decode, seed):
     check_decode(out, lse, *reference(case, True), torch.bfloat16, what="after the error")
 
 
-UNSUPPORTED = ["is_fp8_kvcache", "indices", "attn_sink", "extra_k_cache", "topk_length"]
+UNSUPPORTED = ["indices", "attn_sink", "extra_k_cache", "topk_length"]
 
 
 def _unsupported_value(name, case):
     dev = case.q.device
     return {
-        "is_fp8_kvcache": True,
         "indices": torch.zeros((case.b, case.s_q, 64), dtype=torch.int32, device=dev),
         "attn_sink": torch.zeros((case.h_q,), dtype=torch.float32, device=dev),
         "extra_k_cache": case.k_cache,

@@ -503,24 +503,32 @@ class _ReferenceKernels:
         self._plan(cache_seqlens, meta, splits)
         return meta, splits
 
-    def _reference(self, q, k_cache, block_table, cache_seqlens, head_dim_v, out, lse, scale, causal):
+    def _reference(self, q, k_cache, block_table, cache_seqlens, head_dim_v, out, lse, scale, causal,
+                   descale_q=None, descale_k=None):
         from flash_mla.reference import mla_decode_reference
 
+        # FP8 inputs: the reference runs on their dequantized values.
+        if descale_q is not None:
+            q = q.to(torch.float32) * descale_q
+        if descale_k is not None:
+            k_cache = k_cache.to(torch.float32) * descale_k
         ref_out, ref_lse = mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, scale, causal)
         out.copy_(ref_out.to(out.dtype))
         lse.copy_(ref_lse)
 
     def torch_decode(self, q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits, out, lse, scale, causal,
-                     kernel, prepare):
+                     kernel, prepare, descale_q=None, descale_k=None):
         """The real module's checks (all but the device's), then prepare() as the real entry
         calls it, then the reference in place of the kernels."""
         b, s_q, h_q, _, ws = self._real.torch_check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                                                           meta, splits, scale, check_device=False)
+                                                           meta, splits, scale, check_device=False,
+                                                           descale_q=descale_q, descale_k=descale_k)
         given_out, given_lse = out, lse
         out, lse, workspace, stream = prepare(q, out, lse, b, s_q, h_q, ws, -1)
         assert stream == 0 and workspace.numel() == ws * s_q * h_q * (DV + 1)
         assert (given_out is None or out is given_out) and (given_lse is None or lse is given_lse)
-        self._reference(q, k_cache, block_table, cache_seqlens, head_dim_v, out, lse, scale, causal)
+        self._reference(q, k_cache, block_table, cache_seqlens, head_dim_v, out, lse, scale, causal, descale_q,
+                        descale_k)
         return out, lse
 
 

@@ -13,11 +13,12 @@ namespace flash_mla {
 /// o: this warp's 16 rows x 256 channels (channel offset dv0); row_sum: full softmax sums of the
 /// thread's two rows; row_max: their maxima in the log2 domain. lse of a row with no visible key:
 /// +inf in the final output, -inf in a partial (so that combine gives it weight 0).
+/// value_scale: what V's stored values are multiplied by (an FP8 cache's descale; else 1).
 template <int kOTiles, typename Element>
 __device__ __forceinline__ void store_segment(const DecodeParams& p, const RowMap& rows_map, int req,
                                               int split, int first_row, int dv0,
                                               const float (&o)[kOTiles][4], const float (&row_max)[2],
-                                              const float (&row_sum)[2]) {
+                                              const float (&row_sum)[2], float value_scale) {
   const int tq = threadIdx.x % 4;
   const bool single_split = p.num_splits[req + 1] - p.num_splits[req] <= 1;
   const int rows_total = p.num_heads_kv * rows_map.rows;
@@ -28,7 +29,7 @@ __device__ __forceinline__ void store_segment(const DecodeParams& p, const RowMa
     const int r = first_row + 8 * i;
     if (r >= rows_map.rows) continue;
     const bool seen = row_sum[i] > 0.f;
-    const float inv = seen ? 1.f / row_sum[i] : 0.f;
+    const float inv = seen ? value_scale / row_sum[i] : 0.f;
     const float lse = seen ? (row_max[i] + log2f(row_sum[i])) * float(M_LN2)
                            : (single_split ? INFINITY : -INFINITY);
     const bool writes_lse = tq == 0 && dv0 == 0;

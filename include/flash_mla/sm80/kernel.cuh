@@ -3,10 +3,16 @@
 //
 // Grid: (m-blocks of kBlockM packed query rows, KV heads, SM parts). Each CTA walks the request
 // segments its SM part owns (scheduler/plan.hpp) and, per segment, streams KV tiles through two
-// shared-memory buffers: tile i + 1 is copied while tile i is multiplied.
+// shared-memory buffers: tile i + 1 is copied while tile i is multiplied. An FP8 cache streams
+// through two staging buffers of half the size instead, and each tile is widened into the one
+// 16-bit tile the products read (gmem_loader.cuh).
+//
+// Element: the type the tensor cores multiply and out's type. KvStored / QStored: how k_cache and
+// q are stored, Element itself or Fp8E4M3 (common/fp8.cuh; an FP8 q is multiplied as bf16).
 #pragma once
 
 #include "../common/epilogue.cuh"
+#include "../common/fp8.cuh"
 #include "../common/segment.cuh"
 #include "../common/softmax.cuh"
 #include "../params.hpp"
@@ -16,13 +22,21 @@
 
 namespace flash_mla::sm80 {
 
-template <typename Traits, typename Element>
+template <typename Traits, typename Element, typename KvStored = Element, typename QStored = Element>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     decode_kernel(const __grid_constant__ DecodeParams p, const bool q_vec16) {
   using T = Traits;
+  constexpr bool kFp8Kv = kIsFp8<KvStored>;
+  constexpr int kTileElems = T::kBlockN * T::kHeadDim;
   extern __shared__ __align__(128) char smem[];
   Element* sQ = reinterpret_cast<Element*>(smem + T::kQOffset);
   Element* sK = reinterpret_cast<Element*>(smem + T::kKOffset);
+  // Where tile `it` lands: one of the two 16-bit tiles, or (FP8) one of the two staging tiles
+  // behind the single 16-bit tile.
+  const auto landing = [&](int it) {
+    return reinterpret_cast<uint8_t*>(smem + T::kKOffset) + (kFp8Kv ? T::kKTileBytes + (it & 1) * kTileElems
+                                                                    : (it & 1) * T::kKTileBytes);
+  };
   Element* sP = reinterpret_cast<Element*>(smem + T::kPOffset);
   float* sRowStat = reinterpret_cast<float*>(smem + T::kRowStatOffset);  // [2 halves][kBlockM]
 
@@ -34,7 +48,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const RowMap rows_map{p.num_heads_q / p.num_heads_kv, p.rows_per_kv_head(), static_cast<int>(blockIdx.y)};
   const int row0 = blockIdx.x * T::kBlockM;
   const bool warp_has_rows = row0 + row_group * 16 < rows_map.rows;
-  const float scale_log2 = p.softmax_scale * float(M_LOG2E);
+  // FP8 inputs are widened as value * 2^-8: the descales (and 2^8) scale the scores and V once.
+  const float value_scale = input_scale<KvStored>(p.descale_k);
+  const float scale_log2 = p.softmax_scale * input_scale<QStored>(p.descale_q) * value_scale * float(M_LOG2E);
 
   const int32_t* meta = p.tile_scheduler_metadata + blockIdx.z * kMetaInts;
   const int begin_req = meta[0], end_req = meta[2];
@@ -53,8 +69,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
     __syncthreads();  // the previous segment is done with every shared buffer
     if (n_tiles > 0) {  // an empty segment (L == 0) only writes its zero output
-      load_q_tile<T>(sQ, p, rows_map, req, row0, q_vec16);
-      load_kv_tile<T>(sK, p, req, rows_map.kv_head, n_lo, seqlen);
+      load_q_tile<T, QStored>(sQ, p, rows_map, req, row0, q_vec16);
+      load_kv_tile<T, KvStored>(landing(0), p, req, rows_map.kv_head, n_lo, seqlen);
     }
     cp_async_commit();
 
@@ -67,11 +83,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cp_async_wait_all();
       __syncthreads();  // tile `it` visible to all; everyone is done with tile it - 1
       if (it + 1 < n_tiles) {
-        load_kv_tile<T>(sK + ((it + 1) & 1) * T::kBlockN * T::kHeadDim, p, req, rows_map.kv_head,
-                        n_lo + (it + 1) * T::kBlockN, seqlen);
+        load_kv_tile<T, KvStored>(landing(it + 1), p, req, rows_map.kv_head, n_lo + (it + 1) * T::kBlockN, seqlen);
       }
       cp_async_commit();
-      const Element* kv = sK + (it & 1) * T::kBlockN * T::kHeadDim;
+      if constexpr (kFp8Kv) {
+        widen_kv_tile<T>(landing(it), sK);
+        __syncthreads();  // the 16-bit tile is complete
+      }
+      const Element* kv = kFp8Kv ? sK : sK + (it & 1) * kTileElems;
 
       // S = Q K^T over this warp's rows and half of the tile's tokens.
       float s[T::kSTiles][4];
@@ -161,7 +180,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     const int split = req == begin_req ? meta[4] : 0;
     store_segment<T::kOTiles, Element>(p, rows_map, req, split, row0 + local_row, half * T::kDvPerWarp, o, state.max,
-                              row_sum);
+                                       row_sum, value_scale);
   }
 }
 

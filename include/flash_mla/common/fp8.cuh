@@ -1,0 +1,89 @@
+// FP8 (float8_e4m3fn) inputs: the storage tag the kernels are instantiated with, and the
+// conversion to the 16-bit type the tensor cores multiply.
+//
+// Every e4m3 value is exactly representable in fp16 and in bf16, so widening loses nothing.
+// The conversion is integer-only: moving the 4 exponent and 3 mantissa bits of e4m3 under the
+// fp16 exponent field gives an fp16 of the value times 2^-8 (subnormals included, since fp16 has
+// subnormals 2^8 below e4m3's), so the factor 2^8 joins the per-tensor descale, which the
+// kernels apply once per score and once per output instead of once per element.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace flash_mla {
+
+/// Storage tag of a float8_e4m3fn tensor (q or k_cache): one byte per channel.
+struct Fp8E4M3 {
+  uint8_t bits;
+};
+
+/// Whether `Stored` is the FP8 tag (the kernels widen it on chip).
+template <typename Stored>
+constexpr bool kIsFp8 = false;
+template <>
+constexpr bool kIsFp8<Fp8E4M3> = true;
+
+/// The value the widened elements are multiplied by to give float(x): 2^8 (see the file comment).
+constexpr float kFp8WidenScale = 256.f;
+
+/// Multiplier of the stored values of an input: 1 for 16-bit storage; *descale * 2^8 for FP8.
+template <typename Stored>
+__device__ __forceinline__ float input_scale(const float* descale) {
+  if constexpr (kIsFp8<Stored>) {
+    return *descale * kFp8WidenScale;
+  } else {
+    return 1.f;
+  }
+}
+
+/// Two e4m3 bytes held in bits 0-7 and 16-23 of `pair` -> two fp16 (lo, hi) of value * 2^-8.
+/// NaN (0x7f, 0xff) stays NaN.
+__device__ __forceinline__ uint32_t e4m3_pair_to_scaled_half2(uint32_t pair) {
+  const uint32_t magnitude = pair & 0x007f007fu;
+  uint32_t h = ((pair & 0x00800080u) << 8) | (magnitude << 7);
+  // e4m3 has no infinities and one NaN magnitude (all exponent and mantissa bits set): give it an
+  // all-ones fp16 exponent (the mantissa bits 0x380 keep it a NaN).
+  h |= __vcmpeq2(magnitude, 0x007f007fu) & 0x7c007c00u;
+  return h;
+}
+
+/// Four e4m3 bytes (byte i = element i) -> two registers of two Element each (value * 2^-8).
+template <typename Element>
+__device__ __forceinline__ void e4m3x4_to_scaled(uint32_t four, uint32_t& lo, uint32_t& hi) {
+  lo = e4m3_pair_to_scaled_half2(__byte_perm(four, 0u, 0x4140));  // bytes 0, 1
+  hi = e4m3_pair_to_scaled_half2(__byte_perm(four, 0u, 0x4342));  // bytes 2, 3
+  if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
+    // fp16 -> fp32 -> bf16 is exact for these values (3 mantissa bits, exponents >= 2^-17).
+    const auto widen = [](uint32_t h2) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
+      __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+      return *reinterpret_cast<uint32_t*>(&b);
+    };
+    lo = widen(lo);
+    hi = widen(hi);
+  }
+}
+
+/// 16 e4m3 bytes -> 16 Element (value * 2^-8) as two 16-byte vectors (elements 0-7, 8-15).
+template <typename Element>
+__device__ __forceinline__ void e4m3x16_to_scaled(const uint4& in, uint4& first, uint4& second) {
+  e4m3x4_to_scaled<Element>(in.x, first.x, first.y);
+  e4m3x4_to_scaled<Element>(in.y, first.z, first.w);
+  e4m3x4_to_scaled<Element>(in.z, second.x, second.y);
+  e4m3x4_to_scaled<Element>(in.w, second.z, second.w);
+}
+
+/// 8 e4m3 bytes -> 8 Element (value * 2^-8) as one 16-byte vector.
+template <typename Element>
+__device__ __forceinline__ uint4 e4m3x8_to_scaled(const uint2& in) {
+  uint4 out;
+  e4m3x4_to_scaled<Element>(in.x, out.x, out.y);
+  e4m3x4_to_scaled<Element>(in.y, out.z, out.w);
+  return out;
+}
+
+}  // namespace flash_mla
