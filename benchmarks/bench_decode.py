@@ -21,9 +21,12 @@ What is timed
 FLOPs and bytes (d = 576, dv = 512, mean_L = mean of the lengths drawn)
     FLOPs = b * h_q * s_q * mean_L * 2 * (d + dv)      QK^T and PV over every key (the
                                                        causal mask's few saved keys not taken off)
-    bytes = b * (mean_L * h_kv * d + s_q * h_q * (d + dv)) * 2
+    bytes = b * (mean_L * h_kv * d * kv + s_q * h_q * (d * qb + dv * 2))
                                                        the KV cache read once per KV head, q read,
-                                                       out written (2-byte elements)
+                                                       out written; kv and qb are the bytes of a
+                                                       cache and a q element: 2 (bf16, fp16), 1
+                                                       (FP8, --kv-dtype fp8, --fp8-q); out is
+                                                       always 16-bit
     The same run measures two ceilings: a device-to-device copy (2 GiB, bytes read + written)
     and an 8192^3 bf16 GEMM on random data. Every row is given as a share of both.
 
@@ -60,6 +63,28 @@ Cases
     with the 64-token one's (same tolerances as --compare). The main table shows the 64-token
     figures of that interleaved timing (no burst column). Not combined with --compare,
     --page-size or --eager.
+
+--kv-dtype {bf16,fp16,fp8}
+    dtype of the KV cache of every case (default: --dtype). fp8: the 16-bit cache is quantized
+    with flash_mla.kv_formats.quantize_kv_cache_fp8 (one float32 descale_k per cache, passed to
+    every call; the NaN slots past each length stay NaN codes), the bytes count 1 per cache
+    element, and the rows are named "... kv=fp8". A 16-bit --kv-dtype must equal --dtype (q and
+    a 16-bit cache share their dtype). Not with --compare.
+
+--fp8-q
+    With an FP8 cache, q quantized too (quantize_q_fp8, descale_q; 1 byte per q element; out
+    stays bfloat16); rows named "... q=fp8".
+
+--kv-dtypes D,D,...
+    Times every row with each of these cache dtypes: --dtype (the baseline, added if missing)
+    and fp8 (with --fp8-q, FP8 q as well), e.g. --kv-dtypes bf16,fp8: the FP8 cache holds the
+    quantized tokens of the 16-bit one. As --page-sizes: one CUDA graph per dtype, timed
+    interleaved; reported as t(16-bit) / t(fp8) per row (> 1: the FP8 cache faster), with
+    medians, geometric means and the smallest ratio, and the GB/s of each dtype with its own
+    bytes. The FP8 output is compared with the 16-bit one within the quantization error (max
+    |out| difference within 20% of max |out|, lse within 0.5; the sanity check compares it
+    precisely with a float32 computation on the dequantized cache). Not combined with
+    --compare, --page-sizes, --kv-dtype or --eager.
 
 --compare MODULE
     MODULE (an importable module name, a package directory or a .py file) must offer the seed
@@ -117,11 +142,14 @@ Examples:
     python3 benchmarks/bench_decode.py --page-size 16 --compare path/to/flash_mla_ref
     python3 benchmarks/bench_decode.py --sweep serving --quick --page-sizes 16,32,64,128,256 \\
         --json out/pages.json
+    python3 benchmarks/bench_decode.py --kv-dtype fp8 --fp8-q
+    python3 benchmarks/bench_decode.py --sweep serving --quick --kv-dtypes bf16,fp8 --json out/fp8.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import importlib
 import inspect
@@ -140,6 +168,9 @@ D = 576
 DV = 512
 PAGE = 64  # the default page size, and the only one the compared module is given
 PAGE_SIZES = (16, 32, 64, 128, 256)  # page sizes flash_mla takes (--page-size, --page-sizes)
+Q_DTYPES = ("bf16", "fp16")  # --dtype: q (and a 16-bit cache)
+KV_DTYPES = ("bf16", "fp16", "fp8")  # --kv-dtype, --kv-dtypes
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 KNOWN_KERNELS = ("auto", "sm90", "sm80_large", "sm80_small")
 KINDS = ("short", "compute", "memory", "batch", "imbalanced")
 SWEEPS = ("serving",)
@@ -181,6 +212,8 @@ class Case:
         self.causal = bool(causal)
         self.ref = ref  # dict(ms, rate, unit) for the reference rows
         self.page = PAGE  # tokens per page of the cache (--page-size)
+        self.kv_dtype = None  # the cache's dtype when not q's 16-bit one (--kv-dtype fp8)
+        self.fp8_q = False  # q in FP8 too (--fp8-q)
         self.target_mean_L = mean_L
         if lens is not None:
             self.lens = [int(x) for x in lens]
@@ -221,14 +254,26 @@ class Case:
 
     @property
     def bytes(self):
-        # b * (mean_L * h_kv * d + s_q * h_q * (d + dv)) * 2
-        return float(self.total_L * self.h_kv * D + self.b * self.s_q * self.h_q * (D + DV)) * 2
+        return self.bytes_for(ELEMENT_BYTES.get(self.kv_dtype, 2), 1 if self.fp8_q else 2)
+
+    def bytes_for(self, kv_bytes, q_bytes):
+        """b * (mean_L * h_kv * d * kv_bytes + s_q * h_q * (d * q_bytes + dv * 2)): the cache and
+        q with elements of kv_bytes and q_bytes bytes, out 16-bit."""
+        return float(self.total_L * self.h_kv * D * kv_bytes
+                     + self.b * self.s_q * self.h_q * (D * q_bytes + DV * 2))
 
     def set_page(self, page):
         """Use `page`-token pages; a page size other than 64 goes into the row's name."""
         self.page = int(page)
         if self.page != PAGE:
             self.name += f" page={self.page}"
+
+    def set_fp8(self, fp8_q=False):
+        """An FP8 cache (and q with fp8_q): 1-byte elements, ' kv=fp8' (' q=fp8') in the name."""
+        self.kv_dtype = "fp8"
+        self.fp8_q = bool(fp8_q)
+        self.name += " kv=fp8" + (" q=fp8" if self.fp8_q else "")
+        self.ref = None  # FlashMLA's published figures are for 16-bit caches
 
     def describe(self):
         out = dict(name=self.name, kind=self.kind, b=self.b, s_q=self.s_q, h_q=self.h_q,
@@ -238,6 +283,9 @@ class Case:
                    flops=self.flops, bytes=self.bytes, ref=self.ref, lengths=self.lens)
         if self.page != PAGE:
             out["page_block_size"] = self.page
+        if self.kv_dtype is not None:
+            out["kv_dtype"] = self.kv_dtype
+            out["fp8_q"] = self.fp8_q
         return out
 
 
@@ -416,7 +464,18 @@ def parse_args(argv=None):
                    help="bar chart of the --compare ratios (needs matplotlib)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all results here")
     p.add_argument("--seed", type=int, default=0, help="seed of lengths and data (default 0)")
-    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--dtype", choices=Q_DTYPES, default="bf16",
+                   help="dtype of q (and of the KV cache unless --kv-dtype says otherwise)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
+                   help="dtype of the KV cache (default: --dtype); fp8: quantized per tensor "
+                        "(descale_k), 1 byte per element in the bytes; rows named '... kv=fp8'")
+    p.add_argument("--fp8-q", action="store_true",
+                   help="with an FP8 cache (--kv-dtype fp8 or --kv-dtypes), quantize q too "
+                        "(descale_q, 1 byte per element; out stays bfloat16)")
+    p.add_argument("--kv-dtypes", default=None, metavar="D,D,...",
+                   help="time every row with each cache dtype (--dtype, added if missing, and "
+                        "fp8), interleaved, and report t(16-bit) / t(fp8), e.g. bf16,fp8; not "
+                        "with --compare, --page-sizes, --kv-dtype or --eager")
     p.add_argument("--pages", choices=("contiguous", "shuffled"), default="contiguous",
                    help="physical page order: each request's pages consecutive (as FlashMLA's "
                         "benchmark) or a random permutation (default contiguous)")
@@ -500,6 +559,35 @@ def parse_args(argv=None):
         args.eager = False
         args.burst = False  # the page sizes are timed interleaved only
         args.page_size_list = sorted(set(sizes) | {PAGE})
+    kv_given = args.kv_dtype is not None
+    if args.kv_dtype is None:
+        args.kv_dtype = args.dtype
+    if args.kv_dtype != "fp8" and args.kv_dtype != args.dtype:
+        p.error(f"--kv-dtype {args.kv_dtype} with --dtype {args.dtype}: a 16-bit cache has q's dtype "
+                "(use --kv-dtype fp8 for an FP8 cache)")
+    if args.kv_dtype == "fp8" and args.compare is not None:
+        p.error("--kv-dtype fp8 is not combined with --compare (the compared module gets 16-bit caches)")
+    args.kv_dtype_list = None
+    if args.kv_dtypes is not None:
+        names = [x.strip() for x in args.kv_dtypes.split(",") if x.strip()]
+        bad = [x for x in names if x not in (args.dtype, "fp8")]
+        if bad or not names:
+            p.error(f"--kv-dtypes: {bad or 'none given'}; choose from {args.dtype} (--dtype) and fp8")
+        if len(set(names)) != len(names):
+            p.error("--kv-dtypes: a dtype is named twice")
+        if args.compare is not None:
+            p.error("--kv-dtypes times flash_mla alone: not with --compare")
+        if args.page_size_list is not None:
+            p.error("--kv-dtypes and --page-sizes exclude each other (one baseline at a time)")
+        if kv_given:
+            p.error("--kv-dtypes and --kv-dtype exclude each other (the baseline is --dtype)")
+        if eager_given:
+            p.error("--kv-dtypes does not measure the eager loop: leave out --eager")
+        args.eager = False
+        args.burst = False  # the dtypes are timed interleaved only
+        args.kv_dtype_list = [args.dtype] + (["fp8"] if "fp8" in names else [])
+    if args.fp8_q and not uses_fp8(args):
+        p.error("--fp8-q needs an FP8 cache: --kv-dtype fp8, or fp8 in --kv-dtypes")
     if args.sweep == "serving":
         cases = serving_sweep(args.seed, only)
     elif args.no_defaults:
@@ -515,6 +603,8 @@ def parse_args(argv=None):
         p.error("no cases selected")
     for c in cases:
         c.set_page(args.page_size)
+        if args.kv_dtype == "fp8":
+            c.set_fp8(args.fp8_q)
     names = [c.name for c in cases]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -526,7 +616,8 @@ def parse_args(argv=None):
             p.error(f"--compare {args.compare!r}: no such file or directory")
     if capture_count(args) > args.max_captures:
         per = (" x 2 modules" if args.compare else
-               f" x {len(args.page_size_list)} page sizes" if args.page_size_list else "")
+               f" x {len(args.page_size_list)} page sizes" if args.page_size_list else
+               f" x {len(args.kv_dtype_list)} KV dtypes" if args.kv_dtype_list else "")
         p.error(f"{capture_count(args)} CUDA-graph captures planned ({len(cases)} cases x "
                 f"{len(args.kernels)} kernels{per}); more than --max-captures {args.max_captures}")
     return args
@@ -534,9 +625,9 @@ def parse_args(argv=None):
 
 def capture_count(args):
     """CUDA-graph captures of a run: one per (case, kernel), two with --compare, one per page
-    size with --page-sizes."""
-    sizes = getattr(args, "page_size_list", None)
-    per = 2 if args.compare else len(sizes) if sizes else 1
+    size with --page-sizes, one per KV dtype with --kv-dtypes."""
+    variants = getattr(args, "page_size_list", None) or getattr(args, "kv_dtype_list", None)
+    per = 2 if args.compare else len(variants) if variants else 1
     return len(args.cases) * len(args.kernels) * per
 
 
@@ -841,6 +932,24 @@ def format_report(report):
         if psumm.get("lines"):
             lines.append("")
             lines.extend(psumm["lines"])
+    kv = settings.get("kv_dtype")
+    if kv == "fp8" and not settings.get("kv_dtypes"):
+        lines.append("KV cache: FP8 (float8_e4m3fn, per-tensor descale_k), 1 byte per element in the "
+                     "bytes" + ("; q FP8 too" if settings.get("fp8_q") else ""))
+    kt = kv_dtype_table(pairs)
+    if kt:
+        lines.append("")
+        lines.append("KV dtypes (flash_mla only, same tokens, one CUDA graph per dtype, timed "
+                     "interleaved): t(dtype) per call, GB/s with the dtype's own bytes, and "
+                     "t(16-bit) / t(dtype), > 1: faster than the 16-bit cache"
+                     + (" (FP8 q with the FP8 cache)" if settings.get("fp8_q") else "")
+                     + "; check: each dtype's sanity check and its output against the 16-bit one's "
+                     f"({FP8_AGREEMENT['out_rel']:.0%} of max |out|, lse {FP8_AGREEMENT['lse_atol']})")
+        lines.append(kt)
+        ksumm = report.get("kv_dtype_summary") or kv_dtype_summary(report)
+        if ksumm.get("lines"):
+            lines.append("")
+            lines.extend(ksumm["lines"])
     return "\n".join(lines)
 
 
@@ -875,11 +984,17 @@ def page_size_table(pairs):
 
 def page_size_entries(report, page):
     """(row name, kind, nominal mean L, ratio t(64) / t(page)) of every --page-sizes result."""
+    return _variant_entries(report, "page_sizes", "pages", str(page))
+
+
+def _variant_entries(report, section, sub, key):
+    """(row name, kind, nominal mean L, ratio) of variant ``key`` in every result's
+    res[section][sub] (--page-sizes, --kv-dtypes)."""
     pairs = result_pairs(report)
     kernels = {res.get("kernel") for _, res in pairs}
     out = []
     for case, res in pairs:
-        e = ((res.get("page_sizes") or {}).get("pages") or {}).get(str(page)) or {}
+        e = ((res.get(section) or {}).get(sub) or {}).get(key) or {}
         if e.get("ratio") is None:
             continue
         name = case["name"] + (f" [{res.get('kernel')}]" if len(kernels) > 1 else "")
@@ -910,6 +1025,62 @@ def page_size_summary(report):
                                               "sanity check" if not failed else
                                               f"{len(failed)} failed: " + "; ".join(
                                                   f"{n} page {p}: {w}" for n, p, w in failed)))
+    return out
+
+
+def _kv_dtype_keys(pairs):
+    """The --kv-dtypes variants of the results, the baseline first."""
+    keys = []
+    for _, res in pairs:
+        for k in ((res.get("kv_dtypes") or {}).get("dtypes") or {}):
+            if k not in keys:
+                keys.append(k)
+    return keys
+
+
+def kv_dtype_table(pairs):
+    """The --kv-dtypes table: per row, the time per call and GB/s (own bytes) of each KV dtype
+    and t(16-bit) / t(fp8). None without --kv-dtypes results."""
+    keys = _kv_dtype_keys(pairs)
+    if not keys:
+        return None
+    base, others = keys[0], keys[1:]
+    header = (["case", "kernel"] + [f"t({k})" for k in keys] + [f"GB/s({k})" for k in keys]
+              + [f"{base}/{k}" for k in others] + ["check"])
+    rows = []
+    for case, res in pairs:
+        ds = (res.get("kv_dtypes") or {}).get("dtypes")
+        if not ds:
+            continue
+        bad = kv_dtype_problems(res)
+        rows.append([case["name"], res["kernel"]]
+                    + [fmt_time((ds.get(k) or {}).get("ms")) for k in keys]
+                    + [fmt_num((ds.get(k) or {}).get("gbps"), 0) for k in keys]
+                    + [fmt_ratio((ds.get(k) or {}).get("ratio")) for k in others]
+                    + ["; ".join(f"{k}: {why}" for k, why in bad) if bad else "ok"])
+    numeric = set(range(2, len(header) - 1))
+    return format_table(header, rows, numeric=numeric)
+
+
+def kv_dtype_summary(report):
+    """Per non-baseline KV dtype: the summary of t(16-bit) / t(dtype) over the rows (as the
+    --page-sizes one), and the rows where a dtype failed or disagreed. A dict with 'by_dtype'
+    and 'lines'."""
+    pairs = result_pairs(report)
+    keys = _kv_dtype_keys(pairs)
+    out = dict(by_dtype={}, lines=[])
+    for k in keys[1:]:
+        summ = summarize_ratios(_variant_entries(report, "kv_dtypes", "dtypes", k))
+        out["by_dtype"][k] = summ
+        out["lines"] += format_ratio_summary(summ, f"{k} cache vs {keys[0]}, CUDA graph, "
+                                                   f"t({keys[0]}) / t({k})")
+    failed = [(case["name"], k, why) for case, res in pairs for k, why in kv_dtype_problems(res)]
+    out["failed"] = [dict(row=n, kv_dtype=k, problem=w) for n, k, w in failed]
+    if out["by_dtype"]:
+        out["lines"].append("KV dtypes: " + ("all agree with the 16-bit output and pass the sanity "
+                                             "check" if not failed else
+                                             f"{len(failed)} failed: " + "; ".join(
+                                                 f"{n} {k}: {w}" for n, k, w in failed)))
     return out
 
 
@@ -998,7 +1169,7 @@ def compare_summary(report):
 def summary_line(report, json_path=None):
     pairs = [res for _, res in result_pairs(report)]
     bad = [r for r in pairs if r.get("error") or not (r.get("sanity") or {}).get("ok")
-           or page_size_problems(r)]
+           or page_size_problems(r) or kv_dtype_problems(r)]
     c = report.get("ceilings", {})
     cp, gm = c.get("copy") or {}, c.get("gemm") or {}
     cmp = ""
@@ -1014,10 +1185,16 @@ def summary_line(report, json_path=None):
         pages = (f"; t({PAGE})/t(page) geomean (min): " + ", ".join(
             f"{k} {fmt_ratio(v.get('geomean'))} ({fmt_ratio(v.get('min'))})"
             for k, v in sorted(by_page.items(), key=lambda x: int(x[0]))))
+    dtypes = ""
+    by_dtype = (report.get("kv_dtype_summary") or {}).get("by_dtype") or {}
+    if by_dtype:
+        base = (report.get("settings") or {}).get("dtype", "16-bit")
+        dtypes = "; " + ", ".join(f"t({base})/t({k}) geomean {fmt_ratio(v.get('geomean'))} (min "
+                                  f"{fmt_ratio(v.get('min'))})" for k, v in by_dtype.items())
     return (f"bench_decode: {len(report.get('cases', []))} cases x "
             f"{len(report.get('kernels', []))} kernels, {len(pairs) - len(bad)} ok, "
             f"{len(bad)} failed; copy {fmt_num(cp.get('gbps'), 0)} GB/s, GEMM "
-            f"{fmt_num(gm.get('tflops'), 0)} TFLOP/s" + cmp + pages
+            f"{fmt_num(gm.get('tflops'), 0)} TFLOP/s" + cmp + pages + dtypes
             + (f"; json: {json_path}" if json_path else ""))
 
 
@@ -1093,14 +1270,20 @@ def write_json(path, report):
 def dry_run(args):
     print(f"{len(args.cases)} cases{f' (sweep {args.sweep})' if args.sweep else ''}, kernels: "
           f"{', '.join(args.kernels)}, dtype {args.dtype}, seed {args.seed}, page size "
-          f"{args.page_size}")
+          f"{args.page_size}" + (f", KV cache {args.kv_dtype}" if args.kv_dtype != args.dtype else "")
+          + (", q fp8" if args.fp8_q else ""))
     rows = []
+    header = ["case", "b", "s_q", "h_q", "h_kv", "causal", "mean L", "min L", "max L", "GFLOP", "MB"]
+    if args.kv_dtype_list:
+        header.append("MB fp8")
     for c in args.cases:
-        rows.append([c.name, c.b, c.s_q, c.h_q, c.h_kv, int(c.causal), f"{c.mean_L:.1f}",
-                     min(c.lens), max(c.lens), f"{c.flops / 1e9:.2f}", f"{c.bytes / 1e6:.1f}",
-                     fmt_ref(c.ref)])
-    print(format_table(["case", "b", "s_q", "h_q", "h_kv", "causal", "mean L", "min L", "max L",
-                        "GFLOP", "MB", "ref (H200)"], rows))
+        row = [c.name, c.b, c.s_q, c.h_q, c.h_kv, int(c.causal), f"{c.mean_L:.1f}", min(c.lens),
+               max(c.lens), f"{c.flops / 1e9:.2f}", f"{c.bytes / 1e6:.1f}"]
+        if args.kv_dtype_list:
+            row.append(f"{c.bytes_for(1, 1 if args.fp8_q else 2) / 1e6:.1f}")
+        rows.append(row + [fmt_ref(c.ref)])
+    print(format_table(header + ["ref (H200)"], rows,
+                       numeric={i for i, h in enumerate(header) if h in NUMERIC_COLUMNS | {"MB fp8"}}))
     for c in args.cases:
         print(f"lengths[{c.name}]: {c.lens}")
     kinds = {}
@@ -1121,6 +1304,10 @@ def dry_run(args):
     if args.page_size_list:
         print(f"page sizes: {', '.join(str(x) for x in args.page_size_list)}, timed interleaved, "
               f"reported as t({PAGE}) / t(page)")
+    if args.kv_dtype_list:
+        print(f"KV dtypes: {', '.join(args.kv_dtype_list)}{' (q fp8 with fp8)' if args.fp8_q else ''}, "
+              f"timed interleaved, reported as t({args.kv_dtype_list[0]}) / t(fp8); MB: the "
+              f"{args.kv_dtype_list[0]} cache's, 'MB fp8' the FP8 one's (1 byte per element)")
     return 0
 
 
@@ -1261,18 +1448,29 @@ def measure_gemm(torch, dev, n, reps=20, warm_s=0.3):
                 ms_max=max(times), reps=reps)
 
 
+def uses_fp8(args):
+    """Does the run use an FP8 cache (--kv-dtype fp8, or fp8 among --kv-dtypes)?"""
+    return (getattr(args, "kv_dtype", None) == "fp8"
+            or "fp8" in (getattr(args, "kv_dtype_list", None) or ()))
+
+
 class Inputs:
     """Paged KV cache(s), block table and queries of one case, on the GPU.
 
     ``page``: tokens per page (default: the case's, i.e. --page-size). With ``source`` (another
     Inputs of the same case) the caches hold the same tokens as the source's, laid out in
     `page`-token pages, and the query sets are the source's own tensors: the same inputs in
-    another page size (the compared module's 64-token copy, the --page-sizes variants)."""
+    another page size (the compared module's 64-token copy, the --page-sizes variants).
+    ``to_fp8`` gives the same inputs with FP8 caches (and queries); ``descales(s)`` are the
+    keyword arguments of a call on set s (none for 16-bit inputs)."""
 
     def __init__(self, torch, case, args, dev, dtype, l2_bytes, page=None, source=None):
         self.torch = torch
         page = int(page or getattr(case, "page", PAGE))
         self.page = page
+        self.kv_dtype = None  # 16-bit: the dtype of q; "fp8" after to_fp8
+        self.descale_ks = self.descale_qs = None
+        self.out_dtype = dtype
         b, lens = case.b, case.lens
         gen_cpu = torch.Generator().manual_seed(args.seed * 1000003 + 17)
         pages_per = [(L + page - 1) // page for L in lens]
@@ -1295,18 +1493,27 @@ class Inputs:
         self.block_table = table.to(dev)
         self.cache_seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
         self.num_pages = num_pages
-        self.set_bytes = (num_pages * page * case.h_kv * D + b * case.s_q * case.h_q * D) * 2
+        # Sets are sized with the element sizes of the smallest inputs of the run (FP8 caches
+        # and queries rotate as many sets as the 16-bit ones they come from).
+        fp8 = uses_fp8(args)
+        kv_bytes, q_bytes = (1 if fp8 else 2), (1 if fp8 and getattr(args, "fp8_q", False) else 2)
+        self.set_bytes = num_pages * page * case.h_kv * D * kv_bytes + b * case.s_q * case.h_q * D * q_bytes
         if source is not None:
             self.n_sets = source.n_sets
             self.qs = source.qs
+            self.kv_dtype, self.out_dtype = source.kv_dtype, source.out_dtype
+            self.descale_ks, self.descale_qs = source.descale_ks, source.descale_qs
             src, dst = self._token_slots(torch, source, lens, dev), self._token_slots(torch, self, lens, dev)
             self.ks = []
             for k_src in source.ks:
-                k = torch.full((num_pages, page, case.h_kv, D), float("nan"), dtype=k_src.dtype,
-                               device=dev)
+                # Copied as raw elements (FP8 included): NaN, or its FP8 code, past each length.
+                nan = torch.full((1,), float("nan"), dtype=torch.float32, device=dev).to(k_src.dtype)
+                k = torch.empty((num_pages, page, case.h_kv, D), dtype=k_src.dtype, device=dev)
+                raw = _raw(torch, k)
+                raw.copy_(_raw(torch, nan).expand(raw.shape))
                 if dst.numel():
-                    k.view(num_pages * page, case.h_kv, D)[dst] = \
-                        k_src.reshape(-1, case.h_kv, D)[src]
+                    raw.view(num_pages * page, case.h_kv, D)[dst] = \
+                        _raw(torch, k_src).reshape(-1, case.h_kv, D)[src]
                 self.ks.append(k)
             return
         if l2_bytes > 0:
@@ -1341,7 +1548,43 @@ class Inputs:
         """The same inputs (tokens, values, queries) in `page`-token pages (self if equal)."""
         if page == self.page:
             return self
-        return Inputs(torch, case, args, dev, self.ks[0].dtype, 0, page=page, source=self)
+        return Inputs(torch, case, args, dev, self.out_dtype, 0, page=page, source=self)
+
+    def to_fp8(self, torch, kv_formats, fp8_q=False):
+        """The same inputs with every cache set in FP8 (kv_formats.quantize_kv_cache_fp8: one
+        float32 descale_k per set, the NaN slots past each length stored as NaN codes) and,
+        with fp8_q, every query set too (quantize_q_fp8, out then bfloat16). Shares the block
+        table and lengths; self is left as it is."""
+        out = copy.copy(self)
+        out.kv_dtype = "fp8"
+        out.ks, out.descale_ks = [], []
+        for k in self.ks:
+            k8, descale = kv_formats.quantize_kv_cache_fp8(k)
+            out.ks.append(k8)
+            out.descale_ks.append(descale)
+        if fp8_q:
+            out.qs, out.descale_qs = [], []
+            for q in self.qs:
+                q8, descale = kv_formats.quantize_q_fp8(q)
+                out.qs.append(q8)
+                out.descale_qs.append(descale)
+            out.out_dtype = torch.bfloat16
+        return out
+
+    def descales(self, s):
+        """The descale keyword arguments of a call on set s ({} for 16-bit inputs)."""
+        kw = {}
+        if self.descale_ks is not None:
+            kw["descale_k"] = self.descale_ks[s]
+        if self.descale_qs is not None:
+            kw["descale_q"] = self.descale_qs[s]
+        return kw
+
+
+def _raw(torch, t):
+    """t's elements as integers of the same size (copies and gathers of any dtype, FP8
+    included, without arithmetic on it)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def visible_mask(torch, case, dev):
@@ -1363,8 +1606,15 @@ def spot_reference(torch, case, inp, set_idx, i, scale):
     page = inp.page
     n = (L + page - 1) // page
     pages = inp.block_table[i, :n].long()
-    K = inp.ks[set_idx][pages].reshape(n * page, h_kv, D)[:L].float().permute(1, 0, 2)
+    k_all = inp.ks[set_idx]
+    K = _raw(torch, k_all)[pages].view(k_all.dtype)  # gathered as raw elements: FP8 too
+    K = K.reshape(n * page, h_kv, D)[:L].float().permute(1, 0, 2)
     Q = inp.qs[set_idx][i].float().reshape(s_q, h_kv, g, D).permute(1, 0, 2, 3)
+    scales = inp.descales(set_idx)  # FP8: the values the kernel must use
+    if "descale_k" in scales:
+        K = K * scales["descale_k"]
+    if "descale_q" in scales:
+        Q = Q * scales["descale_q"]
     Q = Q.reshape(h_kv, s_q * g, D)
     S = torch.bmm(Q, K.transpose(1, 2)) * scale  # (h_kv, rows, L), row = t * g + hh
     if case.causal and s_q > 1:
@@ -1387,7 +1637,7 @@ def sanity(torch, case, inp, out, lse, set_idx, spot, scale):
     if tuple(out.shape) != want_out or tuple(lse.shape) != want_lse:
         problems.append(f"shapes out {tuple(out.shape)} lse {tuple(lse.shape)}")
         return dict(ok=False, problems=problems)
-    if lse.dtype != torch.float32 or out.dtype != inp.qs[0].dtype:
+    if lse.dtype != torch.float32 or out.dtype != inp.out_dtype:
         problems.append(f"dtypes out {out.dtype} lse {lse.dtype}")
     vis = visible_mask(torch, case, out.device)  # (b, s_q)
     vis_o = vis[:, :, None, None].expand_as(out)
@@ -1574,7 +1824,7 @@ def run_kernel(torch, fm, case, inp, meta, splits, kernel, args, ceil, sampler, 
     def call(j):
         s = j % inp.n_sets
         return fm.flash_mla_with_kvcache(inp.qs[s], inp.ks[s], inp.block_table, inp.cache_seqlens,
-                                         DV, meta, splits, causal=case.causal, **kw)
+                                         DV, meta, splits, causal=case.causal, **kw, **inp.descales(s))
 
     # Eager call: argument errors surface here, before any capture; then the sanity check and,
     # with --compare, the other module's call on the same inputs (which also plans its
@@ -1687,109 +1937,167 @@ def record_timing(res, case, per_call, ceil):
     return res
 
 
-def run_page_sizes(torch, fm, case, variants, meta, splits, kernel, args, ceil, sampler):
-    """--page-sizes for one (case, kernel), in place of run_kernel: ``variants`` maps each page
-    size (PAGE included) to Inputs holding the same tokens and queries. Each page size is
-    called once eagerly (sanity check; output compared with the 64-token one), captured in its
-    own CUDA graph of the same number of calls, and the graphs are timed interleaved (each
-    round: every page size in turn, as --compare times two modules). Per page size: medians
-    over the rounds and ratio = t(64) / t(page) (> 1: that page size is faster). The row's own
-    figures (time, rates, sanity) are the 64-token ones."""
+def run_variants(torch, fm, case, variants, base, meta, splits, kernel, args, ceil, sampler, section,
+                 sub, entry, agree):
+    """--page-sizes and --kv-dtypes for one (case, kernel), in place of run_kernel. ``variants``
+    maps each variant (a page size, a KV dtype) to Inputs holding the same tokens and queries,
+    in timing order, ``base`` is the baseline's key. Each variant is called once eagerly (sanity
+    check; output compared with the baseline's by ``agree(base_out, base_lse, out, lse)``),
+    captured in its own CUDA graph of the same number of calls, and the graphs are timed
+    interleaved (each round: every variant in turn, as --compare times two modules). Per
+    variant, in ``res[section][sub][str(key)]`` (starting from ``entry(key, inputs)``): medians
+    over the rounds and ratio = t(base) / t(variant) (> 1: that variant is faster). The row's
+    own figures (time, rates, sanity) are the baseline's."""
     res = dict(kernel=kernel)
     try:
-        res["kernel_name"] = fm.kernel_for_device(variants[PAGE].block_table.device, kernel)
+        res["kernel_name"] = fm.kernel_for_device(variants[base].block_table.device, kernel)
     except Exception as exc:  # noqa: BLE001
         res["kernel_name_error"] = repr(exc)
     kw = {} if kernel == "auto" else {"kernel": kernel}
     scale = 1.0 / math.sqrt(D)
-    pages = sorted(variants)
+    keys = list(variants)
 
     def caller(inp):
         def call(j):
             s = j % inp.n_sets
             return fm.flash_mla_with_kvcache(inp.qs[s], inp.ks[s], inp.block_table,
                                              inp.cache_seqlens, DV, meta, splits,
-                                             causal=case.causal, **kw)
+                                             causal=case.causal, **kw, **inp.descales(s))
         return call
 
-    calls = {p: caller(variants[p]) for p in pages}
-    entries = {p: dict(page=p, num_pages=variants[p].num_pages) for p in pages}
+    calls = {k: caller(variants[k]) for k in keys}
+    entries = {k: entry(k, variants[k]) for k in keys}
     # Eager calls first (argument errors surface here, before any capture).
-    base_out, base_lse = calls[PAGE](0)
+    base_out, base_lse = calls[base](0)
     torch.cuda.synchronize()
-    for p in pages:
-        e = entries[p]
+    for k in keys:
+        e = entries[k]
         try:
-            out, lse = (base_out, base_lse) if p == PAGE else calls[p](0)
+            out, lse = (base_out, base_lse) if k == base else calls[k](0)
             torch.cuda.synchronize()
-            e["sanity"] = sanity(torch, case, variants[p], out, lse, 0, not args.no_spot_check,
+            e["sanity"] = sanity(torch, case, variants[k], out, lse, 0, not args.no_spot_check,
                                  scale)
-            if p != PAGE:
-                e["agreement"] = agreement(torch, base_out, base_lse, out, lse)
+            if k != base:
+                e["agreement"] = agree(base_out, base_lse, out, lse)
             del out, lse
         except Exception as exc:  # noqa: BLE001 - reported in the row, the others go on
             e["error"] = f"call: {type(exc).__name__}: {exc}"
             _sync_quietly(torch)
     del base_out, base_lse
-    res["sanity"] = entries[PAGE]["sanity"]
-    res["eager_ms"] = _median(time_events(torch, lambda: calls[PAGE](0), 5, 2))
+    res["sanity"] = entries[base]["sanity"]
+    res["eager_ms"] = _median(time_events(torch, lambda: calls[base](0), 5, 2))
     n_calls = args.calls_per_graph or max(10, min(20, math.ceil(20.0 / max(res["eager_ms"],
                                                                            1e-3))))
-    res.update(calls_per_graph=n_calls, n_sets=variants[PAGE].n_sets)
-    res["page_sizes"] = dict(calls_per_graph=n_calls, pages={str(p): e for p, e in entries.items()})
+    res.update(calls_per_graph=n_calls, n_sets=variants[base].n_sets)
+    res[section] = {"calls_per_graph": n_calls, sub: {str(k): e for k, e in entries.items()}}
     graphs = {}
-    for p in pages:
-        if entries[p].get("error"):
+    for k in keys:
+        if entries[k].get("error"):
             continue
         try:
-            graphs[p], _ = capture_graph(torch, calls[p], n_calls, variants[p].n_sets)
+            graphs[k], _ = capture_graph(torch, calls[k], n_calls, variants[k].n_sets)
         except Exception as exc:  # noqa: BLE001
-            entries[p]["error"] = f"graph capture: {type(exc).__name__}: {exc}"
+            entries[k]["error"] = f"graph capture: {type(exc).__name__}: {exc}"
             _sync_quietly(torch)
-    if PAGE not in graphs:
-        res["error"] = entries[PAGE].get("error", "the 64-token graph did not run")
+    if base not in graphs:
+        res["error"] = entries[base].get("error", f"the baseline's ({base}) graph did not run")
         return res
-    order = [p for p in pages if p in graphs]
+    order = [k for k in keys if k in graphs]
     per_round = args.replays_per_round or max(1, min(8, math.ceil(1.0 / max(res["eager_ms"] * n_calls,
                                                                                1e-3))))
     t0 = time.perf_counter()
-    times = time_interleaved(torch, [graphs[p].replay for p in order], args.reps, args.warmup,
+    times = time_interleaved(torch, [graphs[k].replay for k in order], args.reps, args.warmup,
                              per_round)
     res["clock"] = sampler.window(t0, time.perf_counter())
-    res["page_sizes"].update(replays_per_round=per_round, clock=res["clock"])
-    per_call = {p: [t / (per_round * n_calls) for t in ts] for p, ts in zip(order, times)}
-    base = _median(per_call[PAGE])
-    for p in order:
-        ts = per_call[p]
-        entries[p].update(ms=_median(ts), ms_min=min(ts), ms_p10=_pct(ts, 0.1), ms_p90=_pct(ts, 0.9),
+    res[section].update(replays_per_round=per_round, clock=res["clock"])
+    per_call = {k: [t / (per_round * n_calls) for t in ts] for k, ts in zip(order, times)}
+    base_ms = _median(per_call[base])
+    for k in order:
+        ts = per_call[k]
+        entries[k].update(ms=_median(ts), ms_min=min(ts), ms_p10=_pct(ts, 0.1), ms_p90=_pct(ts, 0.9),
                           rounds=len(ts))
-        entries[p]["ratio"] = base / entries[p]["ms"]
-        entries[p]["ratio_paired_median"] = _median([b / t for b, t in zip(per_call[PAGE], ts)])
+        entries[k]["ratio"] = base_ms / entries[k]["ms"]
+        entries[k]["ratio_paired_median"] = _median([b / t for b, t in zip(per_call[base], ts)])
     del graphs
     res.update(timing="graph", replays_per_round=per_round)
-    return record_timing(res, case, per_call[PAGE], ceil)
+    return record_timing(res, case, per_call[base], ceil)
+
+
+def run_page_sizes(torch, fm, case, variants, meta, splits, kernel, args, ceil, sampler):
+    """--page-sizes for one (case, kernel), in place of run_kernel: ``variants`` maps each page
+    size (PAGE included) to Inputs holding the same tokens and queries. run_variants with the
+    64-token pages as the baseline: ratio = t(64) / t(page) (> 1: that page size is faster),
+    each output compared with the 64-token one (agreement's tolerances), in
+    res["page_sizes"]["pages"]."""
+    ordered = {p: variants[p] for p in sorted(variants)}
+    return run_variants(torch, fm, case, ordered, PAGE, meta, splits, kernel, args, ceil, sampler,
+                        "page_sizes", "pages", lambda p, inp: dict(page=p, num_pages=inp.num_pages),
+                        lambda *outs: agreement(torch, *outs))
+
+
+# An FP8 cache's output differs from the 16-bit one by the quantization (3 mantissa bits): a few
+# percent of |out| on random data, lse by up to ~0.2 where few keys count. These bounds catch a
+# wrong result, not the rounding; the sanity check's float32 spot comparison on the
+# dequantized cache is the precise one.
+FP8_AGREEMENT = dict(out_rel=0.2, lse_atol=0.5)
+
+
+def run_kv_dtypes(torch, fm, case, variants, meta, splits, kernel, args, ceil, sampler):
+    """--kv-dtypes for one (case, kernel), in place of run_kernel: ``variants`` maps each KV dtype
+    (args.dtype first: the baseline) to Inputs holding the same tokens (quantized for "fp8")
+    and queries. run_variants: ratio = t(16-bit) / t(fp8) (> 1: the FP8 cache is faster), the
+    FP8 output compared with the 16-bit one within FP8_AGREEMENT, in res["kv_dtypes"]["dtypes"];
+    each dtype's GB/s and share of the copy ceiling count its own bytes (1 per FP8 element)."""
+    fp8_q = bool(getattr(args, "fp8_q", False))
+
+    def entry(name, inp):
+        kv_bytes, q_bytes = ELEMENT_BYTES[name], (1 if name == "fp8" and fp8_q else 2)
+        return dict(kv_dtype=name, fp8_q=name == "fp8" and fp8_q, bytes=case.bytes_for(kv_bytes, q_bytes))
+
+    res = run_variants(torch, fm, case, variants, args.dtype, meta, splits, kernel, args, ceil, sampler,
+                       "kv_dtypes", "dtypes", entry, lambda *outs: agreement(torch, *outs, **FP8_AGREEMENT))
+    copy_gbps = (ceil.get("copy") or {}).get("gbps")
+    for e in ((res.get("kv_dtypes") or {}).get("dtypes") or {}).values():
+        if e.get("ms"):
+            e["gbps"] = e["bytes"] / (e["ms"] * 1e-3) / 1e9
+            if copy_gbps:
+                e["pct_copy"] = 100.0 * e["gbps"] / copy_gbps
+    return res
+
+
+def _variant_problems(res, section, sub):
+    """Variants of a --page-sizes / --kv-dtypes row that failed: error, sanity check, or
+    disagreement with the baseline's output. [(key, short reason)]."""
+    out = []
+    for key, e in ((res.get(section) or {}).get(sub) or {}).items():
+        if e.get("error"):
+            out.append((key, "ERROR " + _first_line(e["error"], 40)))
+        elif not (e.get("sanity") or {}).get("ok"):
+            out.append((key, "FAIL " + "; ".join((e.get("sanity") or {}).get("problems", []))[:40]))
+        elif e.get("agreement") and not e["agreement"].get("ok"):
+            out.append((key, "DIFF " + "; ".join(e["agreement"].get("problems", []))[:40]))
+    return out
 
 
 def page_size_problems(res):
     """Page sizes of a --page-sizes row that failed: error, sanity check, or disagreement with
     the 64-token output. [(page, short reason)]."""
-    out = []
-    for key, e in ((res.get("page_sizes") or {}).get("pages") or {}).items():
-        if e.get("error"):
-            out.append((int(key), "ERROR " + _first_line(e["error"], 40)))
-        elif not (e.get("sanity") or {}).get("ok"):
-            out.append((int(key), "FAIL " + "; ".join((e.get("sanity") or {}).get("problems", []))[:40]))
-        elif e.get("agreement") and not e["agreement"].get("ok"):
-            out.append((int(key), "DIFF " + "; ".join(e["agreement"].get("problems", []))[:40]))
-    return sorted(out)
+    return sorted((int(k), why) for k, why in _variant_problems(res, "page_sizes", "pages"))
+
+
+def kv_dtype_problems(res):
+    """KV dtypes of a --kv-dtypes row that failed: error, sanity check, or disagreement with the
+    16-bit output. [(dtype, short reason)]."""
+    return sorted(_variant_problems(res, "kv_dtypes", "dtypes"))
 
 
 def row_failed(res):
     """Ours failed, its sanity check failed, the compared module disagreed with it, or (with
-    --page-sizes) a page size failed or disagreed with the 64-token output."""
+    --page-sizes / --kv-dtypes) a page size / KV dtype failed or disagreed with the baseline's
+    output."""
     if res.get("error") or not (res.get("sanity") or {}).get("ok"):
         return True
-    if page_size_problems(res):
+    if page_size_problems(res) or kv_dtype_problems(res):
         return True
     a = (res.get("compare") or {}).get("agreement")
     return bool(a) and not a.get("ok")
@@ -1818,10 +2126,19 @@ def progress_line(case, res):
         bad = page_size_problems(r)
         if bad:
             pages += " (" + "; ".join(f"{p}: {why}" for p, why in bad) + ")"
+    dtypes = ""
+    ds = (r.get("kv_dtypes") or {}).get("dtypes") or {}
+    if ds:
+        dtypes = "; " + ", ".join(
+            f"t({next(iter(ds))})/t({k}) {fmt_ratio(e.get('ratio'))} ({fmt_num(e.get('gbps'), 0)} GB/s)"
+            for k, e in list(ds.items())[1:])
+        bad = kv_dtype_problems(r)
+        if bad:
+            dtypes += " (" + "; ".join(f"{k}: {why}" for k, why in bad) + ")"
     return (f"  {case.name} [{r['kernel']}]: {fmt_time(r.get('ms'))} (fastest "
             f"{fmt_time(r.get('ms_min'))}, burst {fmt_time(r.get('burst_ms'))}), "
             f"{fmt_num(r.get('tflops'), 1)} TFLOP/s, {fmt_num(r.get('gbps'), 0)} GB/s, SM MHz "
-            f"{clock_label(r.get('clock'))}, {check_label(r)}{theirs}{eager}{pages}")
+            f"{clock_label(r.get('clock'))}, {check_label(r)}{theirs}{eager}{pages}{dtypes}")
 
 
 def run_gpu(args):
@@ -1847,9 +2164,11 @@ def run_gpu(args):
                                 replays_per_round=args.replays_per_round or "auto",
                                 max_sets=args.max_sets, l2_factor=args.l2_factor, d=D, dv=DV,
                                 page_block_size=args.page_size,
-                                page_sizes=args.page_size_list),
+                                page_sizes=args.page_size_list, kv_dtype=args.kv_dtype,
+                                fp8_q=args.fp8_q, kv_dtypes=args.kv_dtype_list),
                   formulas=dict(flops="b*h_q*s_q*mean_L*2*(d+dv)",
-                                bytes="b*(mean_L*h_kv*d + s_q*h_q*(d+dv))*2",
+                                bytes="b*(mean_L*h_kv*d*kv + s_q*h_q*(d*qb + dv*2)), kv / qb: bytes "
+                                      "of a cache / q element (2, 1 for FP8)",
                                 time="median over graph replays of (replay time / calls per graph)",
                                 ratio="t_theirs / t_ours, medians over interleaved rounds",
                                 eager="wall: elapsed / calls between two synchronisations; host: "
@@ -1916,12 +2235,18 @@ def run_gpu(args):
                 raise RuntimeError("flash_mla not importable: "
                                    + report.get("flash_mla_import_error", ""))
             inp = Inputs(torch, case, args, dev, dtype, l2)
+            if args.kv_dtype == "fp8":  # the same tokens, quantized; the 16-bit sets go
+                inp = inp.to_fp8(torch, fm.kv_formats, args.fp8_q)
             entry.update(num_pages=inp.num_pages, n_sets=inp.n_sets, set_bytes=inp.set_bytes)
             meta, splits = fm.get_mla_metadata(inp.cache_seqlens, case.s_q * case.h_q // case.h_kv,
                                                case.h_kv)
             if args.page_size_list:  # the same tokens in every page size; one plan for all
                 variants = {p: inp.with_page(torch, case, args, dev, p) for p in args.page_size_list}
                 entry["num_pages_by_page_size"] = {str(p): v.num_pages for p, v in variants.items()}
+            if args.kv_dtype_list:  # the 16-bit inputs and their FP8 quantization
+                variants = {args.dtype: inp}
+                if "fp8" in args.kv_dtype_list:
+                    variants["fp8"] = inp.to_fp8(torch, fm.kv_formats, args.fp8_q)
             torch.cuda.synchronize()
             setup_err = None
         except Exception as exc:  # noqa: BLE001
@@ -1934,7 +2259,10 @@ def run_gpu(args):
                 entry["results"].append(dict(kernel=kernel, error=setup_err))
                 continue
             try:
-                if variants:
+                if variants and args.kv_dtype_list:
+                    res = run_kv_dtypes(torch, fm, case, variants, meta, splits, kernel, args,
+                                        ceil, sampler)
+                elif variants:
                     res = run_page_sizes(torch, fm, case, variants, meta, splits, kernel, args,
                                          ceil, sampler)
                 else:
@@ -1960,6 +2288,8 @@ def run_gpu(args):
         report["compare_summary"] = compare_summary(report)
     if args.page_size_list:
         report["page_size_summary"] = page_size_summary(report)
+    if args.kv_dtype_list:
+        report["kv_dtype_summary"] = kv_dtype_summary(report)
     print()
     print(format_report(report))
     if args.png:

@@ -8,8 +8,9 @@
 #
 # What runs (see the driver): get_mla_metadata, the input-check kernels (check_inputs=True),
 # every decode kernel that runs on the GPU (auto counted once with what it resolves to), the
-# combine kernel, on six small cases (split requests, GQA + causal + strided q, 128 heads,
-# out-of-range indices that must not be read, 16-token and 256-token pages). Tensors are separate cudaMallocs
+# combine kernel, on eight small cases (split requests, GQA + causal + strided q, 128 heads,
+# out-of-range indices that must not be read, 16-token and 256-token pages, an FP8 cache with
+# bf16 q and FP8 q with an FP8 cache). Tensors are separate cudaMallocs
 # (PYTORCH_NO_CUDA_MEMORY_CACHING=1), so memcheck sees any access past a tensor's end.
 # memcheck goes through the torch API with the GPU's own plan (one SM part per SM); racecheck
 # and synccheck go through flash_mla.ops with a plan for 8 SMs (a handful of CTAs, all code

@@ -17,6 +17,14 @@ Cases (--cases, default all):
            check_inputs=True must refuse the call
   page16   b=3, s_q=1, h_q=16, 16-token pages (a 64-token tile spans four pages), one split request
   page256  b=2, s_q=2, h_q=32, causal, 256-token pages (a tile is a slice of a page)
+  fp8      b=4, s_q=1, h_q=16, an FP8 cache (bf16 q) in 16-token pages, one split request; NaN
+           codes (0x7f / 0xff) in every unused slot and page
+  fp8q     b=2, s_q=2, h_q=32, causal, FP8 q and FP8 cache in 128-token pages, q stored with
+           NaN-code heads around it
+FP8 cases are quantized on the CPU (conftest.quantize_case_fp8) and their references computed
+on the dequantized values; the descales travel to the GPU as (1,) float32 tensors (their own
+allocations: memcheck sees a read past their 4 bytes). They run on the kernels that take FP8
+(fp8_kernels: not "sm90").
 Each case runs with get_mla_metadata and every kernel that runs here (--kernels), through the
 torch API once with check_inputs=True (the input-check kernels) and once into preallocated
 out= / lse=. With --num-sms N it goes through flash_mla.ops instead, planning for N SMs (N SM
@@ -39,7 +47,7 @@ sys.path.insert(0, os.path.join(HERE, "python"))
 import torch  # noqa: E402
 
 import flash_mla  # noqa: E402
-from conftest import assert_decode_matches, build_paged_case  # noqa: E402
+from conftest import assert_decode_matches, build_paged_case, quantize_case_fp8  # noqa: E402
 from flash_mla import ops  # noqa: E402
 from flash_mla.reference import mla_decode_reference  # noqa: E402
 
@@ -53,7 +61,11 @@ CASES = {
     "hostile": (3, 2, 16, 1, [100, 64, 10], torch.bfloat16, "contiguous", "head_pad", True, 3, 64),
     "page16": (3, 1, 16, 1, [1, 700, 33], torch.bfloat16, "contiguous", "row_pad", False, None, 16),
     "page256": (2, 2, 32, 1, [300, 1000], torch.float16, "contiguous", "contiguous", True, None, 256),
+    "fp8": (4, 1, 16, 1, [1, 1300, 0, 45], torch.bfloat16, "contiguous", "contiguous", False, None, 16),
+    "fp8q": (2, 2, 32, 1, [300, 1000], torch.bfloat16, "head_pad", "contiguous", True, None, 128),
 }
+# FP8 cases: name -> q in FP8 too (the cache always is). Their out is bfloat16 (the base dtype).
+FP8_CASES = {"fp8": False, "fp8q": True}
 
 
 def to_gpu(t: torch.Tensor) -> torch.Tensor:
@@ -64,6 +76,17 @@ def to_gpu(t: torch.Tensor) -> torch.Tensor:
 
 def gpu_nan(shape, dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype).cuda()  # filled on the CPU: no fill kernel
+
+
+def fp8_kernels(kernels):
+    """The kernels of ``kernels`` that take an FP8 cache (all but "sm90"), "auto" dropped when
+    the kernel it runs for FP8 is in the list already."""
+    portable = [k for k in kernels if k != "sm90"]
+    if "auto" in portable:
+        auto = flash_mla.kernel_for_device(kernel="auto", kv_dtype=torch.float8_e4m3fn)
+        if any(k != "auto" and flash_mla.kernel_for_device(kernel=k) == auto for k in portable):
+            portable.remove("auto")
+    return portable
 
 
 def runnable_kernels():
@@ -81,24 +104,32 @@ def runnable_kernels():
 
 
 def case_inputs(name: str):
-    """The case built on the CPU (the reference's inputs) and its GPU inputs (q, k_cache,
-    block_table, cache_seqlens); the "hostile" case's table and lengths are then broken:
-    request 0 claims 300 tokens (3 columns hold 192: pages past the table), request 1 has junk
-    in a used entry, request 2 a negative page in its only entry."""
+    """The case built on the CPU, its GPU inputs (q, k_cache, block_table, cache_seqlens), the
+    descale keyword arguments on the GPU (none for 16-bit cases) and the reference's inputs on
+    the CPU (q, k_cache: the dequantized values for FP8 cases); the "hostile" case's table and
+    lengths are then broken: request 0 claims 300 tokens (3 columns hold 192: pages past the
+    table), request 1 has junk in a used entry, request 2 a negative page in its only entry."""
     b, s_q, h_q, h_kv, lengths, dtype, q_layout, k_layout, causal, width, page = CASES[name]
-    cpu = build_paged_case(b, s_q, h_q, h_kv, lengths, dtype, seed=1234 + len(name), device="cpu",
+    seed = 1234 + len(name)
+    cpu = build_paged_case(b, s_q, h_q, h_kv, lengths, dtype, seed=seed, device="cpu",
                            q_layout=q_layout, k_layout=k_layout, table_width=width, page=page)
     block_table_cpu, seqlens_cpu = cpu.block_table.clone(), cpu.cache_seqlens.clone()
     if name == "hostile":
         seqlens_cpu[0] = 300
         block_table_cpu[1, 0] = 10 ** 9
         block_table_cpu[2, 0] = -7
-    return cpu, (to_gpu(cpu.q), to_gpu(cpu.k_cache), block_table_cpu.cuda(), seqlens_cpu.cuda())
+    q, k_cache, descales, ref_inputs = cpu.q, cpu.k_cache, {}, (cpu.q, cpu.k_cache)
+    if name in FP8_CASES:
+        fp8 = quantize_case_fp8(cpu, fp8_q=FP8_CASES[name], seed=seed)
+        q, k_cache, ref_inputs = fp8.q, fp8.k_cache, fp8.reference_inputs()
+        descales = {key: value.cuda() for key, value in fp8.descales().items()}
+    gpu = (to_gpu(q), to_gpu(k_cache), block_table_cpu.cuda(), seqlens_cpu.cuda())
+    return cpu, gpu, descales, ref_inputs
 
 
 def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
     """The flash_mla.ops path with a plan for `num_sms` SMs (few CTAs)."""
-    cpu, (q, k_cache, block_table, cache_seqlens) = case_inputs(name)
+    cpu, (q, k_cache, block_table, cache_seqlens), descales, (q_ref, k_ref) = case_inputs(name)
     b, s_q, h_q, h_kv, _, dtype, _, _, causal, _, page = CASES[name]
     parts = ops.num_sm_parts(s_q, h_q, h_kv, num_sms=num_sms)
     shapes = ops.workspace_shapes(b, s_q, h_q, h_kv, parts)
@@ -112,16 +143,16 @@ def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
     ok = (verdict is not None) == (name == "hostile")
     log(f"  {name:8s} check_paged_inputs: {verdict or 'valid'}{'' if ok else '  <- FAIL'}")
     if name != "hostile":
-        ref_out, ref_lse = mla_decode_reference(cpu.q, cpu.k_cache, cpu.block_table, cpu.cache_seqlens, DV,
-                                                None, causal)
-    for kernel in kernels:
+        ref_out, ref_lse = mla_decode_reference(q_ref, k_ref, cpu.block_table, cpu.cache_seqlens, DV, None,
+                                                causal)
+    for kernel in fp8_kernels(kernels) if descales else kernels:
         t0 = time.time()
         try:
             out, lse = gpu_nan(shapes["out"], dtype), gpu_nan(shapes["lse"], torch.float32)
             o_accum = gpu_nan(shapes["o_accum"], torch.float32)
             lse_accum = gpu_nan(shapes["lse_accum"], torch.float32)
             ops.mla_decode(q, k_cache, block_table, cache_seqlens, meta, splits, out, lse, o_accum, lse_accum,
-                           causal=causal, stream=stream, kernel=kernel)
+                           causal=causal, stream=stream, kernel=kernel, **descales)
             torch.cuda.synchronize()
             if name == "hostile":
                 log(f"  {name:8s} {kernel:11s} ran (results not checked)")
@@ -135,14 +166,14 @@ def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
 
 
 def run_case(name: str, kernels, log) -> bool:
-    cpu, (q, k_cache, block_table, cache_seqlens) = case_inputs(name)
+    cpu, (q, k_cache, block_table, cache_seqlens), descales, (q_ref, k_ref) = case_inputs(name)
     _, s_q, h_q, h_kv, _, dtype, _, _, causal, _, _ = CASES[name]
     ok = True
     if name != "hostile":
-        ref_out, ref_lse = mla_decode_reference(cpu.q, cpu.k_cache, cpu.block_table, cpu.cache_seqlens, DV,
-                                                None, causal)
+        ref_out, ref_lse = mla_decode_reference(q_ref, k_ref, cpu.block_table, cpu.cache_seqlens, DV, None,
+                                                causal)
     meta, splits = flash_mla.get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
-    for kernel in kernels:
+    for kernel in fp8_kernels(kernels) if descales else kernels:
         t0 = time.time()
         try:
             if name == "hostile":
@@ -161,11 +192,12 @@ def run_case(name: str, kernels, log) -> bool:
                     ok = False
                 continue
             out, lse = flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, DV, meta, splits,
-                                                        causal=causal, kernel=kernel, check_inputs=True)
+                                                        causal=causal, kernel=kernel, check_inputs=True,
+                                                        **descales)
             assert_decode_matches(out.cpu(), lse.cpu(), ref_out, ref_lse, dtype, what=f"{name} {kernel}")
             out_buf, lse_buf = gpu_nan(out.shape, dtype), gpu_nan(lse.shape, torch.float32)
             flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, DV, meta, splits,
-                                             causal=causal, kernel=kernel, out=out_buf, lse=lse_buf)
+                                             causal=causal, kernel=kernel, out=out_buf, lse=lse_buf, **descales)
             assert_decode_matches(out_buf.cpu(), lse_buf.cpu(), ref_out, ref_lse, dtype, what=f"{name} {kernel} out=")
             log(f"  {name:8s} {kernel:11s} ok ({time.time() - t0:.1f} s)")
         except Exception as exc:  # noqa: BLE001 - report and go on with the next kernel

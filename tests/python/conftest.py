@@ -12,10 +12,12 @@
 * ``check_decode`` fixture: ``assert_decode_matches(...)``, the comparison of a kernel result
   with the reference (tolerances documented there).
 * Plain helpers the test modules import (``from conftest import ...``): ``cpu_decode_args``
-  (well-formed decode arguments, all on the CPU) and ``capture_graph`` (warm up, then capture a
-  call in a CUDA graph).
+  (well-formed decode arguments, all on the CPU), ``capture_graph`` (warm up, then capture a
+  call in a CUDA graph) and ``quantize_case_fp8`` (a paged case turned into the dense FP8
+  format: float8_e4m3fn cache, optionally q, with NaN codes in every unused byte).
 
-This file imports only torch: the compiled module is imported by the test modules themselves.
+This file imports only torch: the compiled module is imported by the test modules themselves
+(``quantize_case_fp8`` imports ``flash_mla.kv_formats``, plain torch, when called).
 """
 
 from __future__ import annotations
@@ -382,6 +384,120 @@ def build_paged_case(
 @pytest.fixture
 def make_case():
     return build_paged_case
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 cases (dense FP8 format: float8_e4m3fn cache and optionally q, per-tensor descales)
+# ----------------------------------------------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+FP8_NAN_CODES = (0x7F, 0xFF)  # the two e4m3fn NaN bytes (+NaN, -NaN)
+
+
+def fp8_nan_codes(shape, gen: torch.Generator, device) -> torch.Tensor:
+    """uint8 tensor of ``shape`` holding 0x7f and 0xff at random (both NaN signs)."""
+    pick = torch.randint(0, 2, tuple(shape), generator=gen, device=device, dtype=torch.uint8)
+    return pick * 0x80 + 0x7F
+
+
+def _fp8_laid_out_like(like: torch.Tensor, dense_fp8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """An FP8 view with ``like``'s shape, strides (in elements) and storage offset, over a buffer
+    of NaN codes of as many elements as ``like``'s storage, holding ``dense_fp8``'s values: the
+    strided layouts of build_paged_case in one-byte elements, padding poisoned."""
+    n = like.untyped_storage().nbytes() // like.element_size()
+    buf = fp8_nan_codes((n,), gen, like.device).view(FP8)
+    view = buf.as_strided(like.shape, like.stride(), like.storage_offset())
+    view.view(torch.uint8).copy_(dense_fp8.view(torch.uint8))
+    return view
+
+
+@dataclasses.dataclass
+class Fp8Case:
+    """A PagedCase in the dense FP8 format: what the kernel gets (``q``, ``k_cache``, the
+    descales) and the 16-bit problem it was quantized from (``base``). The kernel must use
+    ``float(k_cache) * descale_k`` (and ``float(q) * descale_q`` for an FP8 q);
+    ``reference_inputs()`` gives exactly those values for the float reference."""
+
+    base: PagedCase
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    descale_q: Optional[torch.Tensor]
+    descale_k: torch.Tensor
+    unused: torch.Tensor  # (num_blocks, page) bool: slots no request reads (NaN codes)
+
+    block_table = property(lambda self: self.base.block_table)
+    cache_seqlens = property(lambda self: self.base.cache_seqlens)
+    seqlens = property(lambda self: self.base.seqlens)
+    b = property(lambda self: self.base.b)
+    s_q = property(lambda self: self.base.s_q)
+    h_q = property(lambda self: self.base.h_q)
+    h_kv = property(lambda self: self.base.h_kv)
+    page = property(lambda self: self.base.page)
+    num_blocks = property(lambda self: self.base.num_blocks)
+    rows_per_kv_head = property(lambda self: self.base.rows_per_kv_head)
+
+    @property
+    def fp8_q(self) -> bool:
+        return self.q.dtype == FP8
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """bfloat16 for an FP8 q, else q's dtype (the contract)."""
+        return torch.bfloat16 if self.fp8_q else self.q.dtype
+
+    def descales(self) -> dict:
+        """The keyword arguments of the call: descale_k, and descale_q for an FP8 q."""
+        out = dict(descale_k=self.descale_k)
+        if self.descale_q is not None:
+            out["descale_q"] = self.descale_q
+        return out
+
+    def reference_inputs(self):
+        """(q, k_cache) as float32 values the kernel must use, from the current contents and
+        descales (unused slots stay NaN: the reference never reads them)."""
+        from flash_mla.kv_formats import dequantize_kv_cache_fp8
+
+        k = dequantize_kv_cache_fp8(self.k_cache, self.descale_k, torch.float32)
+        q = dequantize_kv_cache_fp8(self.q, self.descale_q, torch.float32) if self.fp8_q else self.q
+        return q, k
+
+    def describe(self) -> str:
+        q = "fp8" if self.fp8_q else str(self.q.dtype).replace("torch.", "")
+        return f"FP8 cache, q {q}: {self.base.describe()}"
+
+
+def quantize_case_fp8(case: PagedCase, *, fp8_q: bool = False, seed: int = 0) -> Fp8Case:
+    """``case`` in the dense FP8 format, with ``flash_mla.kv_formats``' helpers.
+
+    * The cache: ``quantize_kv_cache_fp8`` with the used slots (``used_slots_mask``, checked
+      against the case's own record) setting the scale, laid out as ``case.k_cache`` (same
+      strides in elements, padding included); every unused slot and every padding byte holds a
+      NaN code, 0x7f or 0xff at random.
+    * ``fp8_q``: q quantized too (``quantize_q_fp8``), laid out as ``case.q`` with NaN-code
+      padding; otherwise the case's own 16-bit q.
+    """
+    from flash_mla.kv_formats import quantize_kv_cache_fp8, quantize_q_fp8, used_slots_mask
+
+    gen = _generator(case.q.device, seed ^ 0x5EED)
+    used = used_slots_mask(case.block_table, case.cache_seqlens, case.num_blocks, case.page)
+    assert torch.equal(used, case.valid.to(used.device)), "used_slots_mask disagrees with the case"
+    k_dense, descale_k = quantize_kv_cache_fp8(case.k_cache, valid_mask=used)
+    k_cache = _fp8_laid_out_like(case.k_cache, k_dense, gen)
+    unused = ~used
+    k_bytes = k_cache.view(torch.uint8)
+    n_unused = int(unused.sum())
+    if n_unused:
+        k_bytes[unused] = fp8_nan_codes((n_unused, case.h_kv, HEAD_DIM), gen, k_cache.device)
+        junk = k_bytes[unused]
+        assert ((junk == FP8_NAN_CODES[0]) | (junk == FP8_NAN_CODES[1])).all()
+    assert not ((k_bytes[used] & 0x7F) == 0x7F).any(), "a used slot quantized to NaN"
+    descale_q = None
+    q = case.q
+    if fp8_q:
+        q_dense, descale_q = quantize_q_fp8(case.q)
+        q = _fp8_laid_out_like(case.q, q_dense, gen)
+    return Fp8Case(base=case, q=q, k_cache=k_cache, descale_q=descale_q, descale_k=descale_k,
+                   unused=unused)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -876,5 +876,5 @@ def test_tensor_readers_agree():
     # shapes and dtypes of a meta tensor (which the exporter refuses) are read all the same
     assert got["k_meta_device"] == "ValueError: q: must be a CUDA tensor, got one on the CPU"
     assert got["q_meta_device"] == "ValueError: q: must be a CUDA tensor, got one on device type meta"
-    assert got["k_conj_view"] == "TypeError: k_cache: dtype must match q (bfloat16), got complex64"
+    assert got["k_conj_view"] == "TypeError: k_cache: dtype must match q (bfloat16) or be float8_e4m3fn, got complex64"
     assert got["empty_batch"].startswith("ValueError: q: must be a CUDA tensor")

@@ -6,13 +6,29 @@ The timings mean nothing here; the GPU run checks them."""
 
 import argparse
 import contextlib
+import functools
+import importlib.util
 import math
+import pathlib
 import time
 import types
 
 import pytest
 
 torch = pytest.importorskip("torch")
+
+FP8 = torch.float8_e4m3fn
+KV_FORMATS = pathlib.Path(__file__).resolve().parents[2] / "python" / "flash_mla" / "kv_formats.py"
+
+
+@functools.lru_cache(maxsize=None)
+def kv_formats():
+    """flash_mla/kv_formats.py (plain torch) loaded from its file: the benchmark's quantizer,
+    without the compiled module the package would import."""
+    spec = importlib.util.spec_from_file_location("kv_formats_under_test", KV_FORMATS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class FakeEvent:
@@ -61,12 +77,18 @@ def fake_cuda(monkeypatch):
     return captured
 
 
-def decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, zero_out=False):
-    """float32 MLA decode of the API's contract, on any device (small cases only)."""
+def decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, zero_out=False, descale_q=None,
+           descale_k=None):
+    """float32 MLA decode of the API's contract, on any device (small cases only); FP8 inputs
+    are multiplied by their descales, out is then bfloat16 for an FP8 q."""
     b, s_q, h_q, d = q.shape
     page, h_kv = k_cache.shape[1], k_cache.shape[2]
     g = h_q // h_kv
-    out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=q.dtype)
+    out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=torch.bfloat16 if q.dtype == FP8 else q.dtype)
+    if descale_k is not None:
+        k_cache = k_cache.float() * descale_k
+    if descale_q is not None:
+        q = q.float() * descale_q
     lse = torch.full((b, h_q, s_q), float("inf"))
     heads = torch.arange(h_q) // g
     for i in range(b):
@@ -82,12 +104,12 @@ def decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, zero_out=
             S = torch.einsum("hd,hld->hl", q[i, t].float(), Kt) / math.sqrt(d)
             m = torch.logsumexp(S, dim=-1)
             O = torch.einsum("hl,hld->hd", torch.exp(S - m[:, None]), Kt[..., :head_dim_v])
-            out[i, t] = 0 if zero_out else O.to(q.dtype)
+            out[i, t] = 0 if zero_out else O.to(out.dtype)
             lse[i, :, t] = m
     return out, lse
 
 
-def fake_module(name, zero_out=False, seqlen_q_param=False, fail=None):
+def fake_module(name, zero_out=False, seqlen_q_param=False, fail=None, ignore_descale_k=False):
     mod = types.ModuleType(name)
     mod.calls = {"metadata": [], "decode": 0}
 
@@ -107,13 +129,16 @@ def fake_module(name, zero_out=False, seqlen_q_param=False, fail=None):
 
     def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                tile_scheduler_metadata, num_splits, softmax_scale=None,
-                               causal=False, kernel="auto"):
+                               causal=False, kernel="auto", descale_q=None, descale_k=None):
         if fail:
             raise RuntimeError(fail)
         mod.calls["decode"] += 1
-        return decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, zero_out)
+        if ignore_descale_k and descale_k is not None:  # a kernel that forgets the cache's scale
+            descale_k = torch.ones_like(descale_k)
+        return decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal, zero_out, descale_q, descale_k)
 
     mod.flash_mla_with_kvcache = flash_mla_with_kvcache
+    mod.kv_formats = kv_formats()
     mod.kernel_for_device = lambda device, kernel: "fake"
     mod.__version__ = "0.test"
     return mod
@@ -364,3 +389,142 @@ def test_driver_page_sizes_flags_a_page_size_bug(bench, fake_cuda):
     report = {"cases": [dict(case.describe(), results=[res])], "kernels": ["auto"], "ceilings": {}}
     text = bench.format_report(report)
     assert "32: DIFF" in text and "1 failed" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 caches: --kv-dtype fp8 (every call on FP8 inputs) and --kv-dtypes (16-bit and FP8 timed
+# interleaved, compared with each other)
+# ----------------------------------------------------------------------------------------------
+
+
+def _fp8_inputs(bench, case, fp8_q=False, **kw):
+    args = make_args(kv_dtype="fp8", fp8_q=fp8_q, **kw)
+    inp = bench.Inputs(torch, case, args, torch.device("cpu"), torch.bfloat16, l2_bytes=10**6)
+    return args, inp, inp.to_fp8(torch, kv_formats(), fp8_q)
+
+
+@pytest.mark.parametrize("fp8_q", [False, True], ids=["q_bf16", "q_fp8"])
+def test_inputs_to_fp8(bench, fp8_q):
+    """to_fp8: every cache set float8_e4m3fn with its own descale_k, NaN codes past each length,
+    the tokens within e4m3's rounding of the 16-bit ones; q quantized only with fp8_q; the block
+    table shared; with_page keeps the FP8 bytes and descales."""
+    case = bench.Case("imbalanced", None, 2, 4, 1, lens=[70, 200, 5, 0, 129], causal=True)
+    args, inp, f8 = _fp8_inputs(bench, case, fp8_q)
+    assert f8.kv_dtype == "fp8" and inp.kv_dtype is None and inp.ks[0].dtype == torch.bfloat16
+    assert f8.block_table is inp.block_table and f8.n_sets == inp.n_sets
+    assert len(f8.ks) == len(f8.descale_ks) == inp.n_sets
+    for k16, k8, d in zip(inp.ks, f8.ks, f8.descale_ks):
+        assert k8.dtype == FP8 and d.dtype == torch.float32 and tuple(d.shape) == (1,)
+        nan16 = torch.isnan(k16.float())
+        assert torch.equal(torch.isnan(k8.float()), nan16)  # NaN (codes) exactly past each length
+        x, y = k16.float()[~nan16], (k8.float() * d)[~nan16]
+        assert ((y - x).abs() <= x.abs() * 2.0 ** -4 + d * 2.0 ** -10 + 1e-6).all()
+    assert (f8.qs is inp.qs) != fp8_q
+    assert f8.out_dtype == torch.bfloat16
+    if fp8_q:
+        assert all(q.dtype == FP8 for q in f8.qs) and len(f8.descale_qs) == inp.n_sets
+        assert set(f8.descales(0)) == {"descale_k", "descale_q"}
+    else:
+        assert f8.descale_qs is None and set(f8.descales(1)) == {"descale_k"}
+    assert inp.descales(0) == {}
+    paged = f8.with_page(torch, case, args, torch.device("cpu"), 16)
+    assert paged.ks[0].dtype == FP8 and paged.descale_ks is f8.descale_ks and paged.kv_dtype == "fp8"
+    for s in range(f8.n_sets):
+        assert torch.equal(_tokens(paged, case, s), _tokens(f8, case, s))
+    flat = paged.ks[0].reshape(-1, case.h_kv, bench.D)
+    assert int(torch.isnan(flat[:, 0, 0].float()).sum()) == paged.num_pages * 16 - sum(case.lens)
+
+
+def test_inputs_fp8_sets_sized_with_one_byte_elements(bench):
+    """An FP8 run sizes its rotation with 1-byte cache elements: twice the sets (up to max_sets)."""
+    case = bench.Case("memory", None, 1, 16, 1, lens=[3000] * 8)
+    l2 = 20 * 10**6
+    sizes = {}
+    for kv in ("bf16", "fp8"):
+        args = make_args(kv_dtype=kv, max_sets=50)
+        sizes[kv] = bench.Inputs(torch, case, args, torch.device("cpu"), torch.bfloat16, l2_bytes=l2)
+    assert sizes["fp8"].set_bytes < 0.51 * sizes["bf16"].set_bytes
+    assert sizes["fp8"].n_sets >= 2 * sizes["bf16"].n_sets - 1
+
+
+@pytest.mark.parametrize("fp8_q", [False, True], ids=["q_bf16", "q_fp8"])
+def test_driver_fp8_rows(bench, fake_cuda, fp8_q):
+    """--kv-dtype fp8: the call gets the FP8 sets and their descales, the sanity check (float32
+    on the dequantized values) passes, and the GB/s count 1 byte per FP8 element."""
+    case = bench.Case("imbalanced", None, 2, 4, 1, lens=[70, 200, 5], causal=True)
+    case.set_fp8(fp8_q)
+    assert case.name.endswith(" kv=fp8" + (" q=fp8" if fp8_q else "")) and case.ref is None
+    assert case.describe()["kv_dtype"] == "fp8" and case.describe()["fp8_q"] == fp8_q
+    assert case.bytes == case.bytes_for(1, 1 if fp8_q else 2) < case.bytes_for(2, 2)
+    args, _, inp = _fp8_inputs(bench, case, fp8_q)
+    ours = fake_module("ours")
+    meta, splits = ours.get_mla_metadata(inp.cache_seqlens, case.s_q * case.h_q, 1)
+    res = bench.run_kernel(torch, ours, case, inp, meta, splits, "auto", args,
+                           {"gemm": {"tflops": 100.0}, "copy": {"gbps": 1000.0}}, NoClock())
+    assert res["sanity"]["ok"], res["sanity"]
+    assert res["gbps"] == pytest.approx(case.bytes / (res["ms"] * 1e-3) / 1e9)
+    broken = fake_module("ours", ignore_descale_k=True)
+    res = bench.run_kernel(torch, broken, case, inp, meta, splits, "auto", args, {}, NoClock())
+    assert not res["sanity"]["ok"] and "spot" in "; ".join(res["sanity"]["problems"])
+
+
+def _run_kv_dtypes(bench, module, fp8_q=False, **kw):
+    case = bench.Case("imbalanced", None, 2, 4, 1, lens=[70, 200, 5, 1], causal=True)
+    args = make_args(dtype="bf16", kv_dtype="bf16", kv_dtype_list=["bf16", "fp8"], fp8_q=fp8_q, **kw)
+    inp = bench.Inputs(torch, case, args, torch.device("cpu"), torch.bfloat16, l2_bytes=10**6)
+    variants = {"bf16": inp, "fp8": inp.to_fp8(torch, module.kv_formats, fp8_q)}
+    meta, splits = module.get_mla_metadata(inp.cache_seqlens, case.s_q * case.h_q, 1)
+    res = bench.run_kv_dtypes(torch, module, case, variants, meta, splits, "auto", args,
+                              {"gemm": {"tflops": 100.0}, "copy": {"gbps": 1000.0}}, NoClock())
+    return case, res
+
+
+@pytest.mark.parametrize("fp8_q", [False, True], ids=["q_bf16", "q_fp8"])
+def test_driver_kv_dtypes_interleaved(bench, fake_cuda, fp8_q):
+    case, res = _run_kv_dtypes(bench, fake_module("ours"), fp8_q)
+    ds = res["kv_dtypes"]["dtypes"]
+    assert list(ds) == ["bf16", "fp8"] and len(fake_cuda) == 2  # one graph per dtype
+    # The row's own figures are the 16-bit ones of the interleaved timing.
+    assert res["timing"] == "graph" and res["ms"] == ds["bf16"]["ms"] and res["sanity"]["ok"]
+    assert "burst_ms" not in res and res["reps"] == 3
+    assert ds["bf16"]["ratio"] == pytest.approx(1.0) and ds["fp8"]["ratio"] > 0
+    assert ds["fp8"]["sanity"]["ok"], ds["fp8"]
+    assert ds["fp8"]["agreement"]["ok"], ds["fp8"]["agreement"]
+    assert ds["fp8"]["agreement"]["out_max_abs_diff"] > 0  # quantized: not the same numbers
+    assert ds["fp8"]["fp8_q"] == fp8_q and ds["fp8"]["bytes"] == case.bytes_for(1, 1 if fp8_q else 2)
+    assert ds["bf16"]["bytes"] == case.bytes
+    for e in ds.values():
+        assert e["gbps"] == pytest.approx(e["bytes"] / (e["ms"] * 1e-3) / 1e9)
+        assert e["pct_copy"] == pytest.approx(e["gbps"] / 10.0)
+    assert not bench.kv_dtype_problems(res) and not bench.row_failed(res)
+    assert "t(bf16)/t(fp8) " in bench.progress_line(case, res)
+
+    report = {"cases": [dict(case.describe(), results=[res])], "kernels": ["auto"], "ceilings": {},
+              "settings": {"dtype": "bf16", "kv_dtype": "bf16", "kv_dtypes": ["bf16", "fp8"], "fp8_q": fp8_q}}
+    report["kv_dtype_summary"] = bench.kv_dtype_summary(report)
+    assert list(report["kv_dtype_summary"]["by_dtype"]) == ["fp8"]
+    assert report["kv_dtype_summary"]["by_dtype"]["fp8"]["n"] == 1
+    text = bench.format_report(report)
+    header = next(line for line in text.splitlines() if line.startswith("case ") and "t(fp8)" in line)
+    assert [c.strip() for c in header.split("|")][2:] == ["t(bf16)", "t(fp8)", "GB/s(bf16)", "GB/s(fp8)",
+                                                          "bf16/fp8", "check"]
+    assert "fp8 cache vs bf16, CUDA graph, t(bf16) / t(fp8): 1 rows" in text
+    assert "all agree with the 16-bit output" in text
+    assert "t(bf16)/t(fp8) geomean " in bench.summary_line(report)
+    bench.write_json(None, report)
+
+
+def test_driver_kv_dtypes_flags_an_fp8_bug(bench, fake_cuda):
+    """An FP8 path that ignores descale_k fails the row: its sanity check (float32 on the
+    dequantized cache), and without it the comparison with the 16-bit output."""
+    broken = fake_module("ours", ignore_descale_k=True)
+    case, res = _run_kv_dtypes(bench, broken)
+    problems = bench.kv_dtype_problems(res)
+    assert [k for k, _ in problems] == ["fp8"] and problems[0][1].startswith("FAIL spot")
+    assert bench.row_failed(res)
+    case, res = _run_kv_dtypes(bench, broken, no_spot_check=True)
+    problems = bench.kv_dtype_problems(res)
+    assert [k for k, _ in problems] == ["fp8"] and problems[0][1].startswith("DIFF")
+    report = {"cases": [dict(case.describe(), results=[res])], "kernels": ["auto"], "ceilings": {}}
+    text = bench.format_report(report)
+    assert "fp8: DIFF" in text and "1 failed" in text

@@ -521,3 +521,101 @@ def test_help_mentions_the_page_options():
     text = " ".join(res.stdout.split())
     assert "--page-size N" in text and "--page-sizes N,N,..." in text
     assert "64-token pages" in text  # what --compare gets
+
+
+# ----------------------------------------------------------------------------------------------
+# --kv-dtype, --fp8-q and --kv-dtypes
+# ----------------------------------------------------------------------------------------------
+
+
+def _mb_column(stdout, column="MB"):
+    """The dry run's values of a column, by row name."""
+    lines = stdout.splitlines()
+    header = [c.strip() for c in lines[1].split("|")]
+    index = header.index(column)
+    return {name: float(line.split("|")[index]) for name, line in
+            zip(table_names(stdout), lines[3:]) if "|" in line}
+
+
+@pytest.mark.parametrize("fp8_q", [False, True], ids=["q_bf16", "q_fp8"])
+def test_dry_run_kv_dtype_fp8(fp8_q):
+    """--kv-dtype fp8: the same rows and lengths, named '... kv=fp8' ('q=fp8' with --fp8-q),
+    their bytes with 1-byte cache elements: about half the 16-bit ones where the cache
+    dominates; the capture count does not change."""
+    base = run_bench("--dry-run")
+    res = run_bench("--dry-run", "--kv-dtype", "fp8", *(["--fp8-q"] if fp8_q else []))
+    assert res.returncode == 0, res.stderr
+    suffix = " kv=fp8" + (" q=fp8" if fp8_q else "")
+    assert table_names(res.stdout) == [n + suffix for n in REFERENCE_ROWS]
+    assert "KV cache fp8" in res.stdout.splitlines()[0]
+    assert ("q fp8" in res.stdout.splitlines()[0]) == fp8_q
+    assert "ref (H200)" in res.stdout and "630 TFLOP/s" not in res.stdout  # 16-bit figures dropped
+    mb16, mb8 = _mb_column(base.stdout), _mb_column(res.stdout)
+    for name in REFERENCE_ROWS:
+        assert 0.49 < mb8[name + suffix] / mb16[name] < 0.53, name
+    assert "estimate: 7 rows" in res.stdout and "7 CUDA-graph captures" in res.stdout
+
+
+def test_fp8_bytes_formula(bench):
+    """bytes = b * (mean_L * h_kv * d * kv + s_q * h_q * (d * qb + dv * 2))."""
+    case = bench.Case("custom", None, 2, 8, 2, lens=[100, 300])
+    assert case.bytes == (400 * 2 * 576 * 2 + 2 * 2 * 8 * (576 * 2 + 512 * 2))
+    assert case.bytes_for(1, 2) == (400 * 2 * 576 + 2 * 2 * 8 * (576 * 2 + 512 * 2))
+    assert case.bytes_for(1, 1) == (400 * 2 * 576 + 2 * 2 * 8 * (576 + 512 * 2))
+    case.set_fp8(fp8_q=True)
+    assert case.bytes == case.bytes_for(1, 1) and case.name.endswith(" kv=fp8 q=fp8")
+
+
+def test_dry_run_kv_dtypes():
+    """--kv-dtypes: the rows unchanged (16-bit figures in MB, the FP8 ones in 'MB fp8'), one
+    capture per dtype per row and kernel; --dtype is the baseline."""
+    res = run_bench("--dry-run", "--kv-dtypes", "fp8")
+    assert res.returncode == 0, res.stderr
+    assert table_names(res.stdout) == REFERENCE_ROWS
+    assert "KV dtypes: bf16, fp8, timed interleaved, reported as t(bf16) / t(fp8)" in res.stdout
+    assert "estimate: 7 rows" in res.stdout and "14 CUDA-graph captures" in res.stdout
+    mb16, mb8 = _mb_column(res.stdout), _mb_column(res.stdout, "MB fp8")
+    assert all(0.49 < mb8[n] / mb16[n] < 0.53 for n in REFERENCE_ROWS)
+    res = run_bench("--dry-run", "--kv-dtypes", "fp16,fp8", "--dtype", "fp16", "--fp8-q", "--sweep", "serving")
+    assert res.returncode == 0, res.stderr
+    assert "KV dtypes: fp16, fp8 (q fp8 with fp8)" in res.stdout
+    assert "68 CUDA-graph captures" in res.stdout and "eager loop" not in res.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kv-dtype", "fp16"], "--kv-dtype fp16 with --dtype bf16"),
+    (["--kv-dtype", "int8"], "--kv-dtype"),
+    (["--kv-dtype", "fp8", "--compare", "some_module_name"], "--compare"),
+    (["--fp8-q"], "--fp8-q needs an FP8 cache"),
+    (["--kv-dtypes", "bf16,fp16"], "--kv-dtypes"),
+    (["--kv-dtypes", "fp8,fp8"], "named twice"),
+    (["--kv-dtypes", ","], "--kv-dtypes"),
+    (["--kv-dtypes", "fp8", "--compare", "some_module_name"], "--compare"),
+    (["--kv-dtypes", "fp8", "--page-sizes", "16"], "--page-sizes"),
+    (["--kv-dtypes", "fp8", "--kv-dtype", "fp8"], "--kv-dtype"),
+    (["--kv-dtypes", "fp8", "--eager"], "--eager"),
+    (["--kv-dtypes", "fp8", "--sweep", "serving", "--max-captures", "60"], "68 CUDA-graph captures"),
+])
+def test_kv_dtype_usage_errors(argv, message):
+    res = run_bench("--dry-run", *argv)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_kv_dtypes_parsed(bench):
+    args = bench.parse_args(["--kv-dtypes", "fp8,bf16", "--sweep", "serving"])
+    assert args.kv_dtype_list == ["bf16", "fp8"] and args.kv_dtype == "bf16" and args.eager is False
+    assert bench.capture_count(args) == 34 * 2 and not args.fp8_q
+    args = bench.parse_args(["--kv-dtype", "fp8", "--fp8-q", "--page-sizes", "16"])
+    assert args.kv_dtype == "fp8" and args.fp8_q and args.kv_dtype_list is None
+    assert all(c.kv_dtype == "fp8" and c.fp8_q for c in args.cases)
+    assert bench.capture_count(args) == 7 * 2
+    args = bench.parse_args([])
+    assert args.kv_dtype == "bf16" and args.kv_dtype_list is None and not args.fp8_q
+    assert all(c.kv_dtype is None for c in args.cases)
+
+
+def test_help_mentions_the_kv_dtype_options():
+    res = run_bench("--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    assert "--kv-dtype {bf16,fp16,fp8}" in text and "--fp8-q" in text and "--kv-dtypes D,D,..." in text
