@@ -210,8 +210,10 @@ def test_driver_interleaves_and_reports_the_ratio(bench, fake_cuda, monkeypatch)
                                                                       eager=False))
     cmp = res["compare"]
     assert "burst_ms" not in res and "eager" not in res and "eager" not in cmp
-    assert 1.5 < cmp["ratio"] < 2.5, cmp
-    assert 1.5 < cmp["ratio_paired_median"] < 2.5
+    # Sleep-based replays: 2x nominal; a loaded 2-core machine stretches sleeps unevenly, so the
+    # bounds only check that the slower module is reported as clearly slower.
+    assert 1.3 < cmp["ratio"] < 4.0, cmp
+    assert 1.3 < cmp["ratio_paired_median"] < 4.0
 
 
 def test_driver_flags_a_disagreeing_module(bench, fake_cuda):
