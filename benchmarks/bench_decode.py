@@ -1005,27 +1005,42 @@ def _variant_entries(report, section, sub, key):
     return out
 
 
+def _variant_summary(report, pairs, variants, *, section, sub, base, problems, by, item,
+                     label, failed_label, heading, base_output):
+    """The summary of the --page-sizes / --kv-dtypes variants (page_size_summary,
+    kv_dtype_summary): per variant in ``variants``, summarize_ratios of t(base) / t(variant)
+    over res[section][sub] and its format_ratio_summary lines (titled ``label`` of the variant,
+    a str.format pattern, "vs" ``base``); the rows where ``problems(res)`` reports a variant as
+    failed, each as dict(row=, <item>=, problem=); and a last line "<heading>: all agree with
+    the <base_output> output ..." or the failures (each "<row> <failed_label>: <why>"). A dict
+    with ``by`` (variant -> summary), 'lines' and 'failed'."""
+    out = {by: {}, "lines": []}
+    for v in variants:
+        summ = summarize_ratios(_variant_entries(report, section, sub, str(v)))
+        out[by][str(v)] = summ
+        out["lines"] += format_ratio_summary(summ, f"{label.format(v)} vs {base}, CUDA graph, "
+                                                   f"t({base}) / t({v})")
+    failed = [(case["name"], v, why) for case, res in pairs for v, why in problems(res)]
+    out["failed"] = [{"row": n, item: v, "problem": w} for n, v, w in failed]
+    if out[by]:
+        out["lines"].append(f"{heading}: " + (f"all agree with the {base_output} output and pass "
+                                              "the sanity check" if not failed else
+                                              f"{len(failed)} failed: " + "; ".join(
+                                                  f"{n} {failed_label.format(v)}: {w}"
+                                                  for n, v, w in failed)))
+    return out
+
+
 def page_size_summary(report):
     """Per page size other than 64: the summary of t(64) / t(page) over the rows (as the
     --compare summary: rows >= 1.00x, geomean, short-context geomean, smallest, per kind), and
     the rows where a page size failed or disagreed. A dict with 'by_page' and 'lines'."""
     pairs = result_pairs(report)
-    out = dict(by_page={}, lines=[])
-    for page in _page_size_keys(pairs):
-        if page == PAGE:
-            continue
-        summ = summarize_ratios(page_size_entries(report, page))
-        out["by_page"][str(page)] = summ
-        out["lines"] += format_ratio_summary(summ, f"page {page} vs {PAGE}, CUDA graph, "
-                                                   f"t({PAGE}) / t({page})")
-    failed = [(case["name"], p, why) for case, res in pairs for p, why in page_size_problems(res)]
-    out["failed"] = [dict(row=n, page=p, problem=w) for n, p, w in failed]
-    if out["by_page"]:
-        out["lines"].append("page sizes: " + ("all agree with the 64-token output and pass the "
-                                              "sanity check" if not failed else
-                                              f"{len(failed)} failed: " + "; ".join(
-                                                  f"{n} page {p}: {w}" for n, p, w in failed)))
-    return out
+    return _variant_summary(report, pairs, [p for p in _page_size_keys(pairs) if p != PAGE],
+                            section="page_sizes", sub="pages", base=PAGE,
+                            problems=page_size_problems, by="by_page", item="page",
+                            label="page {}", failed_label="page {}", heading="page sizes",
+                            base_output="64-token")
 
 
 def _kv_dtype_keys(pairs):
@@ -1068,20 +1083,10 @@ def kv_dtype_summary(report):
     and 'lines'."""
     pairs = result_pairs(report)
     keys = _kv_dtype_keys(pairs)
-    out = dict(by_dtype={}, lines=[])
-    for k in keys[1:]:
-        summ = summarize_ratios(_variant_entries(report, "kv_dtypes", "dtypes", k))
-        out["by_dtype"][k] = summ
-        out["lines"] += format_ratio_summary(summ, f"{k} cache vs {keys[0]}, CUDA graph, "
-                                                   f"t({keys[0]}) / t({k})")
-    failed = [(case["name"], k, why) for case, res in pairs for k, why in kv_dtype_problems(res)]
-    out["failed"] = [dict(row=n, kv_dtype=k, problem=w) for n, k, w in failed]
-    if out["by_dtype"]:
-        out["lines"].append("KV dtypes: " + ("all agree with the 16-bit output and pass the sanity "
-                                             "check" if not failed else
-                                             f"{len(failed)} failed: " + "; ".join(
-                                                 f"{n} {k}: {w}" for n, k, w in failed)))
-    return out
+    return _variant_summary(report, pairs, keys[1:], section="kv_dtypes", sub="dtypes",
+                            base=keys[0] if keys else None, problems=kv_dtype_problems,
+                            by="by_dtype", item="kv_dtype", label="{} cache", failed_label="{}",
+                            heading="KV dtypes", base_output="16-bit")
 
 
 def geomean(xs):

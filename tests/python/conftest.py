@@ -14,10 +14,16 @@
 * Plain helpers the test modules import (``from conftest import ...``): ``cpu_decode_args``
   (well-formed decode arguments, all on the CPU), ``capture_graph`` (warm up, then capture a
   call in a CUDA graph) and ``quantize_case_fp8`` (a paged case turned into the dense FP8
-  format: float8_e4m3fn cache, optionally q, with NaN codes in every unused byte).
+  format: float8_e4m3fn cache, optionally q, with NaN codes in every unused byte), ``bits`` /
+  ``assert_bitwise_equal`` (NaN-safe bitwise comparison of results), and ``ORDER`` / ``call``
+  (``flash_mla_with_kvcache`` on a dict of arguments keyed by ORDER, as ``cpu_decode_args``
+  returns).
+* ``path`` fixture: runs a test on the direct eager path and again through the torch.library
+  custom ops.
 
 This file imports only torch: the compiled module is imported by the test modules themselves
-(``quantize_case_fp8`` imports ``flash_mla.kv_formats``, plain torch, when called).
+(``quantize_case_fp8`` imports ``flash_mla.kv_formats``, plain torch, when called; ``call``
+and the ``path`` fixture import ``flash_mla`` when they run).
 """
 
 from __future__ import annotations
@@ -634,6 +640,37 @@ def cpu_decode_args(b=2, s_q=1, h_q=16, h_kv=1, dtype=torch.bfloat16, parts=CPU_
         tile_scheduler_metadata=torch.zeros((parts, 8), dtype=torch.int32),
         num_splits=torch.zeros((b + 1,), dtype=torch.int32),
     )
+
+
+ORDER = ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v",
+         "tile_scheduler_metadata", "num_splits")  # the positional arguments, in order
+
+
+def call(args, **kwargs):
+    """flash_mla_with_kvcache on the arguments of ``args`` (a dict keyed by ORDER)."""
+    from flash_mla import flash_mla_with_kvcache
+
+    return flash_mla_with_kvcache(*(args[name] for name in ORDER), **kwargs)
+
+
+@pytest.fixture(params=["direct", "custom_op"])
+def path(request, monkeypatch):
+    """Runs a test on the direct eager path and again through the torch.library custom ops."""
+    from flash_mla import _torch_ops
+
+    monkeypatch.setattr(_torch_ops, "DIRECT_EAGER", request.param == "direct")
+    return request.param
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern (NaN-safe, +inf-safe equality)."""
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype, what
+    diff = bits(a) != bits(b)
+    assert not diff.any(), f"{what}: {int(diff.sum())} of {a.numel()} values differ"
 
 
 def capture_graph(fn):

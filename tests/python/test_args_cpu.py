@@ -30,7 +30,7 @@ import torch
 import flash_mla
 from flash_mla import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
 
-from conftest import CPU_PARTS, PAGE_SIZES, cpu_decode_args  # noqa: E402  (tests/python is on sys.path)
+from conftest import CPU_PARTS, ORDER, PAGE_SIZES, call, cpu_decode_args  # noqa: E402  (tests/python is on sys.path)
 
 D = 576
 DV = 512
@@ -39,21 +39,6 @@ PAGE = 64
 # "q" as a word of its own (also accepts "h_q" / "s_q" / "q.shape" / "'q'").
 Q = r"(?<![A-Za-z])q(?![A-Za-z])"
 CUDA = r"(?i)cuda"
-ORDER = ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v",
-         "tile_scheduler_metadata", "num_splits")
-
-
-def call(args, **kwargs):
-    return flash_mla_with_kvcache(*(args[name] for name in ORDER), **kwargs)
-
-
-@pytest.fixture(params=["direct", "custom_op"])
-def path(request, monkeypatch):
-    """Runs a test on the direct eager path and again through the torch.library custom ops."""
-    from flash_mla import _torch_ops
-
-    monkeypatch.setattr(_torch_ops, "DIRECT_EAGER", request.param == "direct")
-    return request.param
 
 
 def last_dim_strided(t: torch.Tensor) -> torch.Tensor:

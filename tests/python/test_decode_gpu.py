@@ -36,7 +36,7 @@ from flash_mla import (  # noqa: E402
 )
 from flash_mla.reference import mla_decode_reference  # noqa: E402
 
-from conftest import PAGE_SIZES, capture_graph, page_lengths  # noqa: E402  (tests/python is on sys.path)
+from conftest import PAGE_SIZES, bits, capture_graph, page_lengths  # noqa: E402  (tests/python is on sys.path)
 
 pytestmark = pytest.mark.requires_gpu
 
@@ -101,11 +101,6 @@ def reference(case, causal, softmax_scale=None):
     """float64 reference (independent of TF32 settings), returned as float32."""
     return mla_decode_reference(case.q, case.k_cache, case.block_table, case.cache_seqlens,
                                 HEAD_DIM_V, softmax_scale, causal, accum_dtype=torch.float64)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern of a 16-bit float tensor (NaN-safe equality)."""
-    return t.view(torch.int16)
 
 
 class Shape(NamedTuple):

@@ -24,31 +24,16 @@ import pytest
 import torch
 
 import flash_mla
-from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+from flash_mla import get_mla_metadata
 
-from conftest import CPU_PARTS, PAGE_SIZES, cpu_decode_args  # noqa: E402  (tests/python is on sys.path)
+from conftest import CPU_PARTS, PAGE_SIZES, call, cpu_decode_args  # noqa: E402  (tests/python is on sys.path)
 
 D = 576
 DV = 512
 CUDA = r"(?i)cuda"
-ORDER = ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v",
-         "tile_scheduler_metadata", "num_splits")
 
 BF16, FP16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 FP8 = torch.float8_e4m3fn
-
-
-def call(args, **kwargs):
-    return flash_mla_with_kvcache(*(args[name] for name in ORDER), **kwargs)
-
-
-@pytest.fixture(params=["direct", "custom_op"])
-def path(request, monkeypatch):
-    """Runs a test on the direct eager path and again through the torch.library custom ops."""
-    from flash_mla import _torch_ops
-
-    monkeypatch.setattr(_torch_ops, "DIRECT_EAGER", request.param == "direct")
-    return request.param
 
 
 def fp8_args(q_dtype=BF16, k_dtype=FP8, k_shape=None, **kwargs):

@@ -46,6 +46,7 @@ from conftest import (  # noqa: E402  (tests/python is on sys.path)
     FP8,
     FP8_NAN_CODES,
     PAGE_SIZES,
+    assert_bitwise_equal,
     capture_graph,
     page_lengths,
     quantize_case_fp8,
@@ -121,17 +122,6 @@ def reference(f, causal):
     q, k = f.reference_inputs()
     return mla_decode_reference(q, k, f.block_table, f.cache_seqlens, DV, None, causal,
                                 accum_dtype=torch.float64)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern (NaN-safe, +inf-safe equality)."""
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
-
-
-def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape and a.dtype == b.dtype, what
-    diff = bits(a) != bits(b)
-    assert not diff.any(), f"{what}: {int(diff.sum())} of {a.numel()} values differ"
 
 
 def assert_close_to_16bit(out, lse, out16, lse16, what: str) -> None:

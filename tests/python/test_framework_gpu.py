@@ -31,7 +31,11 @@ import flash_mla  # noqa: E402
 from flash_mla import flash_mla_with_kvcache, get_mla_metadata, ops  # noqa: E402
 from flash_mla.reference import mla_decode_reference  # noqa: E402
 
-from conftest import capture_graph, page_edge_lengths  # noqa: E402  (tests/python is on sys.path)
+from conftest import (  # noqa: E402  (tests/python is on sys.path)
+    assert_bitwise_equal,
+    capture_graph,
+    page_edge_lengths,
+)
 
 pytestmark = pytest.mark.requires_gpu
 
@@ -64,17 +68,6 @@ def reference(case, causal=True, softmax_scale=None):
 def decode(case, meta, splits, causal=True, **kwargs):
     return flash_mla_with_kvcache(case.q, case.k_cache, case.block_table, case.cache_seqlens, DV, meta, splits,
                                   causal=causal, **kwargs)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern (NaN-safe, +inf-safe equality)."""
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
-
-
-def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape and a.dtype == b.dtype, what
-    diff = bits(a) != bits(b)
-    assert not diff.any(), f"{what}: {int(diff.sum())} of {a.numel()} values differ"
 
 
 # ----------------------------------------------------------------------------------------------
