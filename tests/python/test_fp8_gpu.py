@@ -512,7 +512,10 @@ def test_fp8_opcheck_custom_op(make_case, seed):
                   descale_k=f.descale_k)
     missing = [n for n in names if n not in values]
     assert not missing, f"op arguments this test does not know: {missing}"
-    torch.library.opcheck(op, (), {n: values[n] for n in names})
+    # test_schema is left out: its aliasing check multiplies the inputs, and torch has no
+    # elementwise kernels for float8_e4m3fn (the FP8-free schema check runs in test_framework_gpu).
+    torch.library.opcheck(op, (), {n: values[n] for n in names},
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 # ----------------------------------------------------------------------------------------------
