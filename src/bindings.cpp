@@ -881,11 +881,11 @@ NB_MODULE(_C, m) {
     return std::make_tuple(rows, plan.num_splits);
   }, nb::arg("cache_seqlens"), nb::arg("num_sm_parts"), "The scheduler's plan computed on the host.");
 
-  m.def("kernel_name", [](int device, int kernel, bool kv_fp8) {
+  m.def("kernel_name", [](int device, int kernel) {
     std::string name;
-    raise_if_failed(flash_mla_ext::kernel_name(device, kernel_choice(kernel), kv_fp8, &name));
+    raise_if_failed(flash_mla_ext::kernel_name(device, kernel_choice(kernel), &name));
     return name;
-  }, nb::arg("device"), nb::arg("kernel"), nb::arg("kv_fp8") = false);
+  }, nb::arg("device"), nb::arg("kernel"));
 
   // ---- opt-in input validation and helpers of the framework-neutral API (flash_mla.ops) ----
 

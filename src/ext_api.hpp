@@ -10,8 +10,7 @@ namespace flash_mla_ext {
 
 flash_mla::Status run_metadata(const flash_mla::MetadataParams& params);
 flash_mla::Status run_decode(const flash_mla::DecodeParams& params);
-/// kv_fp8: for an FP8 cache (which the sm90 kernel does not take).
-flash_mla::Status kernel_name(int device, flash_mla::KernelChoice choice, bool kv_fp8, std::string* name);
+flash_mla::Status kernel_name(int device, flash_mla::KernelChoice choice, std::string* name);
 flash_mla::Status run_input_check(const flash_mla::InputCheckParams& params);
 
 }  // namespace flash_mla_ext

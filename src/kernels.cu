@@ -14,9 +14,9 @@ flash_mla::Status run_input_check(const flash_mla::InputCheckParams& params) {
   return flash_mla::check_paged_inputs(params);
 }
 
-flash_mla::Status kernel_name(int device, flash_mla::KernelChoice choice, bool kv_fp8, std::string* name) {
+flash_mla::Status kernel_name(int device, flash_mla::KernelChoice choice, std::string* name) {
   flash_mla::KernelChoice resolved;
-  flash_mla::Status st = flash_mla::resolve_kernel(choice, device, &resolved, kv_fp8);
+  flash_mla::Status st = flash_mla::resolve_kernel(choice, device, &resolved);
   if (st.ok()) *name = flash_mla::kernel_name(resolved);
   return st;
 }

@@ -23,8 +23,7 @@ Cases (--cases, default all):
            NaN-code heads around it
 FP8 cases are quantized on the CPU (conftest.quantize_case_fp8) and their references computed
 on the dequantized values; the descales travel to the GPU as (1,) float32 tensors (their own
-allocations: memcheck sees a read past their 4 bytes). They run on the kernels that take FP8
-(fp8_kernels: not "sm90").
+allocations: memcheck sees a read past their 4 bytes).
 Each case runs with get_mla_metadata and every kernel that runs here (--kernels), through the
 torch API once with check_inputs=True (the input-check kernels) and once into preallocated
 out= / lse=. With --num-sms N it goes through flash_mla.ops instead, planning for N SMs (N SM
@@ -76,17 +75,6 @@ def to_gpu(t: torch.Tensor) -> torch.Tensor:
 
 def gpu_nan(shape, dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype).cuda()  # filled on the CPU: no fill kernel
-
-
-def fp8_kernels(kernels):
-    """The kernels of ``kernels`` that take an FP8 cache (all but "sm90"), "auto" dropped when
-    the kernel it runs for FP8 is in the list already."""
-    portable = [k for k in kernels if k != "sm90"]
-    if "auto" in portable:
-        auto = flash_mla.kernel_for_device(kernel="auto", kv_dtype=torch.float8_e4m3fn)
-        if any(k != "auto" and flash_mla.kernel_for_device(kernel=k) == auto for k in portable):
-            portable.remove("auto")
-    return portable
 
 
 def runnable_kernels():
@@ -145,7 +133,7 @@ def run_case_ops(name: str, kernels, num_sms: int, log) -> bool:
     if name != "hostile":
         ref_out, ref_lse = mla_decode_reference(q_ref, k_ref, cpu.block_table, cpu.cache_seqlens, DV, None,
                                                 causal)
-    for kernel in fp8_kernels(kernels) if descales else kernels:
+    for kernel in kernels:
         t0 = time.time()
         try:
             out, lse = gpu_nan(shapes["out"], dtype), gpu_nan(shapes["lse"], torch.float32)
@@ -173,7 +161,7 @@ def run_case(name: str, kernels, log) -> bool:
         ref_out, ref_lse = mla_decode_reference(q_ref, k_ref, cpu.block_table, cpu.cache_seqlens, DV, None,
                                                 causal)
     meta, splits = flash_mla.get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
-    for kernel in fp8_kernels(kernels) if descales else kernels:
+    for kernel in kernels:
         t0 = time.time()
         try:
             if name == "hostile":

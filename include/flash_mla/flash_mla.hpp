@@ -22,7 +22,6 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
-#include <type_traits>
 
 #include "combine.cuh"
 #include "params.hpp"
@@ -203,23 +202,18 @@ inline DeviceInfo device_info(int device) {
 
 }  // namespace detail
 
-/// kv_fp8: the cache is FP8, which the sm90 kernel does not take yet (kAuto then picks the
-/// portable kernel on Hopper too).
-inline Status resolve_kernel(KernelChoice choice, int device, KernelChoice* resolved, bool kv_fp8 = false) {
+inline Status resolve_kernel(KernelChoice choice, int device, KernelChoice* resolved) {
   const detail::DeviceInfo info = detail::device_info(device);
   if (info.error != cudaSuccess) return Status::error(std::string("cannot query device: ") + cudaGetErrorString(info.error));
   const int major = info.major, smem_optin = info.smem_optin;
   const bool sm90_built = info.sm90_built;
   if (major < 8) return Status::error("flash-mla needs an sm_80 or newer GPU (compute capability >= 8.0)");
   if (choice == KernelChoice::kAuto) {
-    if (major == 9 && sm90_built && !kv_fp8) {
+    if (major == 9 && sm90_built) {
       choice = KernelChoice::kSm90;
     } else {
       choice = smem_optin >= sm80::LargeTraits::kSmemBytes ? KernelChoice::kSm80Large : KernelChoice::kSm80Small;
     }
-  }
-  if (choice == KernelChoice::kSm90 && kv_fp8) {
-    return Status::error("the sm90 kernel does not take an FP8 k_cache yet: use kernel auto, sm80_large or sm80_small");
   }
   if (choice == KernelChoice::kSm90 && (major != 9 || !sm90_built)) {
     return Status::error("the sm90 kernel needs an sm_90 GPU and a build with FLASH_MLA_CUDA_ARCHS containing 90a");
@@ -350,13 +344,13 @@ Status launch_sm80(const DecodeParams& p, int device) {
   return Status::success();
 }
 
-template <typename Element, int kBoxes>
+template <typename Element, int kBoxes, typename KvStored, typename QStored>
 Status launch_sm90(const DecodeParams& p, int device) {
   CUtensorMap kv_map;
   Status st = sm90::cached_kv_tensor_map(p, &kv_map);
   if (!st.ok()) return st;
-  const auto kernel = sm90::decode_kernel<Element, kBoxes>;
-  cudaError_t err = allow_dynamic_smem<sm90::decode_kernel<Element, kBoxes>>(sm90::kSmemBytes, device);
+  const auto kernel = sm90::decode_kernel<Element, kBoxes, KvStored, QStored>;
+  cudaError_t err = allow_dynamic_smem<sm90::decode_kernel<Element, kBoxes, KvStored, QStored>>(sm90::kSmemBytes, device);
   if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 && p.q_head_stride % 8 == 0;
@@ -372,22 +366,18 @@ Status launch_sm90(const DecodeParams& p, int device) {
 }
 
 /// Element: the multiplied type and out's; KvStored / QStored: k_cache's and q's storage
-/// (Element, or Fp8E4M3: common/fp8.cuh). The sm90 kernel takes 16-bit inputs only (resolve_kernel).
+/// (Element, or Fp8E4M3: common/fp8.cuh).
 template <typename Element, typename KvStored = Element, typename QStored = Element>
 Status launch_decode(const DecodeParams& p, KernelChoice kernel, int device) {
   switch (kernel) {
     case KernelChoice::kSm80Large: return launch_sm80<sm80::LargeTraits, Element, KvStored, QStored>(p, device);
     case KernelChoice::kSm80Small: return launch_sm80<sm80::SmallTraits, Element, KvStored, QStored>(p, device);
     case KernelChoice::kSm90:
-      if constexpr (!std::is_same_v<KvStored, Element> || !std::is_same_v<QStored, Element>) {
-        return Status::error("the sm90 kernel does not take FP8 inputs yet");
-      } else {
-        // One instantiation per tile shape in the cache: a tile is 1, 2 or 4 pages (paged_kv.cuh).
-        switch (tile_boxes(p.page_size)) {
-          case 1: return launch_sm90<Element, 1>(p, device);
-          case 2: return launch_sm90<Element, 2>(p, device);
-          default: return launch_sm90<Element, 4>(p, device);
-        }
+      // One instantiation per tile shape in the cache: a tile is 1, 2 or 4 pages (paged_kv.cuh).
+      switch (tile_boxes(p.page_size)) {
+        case 1: return launch_sm90<Element, 1, KvStored, QStored>(p, device);
+        case 2: return launch_sm90<Element, 2, KvStored, QStored>(p, device);
+        default: return launch_sm90<Element, 4, KvStored, QStored>(p, device);
       }
     default: return Status::error("unknown kernel choice");
   }
@@ -408,7 +398,7 @@ inline Status mla_decode(const DecodeParams& p) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return Status::error("no current CUDA device");
   KernelChoice kernel;
-  st = resolve_kernel(p.kernel, device, &kernel, p.kv_fp8());
+  st = resolve_kernel(p.kernel, device, &kernel);
   if (!st.ok()) return st;
   if (p.dtype == DType::kFP8E4M3) return detail::launch_decode<__nv_bfloat16, Fp8E4M3, Fp8E4M3>(p, kernel, device);
   if (p.kv_fp8()) {

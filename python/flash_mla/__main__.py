@@ -70,9 +70,6 @@ def report(out=sys.stdout) -> int:
         try:
             from .interface import kernel_for_device
             kernel = kernel_for_device(index)
-            fp8_kernel = kernel_for_device(index, kv_dtype=torch.float8_e4m3fn)
-            if fp8_kernel != kernel:
-                kernel += f" (FP8 cache: {fp8_kernel})"
         except Exception as exc:  # shown, not raised: this is a diagnostic
             kernel = f"none ({type(exc).__name__}: {exc})"
         lines.append(f"  GPU {index}: {props.name}, compute capability {props.major}.{props.minor}, "

@@ -217,9 +217,8 @@ def flash_mla_with_kvcache(
             ``float(k_cache) * descale_k``; ``descale_q`` likewise with an FP8 q. Each is an
             error with a 16-bit input. ``flash_mla.kv_formats.quantize_kv_cache_fp8`` makes both
             the cache and its descale.
-        kernel (keyword only): "auto" (default: "sm90" on Hopper, else the portable kernel; an
-            FP8 cache runs the portable kernel everywhere for now), or "sm90" / "sm80_large" /
-            "sm80_small" to force a path ("sm90" takes 16-bit inputs only).
+        kernel (keyword only): "auto" (default: "sm90" on Hopper, else the portable kernel), or
+            "sm90" / "sm80_large" / "sm80_small" to force a path.
         out, lse (keyword only): preallocated outputs, (batch, s_q, h_q, 512) in q's dtype
             (bfloat16 for an FP8 q) and
             (batch, h_q, s_q) float32, contiguous, on q's device (checked); returned as given.
@@ -369,10 +368,9 @@ def host_plan(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int, num_sm
     return _C.host_plan(seqlens, parts)
 
 
-def kernel_for_device(device=None, kernel: str = "auto", *, kv_dtype: Optional[torch.dtype] = None) -> str:
+def kernel_for_device(device=None, kernel: str = "auto") -> str:
     """Name of the decode kernel that runs on ``device`` (a CUDA device, its index, or None for
-    the current one) for the given choice and k_cache dtype (None: a 16-bit cache).
-    RuntimeError without a usable CUDA device."""
+    the current one) for the given choice. RuntimeError without a usable CUDA device."""
     if type(kernel) is not str or kernel not in _KERNELS:
         raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
     if device is None:
@@ -387,4 +385,4 @@ def kernel_for_device(device=None, kernel: str = "auto", *, kv_dtype: Optional[t
         raise RuntimeError("flash_mla: no CUDA device is available (torch.cuda.is_available() is False: no GPU, "
                            "no driver, or a CPU-only build of torch)")
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    return _C.kernel_name(index, _KERNELS[kernel], kv_dtype == torch.float8_e4m3fn)
+    return _C.kernel_name(index, _KERNELS[kernel])

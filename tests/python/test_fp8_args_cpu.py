@@ -226,14 +226,11 @@ def test_fp8_out_of_another_dtype_rejected(q_dtype, out_dtype, path):
         call(args, **kwargs)
 
 
-def test_fp8_kernel_sm90_refused_or_reaches_device_check():
-    """kernel="sm90" with an FP8 cache: the Hopper kernel does not take FP8. Where that is
-    found (argument check or kernel resolution, which needs the device) is the implementation's
-    choice; either error is acceptable here, a silent acceptance is not."""
-    with pytest.raises((ValueError, RuntimeError)) as info:
-        call(fp8_args(), descale_k=scale(), kernel="sm90")
-    msg = str(info.value)
-    assert "sm90" in msg or re.search(CUDA, msg), msg
+@pytest.mark.parametrize("kernel", ["sm90", "sm80_large", "sm80_small"])
+def test_fp8_forced_kernel_reaches_device_check(kernel):
+    """Every kernel takes FP8: a forced kernel with CPU tensors gets as far as the device check."""
+    with pytest.raises(ValueError, match=CUDA):
+        call(fp8_args(), descale_k=scale(), kernel=kernel)
 
 
 # ----------------------------------------------------------------------------------------------

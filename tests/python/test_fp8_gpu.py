@@ -17,8 +17,7 @@ Two comparisons per result, with different purposes:
   and a reference that agree on a wrong reading of the format (a scale applied twice, ignored,
   inverted).
 
-Kernels: "auto", "sm80_large" and "sm80_small" take FP8 ("auto" on Hopper runs the portable
-kernel: the Hopper kernel does not take FP8, and kernel="sm90" with an FP8 cache raises).
+Kernels: every kernel takes FP8 ("auto", "sm90" on Hopper, "sm80_large", "sm80_small").
 
 The whole module is skipped without a CUDA GPU (checked before importing flash_mla).
 """
@@ -55,7 +54,7 @@ from conftest import (  # noqa: E402  (tests/python is on sys.path)
 pytestmark = pytest.mark.requires_gpu
 
 DV = 512
-FP8_KERNELS = ("auto", "sm80_large", "sm80_small")
+FP8_KERNELS = ("auto", "sm90", "sm80_large", "sm80_small")
 Q_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": FP8}
 Q_NAMES = tuple(Q_DTYPES)
 
@@ -304,18 +303,15 @@ def test_fp8_every_code(q_name, make_case, check_decode, seed):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_fp8_auto_runs_the_portable_kernel(make_case, seed):
+def test_fp8_auto_runs_the_expected_kernel(make_case, seed):
     """kernel="auto" with an FP8 cache gives, bit for bit, what the forced kernel it resolves to
-    gives, except on Hopper, where auto's kernel is sm90 and FP8 runs sm80_large instead."""
+    gives (sm90 on Hopper, as for a 16-bit cache)."""
     f = build(make_case, 7, 2, 32, 1, "mixed", "bf16", seed, page=64)
     meta, splits = metadata(f)
     auto_name = flash_mla.kernel_for_device(kernel="auto")
     forced = {k: flash_mla.kernel_for_device(kernel=k)
               for k in ("sm80_large", "sm80_small", "sm90") if kernel_skip_reason(k) is None}
     expected = next(k for k, name in forced.items() if name == auto_name)
-    if expected == "sm90":
-        expected = "sm80_large"
-    assert expected in fp8_kernels(), (auto_name, forced)
     out, lse = decode(f, meta, splits, True, kernel="auto")
     out_x, lse_x = decode(f, meta, splits, True, kernel=expected)
     assert_bitwise_equal(out, out_x, f"auto vs {expected} out")
@@ -332,24 +328,6 @@ def test_fp8_is_fp8_kvcache_with_uint8_bytes(make_case, seed):
                                       splits, causal=True, is_fp8_kvcache=True, **f.descales())
     assert_bitwise_equal(out, want_out, "uint8 cache out")
     assert_bitwise_equal(lse, want_lse, "uint8 cache lse")
-
-
-@pytest.mark.parametrize("q_name", ["bf16", "fp8"])
-def test_fp8_sm90_refused(q_name, make_case, seed):
-    """The Hopper kernel does not take FP8: forcing it raises, naming it, before any launch
-    (the NaN out= buffer is untouched); the same call on the 16-bit data runs."""
-    if kernel_skip_reason("sm90") is not None:
-        pytest.skip("kernel='sm90' runs only on Hopper GPUs with an sm_90a build")
-    f = build(make_case, 3, 1, 16, 1, [70, 0, 300], q_name, seed)
-    meta, splits = metadata(f)
-    out_buf, lse_buf = _nan_outputs(f)
-    with pytest.raises((ValueError, RuntimeError), match="sm90"):
-        decode(f, meta, splits, False, kernel="sm90", out=out_buf[1:-1], lse=lse_buf[1:-1])
-    torch.cuda.synchronize()
-    assert torch.isnan(out_buf.float()).all() and torch.isnan(lse_buf).all()
-    out, lse = decode_16bit(f, meta, splits, False, kernel="sm90")
-    torch.cuda.synchronize()
-    assert torch.isfinite(out.float()).all()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 // The Hopper (sm_90a) split-KV decode kernel: two math warpgroups taking the 64-token tiles of a
 // segment in pairs (mainloop.cuh), KV tiles streamed by TMA into two buffers with one transaction
 // barrier per 64-column block, wgmma for Q K^T and P V. Same grid, metadata and outputs as the
-// portable kernel.
+// portable kernel. An FP8 cache (KvStored Fp8E4M3) lands as raw bytes in the same buffers and
+// is widened in place before the products (fp8_widen.cuh); an FP8 q is widened as it is loaded.
 #pragma once
 
 #include <cuda.h>
@@ -21,13 +22,14 @@ namespace flash_mla::sm90 {
 
 /// All threads start copying the Q tile of (request, KV head, m-block) into the swizzled layout
 /// (cp.async, one commit group; the caller waits with cp_async_wait_all before Q is read).
-template <typename Element>
+template <typename Element, typename QStored>
 __device__ __forceinline__ void start_q_load(uint8_t* sq, const DecodeParams& p, const RowMap& rows_map, int req,
                                              int row0, bool q_vec16) {
   constexpr int kChunks = kHeadDim / 8;
   for (int idx = threadIdx.x; idx < Traits::kBlockM * kChunks; idx += Traits::kThreads) {
     const int row = idx / kChunks, col = (idx % kChunks) * 8;
-    copy_q_chunk(reinterpret_cast<Element*>(sq + Traits::offset(row, col)), p, rows_map, req, row0 + row, col, q_vec16);
+    copy_q_chunk<Element, QStored>(reinterpret_cast<Element*>(sq + Traits::offset(row, col)), p, rows_map, req,
+                                   row0 + row, col, q_vec16);
   }
   sm80::cp_async_commit();
 }
@@ -43,19 +45,21 @@ __device__ __forceinline__ BoxPage segment_tile(const DecodeParams& p, const Seg
 /// the first kBoxes threads) and its Q tile (cp.async by all threads). Called when Q and both KV buffers are free:
 /// at the end of the previous segment, so that the loads overlap its epilogue, or at the start of
 /// the CTA's first segment.
-template <typename Element, int kBoxes>
+template <typename Element, typename QStored, int kBoxes, bool kFp8>
 __device__ __forceinline__ void start_segment_loads(SharedStorage& smem, const DecodeParams& p, const RowMap& rows_map,
-                                                    const KvSource<kBoxes>& src, const Segment& seg, int req, int row0,
-                                                    bool q_vec16) {
+                                                    const KvSource<kBoxes, kFp8>& src, const Segment& seg, int req,
+                                                    int row0, bool q_vec16) {
   if (threadIdx.x < kBoxes) {
     src.template load<0, Traits::kColBlocks>(smem.kv[0], smem.kv_bar[0], segment_tile<kBoxes>(p, seg, req, 0));
     src.template load<0, Traits::kColBlocks>(smem.kv[1], smem.kv_bar[1], segment_tile<kBoxes>(p, seg, req, 1));
   }
-  start_q_load<Element>(smem.q, p, rows_map, req, row0, q_vec16);
+  start_q_load<Element, QStored>(smem.q, p, rows_map, req, row0, q_vec16);
 }
 
 /// kBoxes: pages per 64-token tile (tile_boxes(p.page_size)): 1 for pages of 64 tokens or more.
-template <typename Element, int kBoxes>
+/// Element: the multiplied type and out's; KvStored / QStored: how k_cache and q are stored
+/// (Element, or Fp8E4M3: common/fp8.cuh).
+template <typename Element, int kBoxes, typename KvStored = Element, typename QStored = Element>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     decode_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kv_map, const bool q_vec16) {
 #if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
@@ -86,8 +90,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int32_t* meta = p.tile_scheduler_metadata + blockIdx.z * kMetaInts;
   // The clamps only matter for metadata planned for other inputs: stay in bounds.
   const int first_req = max(meta[0], 0), last_req = min(meta[2], p.batch - 1);
-  const KvSource<kBoxes> src{&kv_map, rows_map.kv_head, kv_cache_policy()};
-  const float scale_log2 = p.softmax_scale * float(M_LOG2E);
+  const KvSource<kBoxes, kIsFp8<KvStored>> src{&kv_map, rows_map.kv_head, kv_cache_policy()};
+  // FP8 inputs are widened as value * 2^-8: the descales (and 2^8) scale the scores and O once.
+  const float value_scale = input_scale<KvStored>(p.descale_k);
+  const float scale_log2 = p.softmax_scale * input_scale<QStored>(p.descale_q) * value_scale * float(M_LOG2E);
 
   WarpgroupState st;
   st.row = 16 * ((threadIdx.x / 32) % 4) + lane / 4;
@@ -110,7 +116,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     trace_segment(seg_slot, kSegTop);
     __syncthreads();  // the previous segment is done with Q, the KV buffers and the row statistics
     if (seg.n_tiles > 0) {
-      if (!loads_started) start_segment_loads<Element>(smem, p, rows_map, src, seg, req, row0, q_vec16);
+      if (!loads_started) start_segment_loads<Element, QStored>(smem, p, rows_map, src, seg, req, row0, q_vec16);
       if (threadIdx.x < Traits::kBlockM) smem.row_max[threadIdx.x] = -INFINITY;
       sm80::cp_async_wait_all();
       fence_to_async_proxy();
@@ -121,8 +127,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       uint8_t* kv = smem.kv[warpgroup];
       fence_accumulators(st.s);
       cute::warpgroup_arrive();
-      issue_qk<Element, 0, Traits::kColBlocks, true>(desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv)),
-                                                     smem.kv_bar[warpgroup], phase, st.s);
+      issue_qk<Element, kIsFp8<KvStored>, 0, Traits::kColBlocks, true>(
+          desc_k_major(smem_addr(smem.q)), desc_k_major(smem_addr(kv)), kv, smem.kv_bar[warpgroup], phase, st.s,
+          warpgroup == 0 ? kWarpgroup0 : kWarpgroup1);
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
       fence_accumulators(st.s);
@@ -191,12 +198,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // engine has read it, requests its tile of the next segment. The stores drain meanwhile.
     Segment next{};
     const bool next_loads = req < last_req && (next = Segment::of<Traits::kBlockN>(p, meta, req + 1)).n_tiles > 0;
-    if (next_loads) start_q_load<Element>(smem.q, p, rows_map, req + 1, row0, q_vec16);
+    if (next_loads) start_q_load<Element, QStored>(smem.q, p, rows_map, req + 1, row0, q_vec16);
+    if constexpr (kIsFp8<KvStored>) {
+#pragma unroll
+      for (int j = 0; j < Traits::kOTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st.o[j][e] *= value_scale;
+      }
+    }
     const int split = req == meta[0] ? meta[4] : 0;
     store_segment_async<Element>(smem.kv[warpgroup], p, rows_map, req, split, row0, st.row,
                                  warpgroup * Traits::kDvPerWarpgroup, st.o, row_max, row_sum,
                                  warpgroup == 0 ? kWarpgroup0 : kWarpgroup1);
-    if (next_loads && KvSource<kBoxes>::loader()) {
+    if (next_loads && src.loader()) {
       src.template load<0, Traits::kColBlocks>(smem.kv[warpgroup], smem.kv_bar[warpgroup],
                                                segment_tile<kBoxes>(p, next, req + 1, warpgroup));
     }

@@ -27,6 +27,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include "../common/softmax.cuh"
+#include "fp8_widen.cuh"
 #include "softmax.cuh"
 #include "tma.hpp"
 #include "trace.cuh"
@@ -59,9 +60,11 @@ __device__ __forceinline__ void fence_to_async_proxy() { asm volatile("fence.pro
 /// Where the KV tiles come from: blocks [kFrom, kTo) of a tile into a buffer, each block
 /// completing its own barrier. A tile of kBoxes pages is loaded by kBoxes threads (lanes 0 ..
 /// kBoxes - 1 of a warp), each issuing the TMA boxes of its own page: as many instructions per
-/// thread as for one 64-token page.
-template <int kBoxes>
+/// thread as for one 64-token page. kFp8: the cache is FP8; the blocks' raw bytes land as
+/// fp8_widen.cuh lays them out (block pairs), each completing the barrier of its landing block.
+template <int kBoxes, bool kFp8_ = false>
 struct KvSource {
+  static constexpr bool kFp8 = kFp8_;
   const CUtensorMap* map;
   int kv_head;
   uint64_t cache_policy;
@@ -76,11 +79,23 @@ struct KvSource {
     // swizzle period, so its box lands in the same layout as a whole 64-token box.
     constexpr int kBoxBytes = Traits::kColBlockBytes / kBoxes;
     const int j = threadIdx.x % kBoxes;
+    if constexpr (kFp8) {
+      static_assert(kFrom % 4 == 0 && (kTo % 4 == 0 || kTo == Traits::kColBlocks), "FP8 loads whole block pairs");
+      constexpr int kFp8To = kTo == Traits::kColBlocks ? 5 : kTo / 2;
 #pragma unroll
-    for (int b = kFrom; b < kTo; ++b) {
-      if (j == 0) TxBarrier::arrive_and_expect_tx(&bars[b], Traits::kColBlockBytes);
-      tma_load_kv_box(kv + b * Traits::kColBlockBytes + j * kBoxBytes, map, &bars[b], 64 * b, kv_head, box.token0,
-                      box.page, cache_policy);
+      for (int f = kFrom / 2; f < kFp8To; ++f) {  // FP8 block f: channels 128 f .. 128 f + 127
+        uint64_t* bar = &bars[fp8_slot(f)];
+        if (j == 0) TxBarrier::arrive_and_expect_tx(bar, Traits::kColBlockBytes);
+        tma_load_kv_box(kv + fp8_slot(f) * Traits::kColBlockBytes + j * kBoxBytes, map, bar, 128 * f, kv_head,
+                        box.token0, box.page, cache_policy);
+      }
+    } else {
+#pragma unroll
+      for (int b = kFrom; b < kTo; ++b) {
+        if (j == 0) TxBarrier::arrive_and_expect_tx(&bars[b], Traits::kColBlockBytes);
+        tma_load_kv_box(kv + b * Traits::kColBlockBytes + j * kBoxBytes, map, &bars[b], 64 * b, kv_head, box.token0,
+                        box.page, cache_policy);
+      }
     }
   }
 };
@@ -94,20 +109,30 @@ struct PairInfo {
   int slot;            // pairs before this one in the CTA (trace.cuh)
 };
 
-/// S (+)= Q K^T over the 64-column blocks [kFrom, kTo) of a KV buffer, each issued as soon as its
-/// barrier completes.
-template <typename Element, int kFrom, int kTo, bool kZeroInit>
-__device__ __forceinline__ void issue_qk(uint64_t q, uint64_t kv, uint64_t* bars, uint32_t phase,
-                                         float (&s)[Traits::kSTiles][4]) {
+/// S (+)= Q K^T over the 64-column blocks [kFrom, kTo) of the KV buffer `kv_ptr` (descriptor
+/// `kv`), each issued as soon as its barrier completes. kFp8: each block pair is first widened
+/// by the calling warpgroup (fp8_widen.cuh; named barrier `warpgroup_barrier`).
+template <typename Element, bool kFp8, int kFrom, int kTo, bool kZeroInit>
+__device__ __forceinline__ void issue_qk(uint64_t q, uint64_t kv, uint8_t* kv_ptr, uint64_t* bars, uint32_t phase,
+                                         float (&s)[Traits::kSTiles][4], int warpgroup_barrier) {
   if constexpr (kFrom < kTo) {
-    TxBarrier::wait(&bars[kFrom], phase);
+    constexpr int kBlocks = kFp8 && kFrom != Traits::kRopeBlock ? 2 : 1;
+    if constexpr (kFp8) {
+      TxBarrier::wait(&bars[fp8_slot(kFrom / 2)], phase);
+      widen_fp8_block<Element, kFrom>(kv_ptr, warpgroup_barrier);
+    } else {
+      TxBarrier::wait(&bars[kFrom], phase);
+    }
     cute::warpgroup_arrive();  // explicit after the wait loop, or ptxas serialises the wgmma chain
 #pragma unroll
-    for (int k = 0; k < Traits::kKSteps; ++k) {
-      const uint32_t offset = kFrom * Traits::kColBlockBytes + kmajor_step(k);
-      mma<Element, Major::K>(desc_at(q, offset), desc_at(kv, offset), s, !(kZeroInit && k == 0));
+    for (int b = kFrom; b < kFrom + kBlocks; ++b) {
+#pragma unroll
+      for (int k = 0; k < Traits::kKSteps; ++k) {
+        const uint32_t offset = b * Traits::kColBlockBytes + kmajor_step(k);
+        mma<Element, Major::K>(desc_at(q, offset), desc_at(kv, offset), s, !(kZeroInit && b == kFrom && k == 0));
+      }
     }
-    issue_qk<Element, kFrom + 1, kTo, false>(q, kv, bars, phase, s);
+    issue_qk<Element, kFp8, kFrom + kBlocks, kTo, false>(q, kv, kv_ptr, bars, phase, s, warpgroup_barrier);
   }
 }
 
@@ -150,10 +175,10 @@ __device__ __forceinline__ void finish_pair(WarpgroupState& st, uint32_t& phase)
 /// condition makes ptxas serialise every wgmma of the kernel). kBoundary: some row may not see
 /// every key of the pair, or a tile is partial or a zero tile (masking and V tail zeroing);
 /// false for the pairs inside the segment, whose code then has no branch but the refills'.
-template <typename Element, bool kHasNext, bool kBoundary, int kBoxes>
+template <typename Element, bool kHasNext, bool kBoundary, typename Source>
 __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo& pair,
-                                                    const KvSource<kBoxes>& src, float scale_log2, uint32_t& phase) {
-  const bool leader = KvSource<kBoxes>::loader();
+                                                    const Source& src, float scale_log2, uint32_t& phase) {
+  const bool leader = Source::loader();
   uint8_t* kv0 = smem.kv[0];
   uint8_t* kv1 = smem.kv[1];
   const uint8_t* p1 = kv1 + Traits::kRopeBlock * Traits::kColBlockBytes;
@@ -211,7 +236,8 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   cute::warpgroup_commit_batch();
   const uint64_t q_desc = desc_k_major(smem_addr(smem.q)), k_desc = desc_k_major(smem_addr(kv0));
   if constexpr (kHasNext) {
-    issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, true>(q_desc, k_desc, smem.kv_bar[0], phase, st.s);
+    issue_qk<Element, Source::kFp8, 0, Traits::kVBlocksPerWarpgroup, true>(q_desc, k_desc, kv0, smem.kv_bar[0], phase,
+                                                                            st.s, kWarpgroup0);
   }
   cute::warpgroup_commit_batch();
   trace(pair.slot, kTraceSFirstIssued);
@@ -222,17 +248,18 @@ __device__ __forceinline__ void even_warpgroup_pair(SharedStorage& smem, Warpgro
   }
   trace(pair.slot, kTraceRefillIssued);
   if constexpr (kHasNext) {
-    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kColBlocks, false>(q_desc, k_desc, smem.kv_bar[0], phase, st.s);
+    issue_qk<Element, Source::kFp8, Traits::kVBlocksPerWarpgroup, Traits::kColBlocks, false>(
+        q_desc, k_desc, kv0, smem.kv_bar[0], phase, st.s, kWarpgroup0);
   }
   trace(pair.slot, kTraceSIssued);
   finish_pair<kHasNext>(st, phase);
   trace(pair.slot, kTracePairEnd);
 }
 
-template <typename Element, bool kHasNext, bool kBoundary, int kBoxes>
+template <typename Element, bool kHasNext, bool kBoundary, typename Source>
 __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, WarpgroupState& st, const PairInfo& pair,
-                                                   const KvSource<kBoxes>& src, float scale_log2, uint32_t& phase) {
-  const bool leader = KvSource<kBoxes>::loader();
+                                                   const Source& src, float scale_log2, uint32_t& phase) {
+  const bool leader = Source::loader();
   uint8_t* kv0 = smem.kv[0];
   uint8_t* kv1 = smem.kv[1];
   uint8_t* v0 = kv0 + Traits::kVBlocksPerWarpgroup * Traits::kColBlockBytes;  // V0_R
@@ -303,10 +330,14 @@ __device__ __forceinline__ void odd_warpgroup_pair(SharedStorage& smem, Warpgrou
     // Blocks in the order their refills were issued: 4-7 here, 0-3 and 8 by wg0.
     const uint64_t q_desc = desc_k_major(smem_addr(smem.q)), k_desc = desc_k_major(smem_addr(kv1));
     uint64_t* bars = smem.kv_bar[1];
-    issue_qk<Element, Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock, true>(q_desc, k_desc, bars, phase, st.s);
+    constexpr bool kFp8 = Source::kFp8;
+    issue_qk<Element, kFp8, Traits::kVBlocksPerWarpgroup, Traits::kRopeBlock, true>(q_desc, k_desc, kv1, bars, phase,
+                                                                                   st.s, kWarpgroup1);
     trace(pair.slot, kTraceSFirstIssued);
-    issue_qk<Element, 0, Traits::kVBlocksPerWarpgroup, false>(q_desc, k_desc, bars, phase, st.s);
-    issue_qk<Element, Traits::kRopeBlock, Traits::kColBlocks, false>(q_desc, k_desc, bars, phase, st.s);
+    issue_qk<Element, kFp8, 0, Traits::kVBlocksPerWarpgroup, false>(q_desc, k_desc, kv1, bars, phase, st.s,
+                                                                    kWarpgroup1);
+    issue_qk<Element, kFp8, Traits::kRopeBlock, Traits::kColBlocks, false>(q_desc, k_desc, kv1, bars, phase, st.s,
+                                                                          kWarpgroup1);
   }
   trace(pair.slot, kTraceSIssued);
   finish_pair<kHasNext>(st, phase);

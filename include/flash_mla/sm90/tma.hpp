@@ -2,7 +2,9 @@
 // of 64 channels x 1 head x min(page_size, 64) tokens x 1 page with 128-byte swizzle (a 64-token
 // tile is one box, or 64 / page_size boxes of whole small pages: common/paged_kv.cuh). A page
 // index outside [0, num_blocks) reads as zeros (TMA fills out-of-bounds boxes), never out of
-// bounds.
+// bounds. An FP8 cache is the same tensor of bytes, in boxes of 128 channels (8 KB per 64
+// tokens, the size of a 16-bit box; sm90/fp8_widen.cuh): the last one, channels 512..639, reads
+// zeros past channel 575.
 #pragma once
 
 #include <cuda.h>
@@ -29,7 +31,7 @@ inline Status make_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   }();
   if (encode == nullptr) return Status::error("cuTensorMapEncodeTiled is not available from the CUDA driver");
 
-  const int64_t elem = 2;
+  const int64_t elem = p.kv_elem_bytes();
   // Size-1 dims may carry any stride; give TMA a valid one.
   const int64_t head = p.num_heads_kv > 1 ? p.k_head_stride : kHeadDim;
   const int64_t token = p.k_token_stride;
@@ -38,10 +40,12 @@ inline Status make_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
                         static_cast<cuuint64_t>(p.page_size), static_cast<cuuint64_t>(p.num_blocks > 0 ? p.num_blocks : 1)};
   cuuint64_t strides[3] = {static_cast<cuuint64_t>(head * elem), static_cast<cuuint64_t>(token * elem),
                            static_cast<cuuint64_t>(block * elem)};
-  cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(kTileTokens / tile_boxes(p.page_size)), 1};
+  const cuuint32_t box_channels = p.kv_fp8() ? 128 : 64;  // 128 bytes either way
+  cuuint32_t box[4] = {box_channels, 1, static_cast<cuuint32_t>(kTileTokens / tile_boxes(p.page_size)), 1};
   cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType type =
-      p.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapDataType type = p.kv_fp8()                ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                    : p.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                              : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const CUresult res = encode(map, type, 4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -58,10 +62,11 @@ inline Status cached_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
     int64_t head_stride, token_stride, block_stride;
     int heads, blocks, page_size;
     DType dtype;
+    KvDType kv_dtype;
     bool operator==(const Key& o) const {
       return ptr == o.ptr && head_stride == o.head_stride && token_stride == o.token_stride &&
              block_stride == o.block_stride && heads == o.heads && blocks == o.blocks && page_size == o.page_size &&
-             dtype == o.dtype;
+             dtype == o.dtype && kv_dtype == o.kv_dtype;
     }
   };
   struct Entry {
@@ -72,7 +77,7 @@ inline Status cached_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   constexpr int kEntries = 128;
   thread_local Entry cache[kEntries];
   const Key key{p.k_cache,      p.k_head_stride, p.k_token_stride, p.k_block_stride,
-                p.num_heads_kv, p.num_blocks,    p.page_size,      p.dtype};
+                p.num_heads_kv, p.num_blocks,    p.page_size,      p.dtype,         p.kv_dtype};
   Entry& e = cache[(reinterpret_cast<uintptr_t>(p.k_cache) >> 8) % kEntries];
   if (e.valid && e.key == key) {
     *map = e.map;
