@@ -76,9 +76,10 @@ struct MetadataParams {
 /// of `batch` requests over a paged KV cache (docs/api.md). Token j of request i is
 /// k_cache[block_table[i * block_table_stride + j / page_size], j % page_size]; query head h reads KV head
 /// h / (h_q / h_kv). q, k_cache and out hold `dtype`; the last dim of q and k_cache is
-/// contiguous. With an FP8 cache (kv_dtype kFP8E4M3) the key/value used is float(k_cache) *
-/// *descale_k and k_cache's strides count bytes. Internally, query rows are packed per KV head as row = t * heads_per_kv + hh
-/// (t: query token, hh: head inside the KV head's group).
+/// contiguous. With an FP8 cache (kv_dtype kFP8E4M3) the key/value used is
+/// float(k_cache) * *descale_k and k_cache's strides count bytes. Internally, query rows are
+/// packed per KV head as row = t * heads_per_kv + hh (t: query token, hh: head inside the KV
+/// head's group).
 struct DecodeParams {
   DType dtype = DType::kBF16;  ///< element type of q and out (k_cache too unless kv_dtype is FP8)
   KvDType kv_dtype = KvDType::kSameAsQ;  ///< element type of k_cache

@@ -34,7 +34,7 @@ import math
 import pathlib
 import random
 import zlib
-from typing import List, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import pytest
 import torch
@@ -135,6 +135,19 @@ def seqlens_for(pattern: Union[str, Sequence[int]], b: int, s_q: int, rng: rando
 @pytest.fixture
 def make_seqlens():
     return seqlens_for
+
+
+class CaseShape(NamedTuple):
+    """A named decode shape of the GPU matrices (page sizes, FP8): b, s_q, h_q, h_kv, causal and
+    the q / k_cache layouts of build_paged_case."""
+    name: str
+    b: int
+    s_q: int
+    h_q: int
+    h_kv: int
+    causal: bool
+    q_layout: str = "contiguous"
+    k_layout: str = "contiguous"
 
 
 def page_edge_lengths(page: int) -> List[int]:

@@ -36,7 +36,7 @@ from flash_mla import (  # noqa: E402
 )
 from flash_mla.reference import mla_decode_reference  # noqa: E402
 
-from conftest import PAGE_SIZES, bits, capture_graph, page_lengths  # noqa: E402  (tests/python is on sys.path)
+from conftest import PAGE_SIZES, CaseShape, bits, capture_graph, page_lengths  # noqa: E402  (tests/python is on sys.path)
 
 pytestmark = pytest.mark.requires_gpu
 
@@ -234,26 +234,15 @@ def test_softmax_scale(softmax_scale, make_case, check_decode, seed):
 # ----------------------------------------------------------------------------------------------
 
 
-class PageShape(NamedTuple):
-    name: str
-    b: int
-    s_q: int
-    h_q: int
-    h_kv: int
-    causal: bool
-    q_layout: str = "contiguous"
-    k_layout: str = "contiguous"
-
-
 # Lengths: conftest.page_lengths, i.e. 0, 1, page - 1, page, page + 1, multiples of the page
 # that are not multiples of 64 (and the reverse), odd lengths, one request of >= 1,437 tokens
 # (up to 94 pages of 16), all in one batch. "page_pad": pages further apart than their size.
 PAGE_SHAPES = [
-    PageShape("b8_sq1_h128_kv1", 8, 1, 128, 1, False),
-    PageShape("b16_sq2_h16_kv1_causal", 16, 2, 16, 1, True, "bhsd", "page_pad"),
-    PageShape("b12_sq2_h3_kv1_causal", 12, 2, 3, 1, True, "head_pad", "head_pad"),
-    PageShape("b10_sq1_h24_kv1", 10, 1, 24, 1, False, "hsbd", "row_pad"),
-    PageShape("b6_sq2_h20_kv2_causal", 6, 2, 20, 2, True, "contiguous", "page_pad"),
+    CaseShape("b8_sq1_h128_kv1", 8, 1, 128, 1, False),
+    CaseShape("b16_sq2_h16_kv1_causal", 16, 2, 16, 1, True, "bhsd", "page_pad"),
+    CaseShape("b12_sq2_h3_kv1_causal", 12, 2, 3, 1, True, "head_pad", "head_pad"),
+    CaseShape("b10_sq1_h24_kv1", 10, 1, 24, 1, False, "hsbd", "row_pad"),
+    CaseShape("b6_sq2_h20_kv2_causal", 6, 2, 20, 2, True, "contiguous", "page_pad"),
 ]
 
 

@@ -28,7 +28,6 @@ import functools
 import importlib.util
 import math
 import random
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -42,6 +41,7 @@ from flash_mla.kv_formats import quantize_q_fp8  # noqa: E402
 from flash_mla.reference import mla_decode_reference  # noqa: E402
 
 from conftest import (  # noqa: E402  (tests/python is on sys.path)
+    CaseShape,
     FP8,
     FP8_NAN_CODES,
     PAGE_SIZES,
@@ -177,25 +177,14 @@ def _check_full(f, causal, kernel, meta, splits, ref, check_decode, label=""):
 # ----------------------------------------------------------------------------------------------
 
 
-class Fp8Shape(NamedTuple):
-    name: str
-    b: int
-    s_q: int
-    h_q: int
-    h_kv: int
-    causal: bool
-    q_layout: str = "contiguous"
-    k_layout: str = "contiguous"
-
-
 # h_q 1, 3 (odd), 16 and 128; h_kv 2 (GQA) twice; s_q 2 causal (rows with no visible key where
 # L < 2) and s_q 1; strided q and caches (in one-byte elements, padding holding NaN codes).
 FP8_SHAPES = [
-    Fp8Shape("b8_sq1_h128_kv1", 8, 1, 128, 1, False),
-    Fp8Shape("b12_sq2_h3_kv1_causal", 12, 2, 3, 1, True, "head_pad", "head_pad"),
-    Fp8Shape("b10_sq1_h1_kv1", 10, 1, 1, 1, False, "contiguous", "row_pad"),
-    Fp8Shape("b6_sq2_h16_kv2_causal", 6, 2, 16, 2, True, "bhsd", "page_pad"),
-    Fp8Shape("b9_sq2_h128_kv2_causal", 9, 2, 128, 2, True, "hsbd"),
+    CaseShape("b8_sq1_h128_kv1", 8, 1, 128, 1, False),
+    CaseShape("b12_sq2_h3_kv1_causal", 12, 2, 3, 1, True, "head_pad", "head_pad"),
+    CaseShape("b10_sq1_h1_kv1", 10, 1, 1, 1, False, "contiguous", "row_pad"),
+    CaseShape("b6_sq2_h16_kv2_causal", 6, 2, 16, 2, True, "bhsd", "page_pad"),
+    CaseShape("b9_sq2_h128_kv2_causal", 9, 2, 128, 2, True, "hsbd"),
 ]
 
 
