@@ -2,10 +2,13 @@
 // conversion to the 16-bit type the tensor cores multiply.
 //
 // Every e4m3 value is exactly representable in fp16 and in bf16, so widening loses nothing.
-// The conversion is integer-only: moving the 4 exponent and 3 mantissa bits of e4m3 under the
-// fp16 exponent field gives an fp16 of the value times 2^-8 (subnormals included, since fp16 has
-// subnormals 2^8 below e4m3's), so the factor 2^8 joins the per-tensor descale, which the
-// kernels apply once per score and once per output instead of once per element.
+// On sm_89 and later the hardware converts two e4m3 to two fp16 in one instruction (NaN kept);
+// bf16 goes on through fp32, exactly. Older GPUs (the portable kernel's sm_80 build) use an
+// integer-only conversion: moving the 4 exponent and 3 mantissa bits of e4m3 under the fp16
+// exponent field gives an fp16 of the value times 2^-8 (subnormals included, since fp16 has
+// subnormals 2^8 below e4m3's). Either way the widened value times fp8_widen_scale() is the
+// stored value; that factor joins the per-tensor descale, which the kernels apply once per score
+// and once per output instead of once per element.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,20 +30,32 @@ constexpr bool kIsFp8 = false;
 template <>
 constexpr bool kIsFp8<Fp8E4M3> = true;
 
-/// The value the widened elements are multiplied by to give float(x): 2^8 (see the file comment).
-constexpr float kFp8WidenScale = 256.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define FLASH_MLA_FP8_HARDWARE_CVT 1
+#endif
 
-/// Multiplier of the stored values of an input: 1 for 16-bit storage; *descale * 2^8 for FP8.
+/// The value the widened elements are multiplied by to give float(x) (see the file comment).
+__device__ __forceinline__ constexpr float fp8_widen_scale() {
+#ifdef FLASH_MLA_FP8_HARDWARE_CVT
+  return 1.f;
+#else
+  return 256.f;
+#endif
+}
+
+/// Multiplier of the stored values of an input: 1 for 16-bit storage; *descale times
+/// fp8_widen_scale() for FP8.
 template <typename Stored>
 __device__ __forceinline__ float input_scale(const float* descale) {
   if constexpr (kIsFp8<Stored>) {
-    return *descale * kFp8WidenScale;
+    return *descale * fp8_widen_scale();
   } else {
     return 1.f;
   }
 }
 
-/// Two e4m3 bytes held in bits 0-7 and 16-23 of `pair` -> two fp16 (lo, hi) of value * 2^-8.
+/// Integer-only conversion (older GPUs): two e4m3 bytes held in bits 0-7 and 16-23 of `pair`
+/// -> two fp16 (lo, hi) of value * 2^-8.
 /// NaN (0x7f, 0xff) stays NaN.
 __device__ __forceinline__ uint32_t e4m3_pair_to_scaled_half2(uint32_t pair) {
   const uint32_t magnitude = pair & 0x007f007fu;
@@ -51,11 +66,18 @@ __device__ __forceinline__ uint32_t e4m3_pair_to_scaled_half2(uint32_t pair) {
   return h;
 }
 
-/// Four e4m3 bytes (byte i = element i) -> two registers of two Element each (value * 2^-8).
+/// Four e4m3 bytes (byte i = element i) -> two registers of two Element each (the widened values,
+/// see fp8_widen_scale()).
 template <typename Element>
 __device__ __forceinline__ void e4m3x4_to_scaled(uint32_t four, uint32_t& lo, uint32_t& hi) {
+#ifdef FLASH_MLA_FP8_HARDWARE_CVT
+  asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.rn.f16x2.e4m3x2 %0, l;\n\tcvt.rn.f16x2.e4m3x2 %1, h;\n\t}"
+      : "=r"(lo), "=r"(hi)
+      : "r"(four));
+#else
   lo = e4m3_pair_to_scaled_half2(__byte_perm(four, 0u, 0x4140));  // bytes 0, 1
   hi = e4m3_pair_to_scaled_half2(__byte_perm(four, 0u, 0x4342));  // bytes 2, 3
+#endif
   if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
     // fp16 -> fp32 -> bf16 is exact for these values (3 mantissa bits, exponents >= 2^-17).
     const auto widen = [](uint32_t h2) {
@@ -68,7 +90,7 @@ __device__ __forceinline__ void e4m3x4_to_scaled(uint32_t four, uint32_t& lo, ui
   }
 }
 
-/// 16 e4m3 bytes -> 16 Element (value * 2^-8) as two 16-byte vectors (elements 0-7, 8-15).
+/// 16 e4m3 bytes -> 16 widened Element as two 16-byte vectors (elements 0-7, 8-15).
 template <typename Element>
 __device__ __forceinline__ void e4m3x16_to_scaled(const uint4& in, uint4& first, uint4& second) {
   e4m3x4_to_scaled<Element>(in.x, first.x, first.y);
@@ -77,7 +99,7 @@ __device__ __forceinline__ void e4m3x16_to_scaled(const uint4& in, uint4& first,
   e4m3x4_to_scaled<Element>(in.w, second.z, second.w);
 }
 
-/// 8 e4m3 bytes -> 8 Element (value * 2^-8) as one 16-byte vector.
+/// 8 e4m3 bytes -> 8 widened Element as one 16-byte vector.
 template <typename Element>
 __device__ __forceinline__ uint4 e4m3x8_to_scaled(const uint2& in) {
   uint4 out;

@@ -13,7 +13,7 @@ namespace flash_mla {
 /// (r >= rows). q_vec16: q's base is 16-byte aligned and its strides multiples of 8 elements
 /// (16-bit q: cp.async of the chunk; FP8 q: one 8-byte load); otherwise an unaligned q view is
 /// copied element by element (Q is loaded once per segment: cheap). An FP8 q (QStored Fp8E4M3)
-/// is widened to Element on the way (value * 2^-8, see fp8.cuh) with plain stores.
+/// is widened to Element on the way (fp8.cuh) with plain stores.
 template <typename Element, typename QStored = Element>
 __device__ __forceinline__ void copy_q_chunk(Element* dst, const DecodeParams& p, const RowMap& rows_map, int req,
                                              int r, int col, bool q_vec16) {

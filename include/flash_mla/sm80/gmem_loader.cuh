@@ -78,7 +78,7 @@ __device__ __forceinline__ void load_kv_tile(uint8_t* tile, const DecodeParams& 
   }
 }
 
-/// Converts a landed FP8 staging tile into the swizzled 16-bit tile (values * 2^-8, fp8.cuh).
+/// Converts a landed FP8 staging tile into the swizzled 16-bit tile (fp8.cuh).
 /// Zero-filled tokens stay zero. The caller synchronises before and after.
 template <typename Traits, typename Element>
 __device__ __forceinline__ void widen_kv_tile(const uint8_t* staged, Element* sK) {

@@ -48,7 +48,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const RowMap rows_map{p.num_heads_q / p.num_heads_kv, p.rows_per_kv_head(), static_cast<int>(blockIdx.y)};
   const int row0 = blockIdx.x * T::kBlockM;
   const bool warp_has_rows = row0 + row_group * 16 < rows_map.rows;
-  // FP8 inputs are widened as value * 2^-8: the descales (and 2^8) scale the scores and V once.
+  // FP8 inputs are widened exactly up to fp8_widen_scale(): the descales and that factor scale
+  // the scores and V once.
   const float value_scale = input_scale<KvStored>(p.descale_k);
   const float scale_log2 = p.softmax_scale * input_scale<QStored>(p.descale_q) * value_scale * float(M_LOG2E);
 

@@ -24,7 +24,7 @@ namespace flash_mla::sm90 {
 constexpr int fp8_slot(int fp8_block) { return fp8_block < 4 ? 2 * fp8_block + 1 : Traits::kRopeBlock; }
 
 /// Widens the FP8 block landed for 16-bit block `kBlock` (even, or the RoPE block) into blocks
-/// kBlock and kBlock + 1 (the RoPE block alone), values * 2^-8 (common/fp8.cuh). All 128 threads
+/// kBlock and kBlock + 1 (the RoPE block alone), as common/fp8.cuh widens. All 128 threads
 /// of the calling warpgroup, after the block's barrier completed; synchronises the warpgroup
 /// (named barrier `warpgroup_barrier`) and makes the result visible to its wgmma.
 template <typename Element, int kBlock>

@@ -91,7 +91,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // The clamps only matter for metadata planned for other inputs: stay in bounds.
   const int first_req = max(meta[0], 0), last_req = min(meta[2], p.batch - 1);
   const KvSource<kBoxes, kIsFp8<KvStored>> src{&kv_map, rows_map.kv_head, kv_cache_policy()};
-  // FP8 inputs are widened as value * 2^-8: the descales (and 2^8) scale the scores and O once.
+  // FP8 inputs are widened exactly up to fp8_widen_scale(): the descales and that factor scale
+  // the scores and O once.
   const float value_scale = input_scale<KvStored>(p.descale_k);
   const float scale_log2 = p.softmax_scale * input_scale<QStored>(p.descale_q) * value_scale * float(M_LOG2E);
 
