@@ -8,7 +8,7 @@
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -Iinclude -I$CUTLASS/include benchmarks/cpp/bench_sm90.cu -o bench_sm90 [-DMACRO=V ...]
 //   ./bench_sm90 [--reps N] [--cases c1,c2,c3,c4,m1,m2,imb,c5,s1,...,s6] [--trace] [--pool PAGES] [--parts N]
-//                [--page TOKENS] [--check]
+//                [--page TOKENS] [--fp8] [--check]
 //   (scripts/build_cpp_bench.sh builds one binary per variant.)
 //
 // --trace needs a build with -DFLASH_MLA_SM90_TRACE (include/flash_mla/sm90/trace.cuh): after
@@ -20,6 +20,7 @@
 // same inputs (max |difference| of out and lse, non-finite counts); exit status 1 past 2e-2 / 1e-3.
 // A smoke test of a variant on the GPU, not the test suite.
 // --page: tokens per page of the cache (16, 32, 64 (default), 128, 256); lengths are unchanged.
+// --fp8: the cache in float8_e4m3fn (the same random values times 64, descale_k 1/64); q bf16.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -31,6 +32,7 @@
 #include <vector>
 
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <flash_mla/flash_mla.hpp>
@@ -38,6 +40,8 @@
 namespace {
 
 int g_page_size = 64;  // tokens per page of the cache (--page)
+bool g_kv_fp8 = false;  // float8_e4m3fn cache (--fp8)
+constexpr float kFp8Descale = 1.f / 64.f;
 
 #define CUDA_OK(call)                                                                                \
   do {                                                                                              \
@@ -90,6 +94,18 @@ __global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
   }
 }
 
+/// The values of fill_random divided by kFp8Descale, as float8_e4m3fn bytes.
+__global__ void fill_random_fp8(uint8_t* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed ^ uint32_t(i >> 32) * 40503u;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    const float v = (float(h & 0xFFFF) / 16384.f - 2.f) / kFp8Descale;
+    x[i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+  }
+}
+
 struct DeviceMem {
   void* ptr = nullptr;
   size_t bytes = 0;
@@ -102,14 +118,14 @@ struct DeviceMem {
 /// One set of inputs and outputs of a case (several sets rotate when one would sit in L2).
 struct Inputs {
   flash_mla::SplitWorkspaceSize ws;  // first: the workspace buffers below are sized from it
-  DeviceMem q, k, table, lens, meta, splits, out, lse, o_accum, lse_accum;
+  DeviceMem q, k, table, lens, meta, splits, out, lse, o_accum, lse_accum, descale;
   flash_mla::DecodeParams p;
   Inputs(const Case& c, const std::vector<int>& lens_host, int parts, uint32_t seed, std::mt19937& rng, int pool)
       : ws(workspace(c, lens_host, parts)), q(bytes_q(c, lens_host)), k(bytes_k(c, lens_host)), table(4 * table_entries(lens_host)),
         lens(4 * lens_host.size()), meta(4 * size_t(parts) * flash_mla::kMetaInts), splits(4 * (lens_host.size() + 1)),
         out(size_t(2) * lens_host.size() * c.s_q * c.h_q * flash_mla::kHeadDimV),
         lse(size_t(4) * lens_host.size() * c.s_q * c.h_q), o_accum(ws.o_accum_bytes),
-        lse_accum(ws.lse_accum_bytes) {
+        lse_accum(ws.lse_accum_bytes), descale(4) {
     using flash_mla::kHeadDim;
     const int b = int(lens_host.size());
     const int max_pages = max_pages_of(lens_host);
@@ -128,7 +144,14 @@ struct Inputs {
     CUDA_OK(cudaMemcpy(lens.ptr, lens_host.data(), 4 * lens_host.size(), cudaMemcpyHostToDevice));
     const size_t nq = size_t(b) * c.s_q * c.h_q * kHeadDim, nk = size_t(blocks) * g_page_size * kHeadDim;
     fill_random<<<1024, 256>>>(q.as<__nv_bfloat16>(), nq, seed);
-    fill_random<<<4096, 256>>>(k.as<__nv_bfloat16>(), nk, seed * 7 + 1);
+    if (g_kv_fp8) {
+      fill_random_fp8<<<4096, 256>>>(k.as<uint8_t>(), nk, seed * 7 + 1);
+      CUDA_OK(cudaMemcpy(descale.ptr, &kFp8Descale, 4, cudaMemcpyHostToDevice));
+      p.kv_dtype = flash_mla::KvDType::kFP8E4M3;
+      p.descale_k = descale.as<float>();
+    } else {
+      fill_random<<<4096, 256>>>(k.as<__nv_bfloat16>(), nk, seed * 7 + 1);
+    }
     CUDA_OK(cudaGetLastError());
 
     flash_mla::MetadataParams mp;
@@ -186,7 +209,7 @@ struct Inputs {
     return size_t(2) * lens.size() * c.s_q * c.h_q * flash_mla::kHeadDim;
   }
   static size_t bytes_k(const Case&, const std::vector<int>& lens) {
-    return size_t(2) * total_pages(lens) * g_page_size * flash_mla::kHeadDim;
+    return size_t(g_kv_fp8 ? 1 : 2) * total_pages(lens) * g_page_size * flash_mla::kHeadDim;
   }
   static flash_mla::SplitWorkspaceSize workspace(const Case& c, const std::vector<int>& lens, int parts) {
     flash_mla::SplitWorkspaceSize w;
@@ -276,7 +299,8 @@ void run_case(const Case& c, int reps, bool trace, double copy_gbs, int pool, in
   if (parts_override > 0) parts = parts_override;  // --parts: fewer CTAs than SMs (a probe)
   const double total_L = std::accumulate(lens.begin(), lens.end(), 0.0);
   const double flops = double(c.h_q) * c.s_q * total_L * 2 * (flash_mla::kHeadDim + flash_mla::kHeadDimV);
-  const double bytes = (total_L * flash_mla::kHeadDim + double(lens.size()) * c.s_q * c.h_q * (flash_mla::kHeadDim + flash_mla::kHeadDimV)) * 2;
+  const double bytes = total_L * flash_mla::kHeadDim * (g_kv_fp8 ? 1 : 2) +
+                       double(lens.size()) * c.s_q * c.h_q * (flash_mla::kHeadDim + flash_mla::kHeadDimV) * 2;
   // Rotate among sets whose total exceeds a few L2s.
   const size_t set_bytes = Inputs::bytes_k(c, lens);
   const int sets = int(std::min<size_t>(8, std::max<size_t>(1, (size_t(256) << 20) / set_bytes + 1)));
@@ -510,6 +534,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--pool") && i + 1 < argc) pool = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--parts") && i + 1 < argc) parts = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--page") && i + 1 < argc) g_page_size = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--fp8")) g_kv_fp8 = true;
     else {
       std::fprintf(stderr, "usage: %s [--reps N] [--cases c1,c2,...] [--trace] [--pool PAGES] [--parts N] [--page TOKENS] [--check]\n", argv[0]);
       return 2;

@@ -109,30 +109,36 @@ struct PairInfo {
   int slot;            // pairs before this one in the CTA (trace.cuh)
 };
 
+/// S (+)= Q K^T over 64-column blocks [kFrom, kTo) of a landed, 16-bit KV buffer (descriptor
+/// `kv`), no barrier waits.
+template <typename Element, int kFrom, int kTo, bool kZeroInit>
+__device__ __forceinline__ void issue_qk_blocks(uint64_t q, uint64_t kv, float (&s)[Traits::kSTiles][4]) {
+#pragma unroll
+  for (int b = kFrom; b < kTo; ++b) {
+#pragma unroll
+    for (int k = 0; k < Traits::kKSteps; ++k) {
+      const uint32_t offset = b * Traits::kColBlockBytes + kmajor_step(k);
+      mma<Element, Major::K>(desc_at(q, offset), desc_at(kv, offset), s, !(kZeroInit && b == kFrom && k == 0));
+    }
+  }
+}
+
 /// S (+)= Q K^T over the 64-column blocks [kFrom, kTo) of the KV buffer `kv_ptr` (descriptor
-/// `kv`), each issued as soon as its barrier completes. kFp8: each block pair is first widened
-/// by the calling warpgroup (fp8_widen.cuh; named barrier `warpgroup_barrier`).
+/// `kv`), each issued as soon as its barrier completes. kFp8: the range's FP8 blocks are first
+/// widened by the calling warpgroup (fp8_widen.cuh; named barrier `warpgroup_barrier`), all of
+/// them before the range's products.
 template <typename Element, bool kFp8, int kFrom, int kTo, bool kZeroInit>
 __device__ __forceinline__ void issue_qk(uint64_t q, uint64_t kv, uint8_t* kv_ptr, uint64_t* bars, uint32_t phase,
                                          float (&s)[Traits::kSTiles][4], int warpgroup_barrier) {
-  if constexpr (kFrom < kTo) {
-    constexpr int kBlocks = kFp8 && kFrom != Traits::kRopeBlock ? 2 : 1;
-    if constexpr (kFp8) {
-      TxBarrier::wait(&bars[fp8_slot(kFrom / 2)], phase);
-      widen_fp8_block<Element, kFrom>(kv_ptr, warpgroup_barrier);
-    } else {
-      TxBarrier::wait(&bars[kFrom], phase);
-    }
+  if constexpr (kFp8) {
+    widen_fp8_blocks<Element, kFrom, kTo>(kv_ptr, bars, phase, warpgroup_barrier);
+    cute::warpgroup_arrive();
+    issue_qk_blocks<Element, kFrom, kTo, kZeroInit>(q, kv, s);
+  } else if constexpr (kFrom < kTo) {
+    TxBarrier::wait(&bars[kFrom], phase);
     cute::warpgroup_arrive();  // explicit after the wait loop, or ptxas serialises the wgmma chain
-#pragma unroll
-    for (int b = kFrom; b < kFrom + kBlocks; ++b) {
-#pragma unroll
-      for (int k = 0; k < Traits::kKSteps; ++k) {
-        const uint32_t offset = b * Traits::kColBlockBytes + kmajor_step(k);
-        mma<Element, Major::K>(desc_at(q, offset), desc_at(kv, offset), s, !(kZeroInit && b == kFrom && k == 0));
-      }
-    }
-    issue_qk<Element, kFp8, kFrom + kBlocks, kTo, false>(q, kv, kv_ptr, bars, phase, s, warpgroup_barrier);
+    issue_qk_blocks<Element, kFrom, kFrom + 1, kZeroInit>(q, kv, s);
+    issue_qk<Element, false, kFrom + 1, kTo, false>(q, kv, kv_ptr, bars, phase, s, warpgroup_barrier);
   }
 }
 
