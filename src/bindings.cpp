@@ -717,6 +717,224 @@ nb::object torch_get_mla_metadata(nb::handle sl_h, int64_t rows_per_kv_head, int
   return nb::make_tuple(meta_t, splits_t);
 }
 
+// ---------------------------------------------------------------------------------------------
+// token-sparse decode (torch tensors)
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes per token record of the FP8 token-sparse formats, as the last dim of k_cache.
+constexpr int64_t kV32TokenBytes = 656;
+constexpr int64_t kModel1TokenBytes = 584;
+
+/// One cache of a token-sparse call and its index rows, checked (formats: SparseKvCache).
+flash_mla::SparseKvCache sparse_cache(const View& k, const View& idx, const View* length, flash_mla::SparseKvFormat fmt,
+                                      int64_t last_dim, DT dtype, int batch, int seqlen_q) {
+  if (k.dtype != dtype) {
+    type_error(k.prefix() + "expected dtype " + dt_name(dtype) +
+               (dtype == DT::kFP8 ? " (or uint8 / int8 bytes) with is_fp8_kvcache=True" : " with is_fp8_kvcache=False") +
+               ", got " + k.dtype_str());
+  }
+  k.rank(4, "(num_blocks, page_block_size, 1, record)");
+  if (k.dims[2] != 1) value_error(k.prefix() + "h_kv (dim 2) must be 1 for token-sparse decode, got shape " + k.shape_str());
+  k.dim(3, last_dim, "the token record");
+  k.last_dim_contiguous();
+  if (k.size(1) < 1) value_error(k.prefix() + "page_block_size (dim 1) must be >= 1, got shape " + k.shape_str());
+  const int64_t elem = dtype == DT::kFP8 ? 1 : 2;
+  flash_mla::SparseKvCache c;
+  c.data = k.data;
+  c.num_blocks = k.size(0);
+  c.page_size = k.size(1);
+  c.page_stride = k.stride(0) * elem;
+  c.token_stride = k.stride(1) * elem;
+  if (fmt == flash_mla::SparseKvFormat::kModel1FP8 && c.page_size > 1 && c.token_stride != kModel1TokenBytes) {
+    value_error(k.prefix() + "the 512-dim format's token stride (dim 1) must be 584 bytes, got " +
+                std::to_string(c.token_stride));
+  }
+  if (c.page_stride < 0 || c.token_stride < 0 || c.page_stride % 16 ||
+      (fmt != flash_mla::SparseKvFormat::kModel1FP8 && c.token_stride % 16)) {
+    value_error(k.prefix() + "page and token strides must be multiples of 16 bytes, got " +
+                std::to_string(c.page_stride) + " and " + std::to_string(c.token_stride));
+  }
+  if (!k.aligned(16)) value_error(k.prefix() + "must be 16-byte aligned");
+  idx.dtype_in({DT::kI32}, "int32");
+  idx.rank(3, "(batch, s_q, topk)");
+  idx.dim(0, batch, "batch");
+  idx.dim(1, seqlen_q, "s_q");
+  idx.last_dim_contiguous();
+  c.indices = static_cast<const int32_t*>(idx.data);
+  c.indices_batch_stride = idx.stride(0);
+  c.indices_seq_stride = idx.stride(1);
+  c.topk = idx.size(2);
+  if (length != nullptr) {
+    length->dtype_in({DT::kI32}, "int32");
+    length->rank(1, "(batch,)");
+    length->dim(0, batch, "batch");
+    length->contiguous();
+    c.topk_length = static_cast<const int32_t*>(length->data);
+  }
+  return c;
+}
+
+/// Everything the token-sparse form of flash_mla_with_kvcache needs from its inputs, checked
+/// (devices excepted). An FP8 cache arrives as float8_e4m3fn (byte caches are viewed so).
+struct SparseInputs {
+  flash_mla::SparseDecodeParams params;
+
+  SparseInputs(const View& q, const View& k, const View& idx, const View* topk_length, const View* extra_k,
+               const View* extra_idx, const View* extra_length, const View* sink, int64_t head_dim_v,
+               double softmax_scale, bool is_fp8) {
+    q.dtype_in({DT::kBF16}, "bfloat16 (token-sparse decode)");
+    q.rank(4, "(batch, s_q, h_q, d_qk)");
+    q.last_dim_contiguous();
+    const int batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), d = q.size(3);
+    if (seqlen_q < 1) value_error("q: s_q (dim 1) must be >= 1, got shape " + q.shape_str());
+    if (heads_q < 1) value_error("q: h_q (dim 2) must be >= 1, got shape " + q.shape_str());
+    if (d != 576 && d != 512) value_error("q: d_qk (dim 3) must be 576 or 512, got shape " + q.shape_str());
+    if (batch > 1 && seqlen_q > 1 && q.strides[0] != seqlen_q * q.strides[1]) {
+      value_error("q: dims 0 and 1 must be mergeable (stride of dim 0 = s_q * stride of dim 1)");
+    }
+    if (head_dim_v != kHeadDimV) value_error("head_dim_v: must be 512, got " + std::to_string(head_dim_v));
+    using F = flash_mla::SparseKvFormat;
+    F fmt = F::kBF16;
+    int64_t last = d;
+    if (is_fp8) {
+      last = k.ndim == 4 ? k.dims[3] : 0;
+      if (last == kV32TokenBytes && d == 576) {
+        fmt = F::kV32FP8;
+      } else if (last == kModel1TokenBytes && d == 512) {
+        fmt = F::kModel1FP8;
+      } else {
+        value_error("k_cache: with is_fp8_kvcache=True the last dim must be 656 (V3.2 format, q's d_qk 576) or 584 "
+                    "(512-dim format, q's d_qk 512), got shape " + k.shape_str() + " for q's d_qk " + std::to_string(d));
+      }
+    }
+    const DT k_dtype = is_fp8 ? DT::kFP8 : DT::kBF16;
+    if ((extra_k == nullptr) != (extra_idx == nullptr)) {
+      value_error(extra_k == nullptr ? "extra_k_cache: required with extra_indices_in_kvcache"
+                                     : "extra_indices_in_kvcache: required with extra_k_cache");
+    }
+    if (extra_length != nullptr && extra_k == nullptr) {
+      value_error("extra_topk_length: only valid with extra_k_cache and extra_indices_in_kvcache");
+    }
+    auto& p = params;
+    p.format = fmt;
+    p.head_dim = d;
+    p.cache = sparse_cache(k, idx, topk_length, fmt, last, k_dtype, batch, seqlen_q);
+    if (extra_k != nullptr) p.extra = sparse_cache(*extra_k, *extra_idx, extra_length, fmt, last, k_dtype, batch, seqlen_q);
+    if (sink != nullptr) {
+      sink->dtype_in({DT::kFP32}, "float32");
+      sink->rank(1, "(h_q,)");
+      sink->dim(0, heads_q, "h_q");
+      sink->contiguous();
+      p.attn_sink = static_cast<const float*>(sink->data);
+    }
+    if (!(softmax_scale > 0.0) || !std::isfinite(softmax_scale)) {
+      value_error("softmax_scale: must be finite and > 0, got " + std::to_string(softmax_scale));
+    }
+    p.batch = batch;
+    p.seqlen_q = seqlen_q;
+    p.num_heads_q = heads_q;
+    p.softmax_scale = static_cast<float>(softmax_scale);
+    p.q = q.data;
+    p.q_seq_stride = q.stride(1);
+    p.q_head_stride = q.stride(2);
+    if (seqlen_q == 1) p.q_seq_stride = q.stride(0);  // dim 1 has size 1: request i is at i * stride(0)
+  }
+
+  /// Keys per query token the plan covers: topk of both caches.
+  int keys() const { return params.cache.topk + (params.extra.data != nullptr ? params.extra.topk : 0); }
+  int pairs() const { return params.batch * params.seqlen_q; }
+};
+
+/// The token-sparse flash_mla_with_kvcache on torch tensors (None arguments: absent). Without
+/// plan_seqlens it only checks (devices included) and returns (batch, s_q, h_q, keys per query
+/// token). Otherwise `prepare(q, out, lse, batch, s_q, h_q, workspace_splits, device)` returns
+/// (out, lse, workspace, stream) as for torch_decode, with lse (batch, s_q, h_q); launches and
+/// returns (out, lse).
+nb::object torch_sparse_decode(nb::handle q_h, nb::handle k_h, nb::handle idx_h, nb::handle tl_h, nb::handle ek_h,
+                               nb::handle eidx_h, nb::handle etl_h, nb::handle sink_h, int64_t head_dim_v,
+                               double softmax_scale, bool is_fp8, nb::handle plan_h, nb::handle meta_h,
+                               nb::handle splits_h, nb::handle out_h, nb::handle lse_h, int kernel, nb::handle prepare) {
+  require_torch();
+  const auto optional = [](const char* name, nb::handle h, View& v) -> const View* {
+    if (h.is_none()) return nullptr;
+    v = torch_view(name, h);
+    return &v;
+  };
+  const View q = torch_view("q", q_h), k = torch_view("k_cache", k_h), idx = torch_view("indices", idx_h);
+  View tl, ek, eidx, etl, sink, plan, meta, splits, out, lse;
+  const View* tl_v = optional("topk_length", tl_h, tl);
+  const View* ek_v = optional("extra_k_cache", ek_h, ek);
+  const View* eidx_v = optional("extra_indices_in_kvcache", eidx_h, eidx);
+  const View* etl_v = optional("extra_topk_length", etl_h, etl);
+  const View* sink_v = optional("attn_sink", sink_h, sink);
+  SparseInputs in(q, k, idx, tl_v, ek_v, eidx_v, etl_v, sink_v, head_dim_v, softmax_scale, is_fp8);
+  auto& p = in.params;
+  const View* out_v = optional("out", out_h, out);
+  const View* lse_v = optional("lse", lse_h, lse);
+  if (out_v != nullptr) {
+    if (out.dtype != DT::kBF16) type_error("out: dtype must be bfloat16, got " + out.dtype_str());
+    out.rank(4, "(batch, s_q, h_q, 512)");
+    out.dim(0, p.batch, "batch");
+    out.dim(1, p.seqlen_q, "s_q");
+    out.dim(2, p.num_heads_q, "h_q");
+    out.dim(3, kHeadDimV, "head_dim_v");
+    out.contiguous();
+    if (!out.aligned(16)) value_error("out: must be 16-byte aligned");
+  }
+  if (lse_v != nullptr) {
+    lse.dtype_in({DT::kFP32}, "float32");
+    lse.rank(3, "(batch, h_q, s_q)");
+    lse.dim(0, p.batch, "batch");
+    lse.dim(1, p.num_heads_q, "h_q");
+    lse.dim(2, p.seqlen_q, "s_q");
+    // Written as (batch, s_q, h_q) memory: lse.transpose(1, 2) must be contiguous.
+    if (lse.stride(1) > 1 || (lse.stride(2) != 0 && lse.stride(2) != p.num_heads_q) ||
+        (lse.stride(0) != 0 && lse.stride(0) != int64_t(p.seqlen_q) * p.num_heads_q)) {
+      value_error("lse: token-sparse decode writes lse as (batch, s_q, h_q) memory: pass "
+                  "torch.empty(batch, s_q, h_q).transpose(1, 2)");
+    }
+    if (!lse.aligned(4)) value_error("lse: must be 4-byte aligned");
+  }
+  const View* plan_v = optional("plan_seqlens", plan_h, plan);
+  const View* meta_v = optional("tile_scheduler_metadata", meta_h, meta);
+  const View* splits_v = optional("num_splits", splits_h, splits);
+  if (plan_v != nullptr) {
+    check_seqlens(plan);
+    plan.dim(0, in.pairs(), "batch * s_q");
+    if (meta_v == nullptr || splits_v == nullptr) value_error("tile_scheduler_metadata, num_splits: required");
+    check_metadata_out(meta, splits, in.pairs());
+  }
+  const flash_mla::KernelChoice choice = kernel_choice(kernel);
+  const int device = common_cuda_device({&q, &k, &idx, tl_v, ek_v, eidx_v, etl_v, sink_v, out_v, lse_v, plan_v,
+                                         meta_v, splits_v});
+  if (plan_v == nullptr) return nb::make_tuple(p.batch, p.seqlen_q, p.num_heads_q, in.keys());
+
+  p.plan_seqlens = static_cast<const int32_t*>(plan.data);
+  p.tile_scheduler_metadata = static_cast<const int32_t*>(meta.data);
+  p.num_sm_parts = meta.size(0);
+  p.num_splits = static_cast<const int32_t*>(splits.data);
+  const int splits_n = flash_mla::max_splits_of(in.pairs(), p.num_sm_parts);
+  nb::object ready = nb::borrow(prepare)(q_h, out_h, lse_h, p.batch, p.seqlen_q, p.num_heads_q, splits_n, device);
+  if (!PyTuple_Check(ready.ptr()) || PyTuple_GET_SIZE(ready.ptr()) != 4) {
+    throw std::runtime_error("flash_mla: prepare() must return (out, lse, workspace, stream)");
+  }
+  nb::handle out_t = PyTuple_GET_ITEM(ready.ptr(), 0), lse_t = PyTuple_GET_ITEM(ready.ptr(), 1),
+             ws_t = PyTuple_GET_ITEM(ready.ptr(), 2), stream_t = PyTuple_GET_ITEM(ready.ptr(), 3);
+  p.out = out_v != nullptr ? out.data : tensor_data(out_t);
+  p.lse = static_cast<float*>(lse_v != nullptr ? lse.data : tensor_data(lse_t));
+  float* ws = static_cast<float*>(tensor_data(ws_t));
+  p.o_accum = ws;
+  p.lse_accum = ws + static_cast<int64_t>(splits_n) * p.num_heads_q * kHeadDimV;
+  p.max_splits = splits_n;
+  p.kernel = choice;
+  p.stream = reinterpret_cast<cudaStream_t>(stream_handle_of(stream_t));
+  {
+    DeviceGuard guard(device);
+    raise_if_failed(flash_mla_ext::run_sparse_decode(p));
+  }
+  return nb::make_tuple(out_t, lse_t);
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -868,6 +1086,15 @@ NB_MODULE(_C, m) {
         nb::arg("num_splits").none(), nb::arg("softmax_scale"), nb::arg("check_device") = true,
         nb::arg("descale_q").none() = nb::none(), nb::arg("descale_k").none() = nb::none(),
         "The checks of torch_decode; returns (batch, s_q, h_q, h_kv, workspace_splits).");
+
+  m.def("torch_sparse_decode", &torch_sparse_decode, nb::arg("q"), nb::arg("k_cache"), nb::arg("indices"),
+        nb::arg("topk_length").none(), nb::arg("extra_k_cache").none(), nb::arg("extra_indices_in_kvcache").none(),
+        nb::arg("extra_topk_length").none(), nb::arg("attn_sink").none(), nb::arg("head_dim_v"),
+        nb::arg("softmax_scale"), nb::arg("is_fp8_kvcache"), nb::arg("plan_seqlens").none(),
+        nb::arg("tile_scheduler_metadata").none(), nb::arg("num_splits").none(), nb::arg("out").none(),
+        nb::arg("lse").none(), nb::arg("kernel"), nb::arg("prepare").none(),
+        "Token-sparse decode on torch tensors. Without plan_seqlens: the checks only, returning\n"
+        "(batch, s_q, h_q, keys per query token). Otherwise checks, prepare(), launch; returns (out, lse).");
 
   m.def("torch_get_mla_metadata", &torch_get_mla_metadata, nb::arg("cache_seqlens"), nb::arg("num_heads_per_head_k"),
         nb::arg("num_heads_k"), nb::arg("prepare"),

@@ -10,6 +10,7 @@ namespace flash_mla_ext {
 
 flash_mla::Status run_metadata(const flash_mla::MetadataParams& params);
 flash_mla::Status run_decode(const flash_mla::DecodeParams& params);
+flash_mla::Status run_sparse_decode(const flash_mla::SparseDecodeParams& params);
 flash_mla::Status kernel_name(int device, flash_mla::KernelChoice choice, std::string* name);
 flash_mla::Status run_input_check(const flash_mla::InputCheckParams& params);
 

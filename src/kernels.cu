@@ -10,6 +10,10 @@ flash_mla::Status run_metadata(const flash_mla::MetadataParams& params) { return
 
 flash_mla::Status run_decode(const flash_mla::DecodeParams& params) { return flash_mla::mla_decode(params); }
 
+flash_mla::Status run_sparse_decode(const flash_mla::SparseDecodeParams& params) {
+  return flash_mla::mla_decode_sparse(params);
+}
+
 flash_mla::Status run_input_check(const flash_mla::InputCheckParams& params) {
   return flash_mla::check_paged_inputs(params);
 }

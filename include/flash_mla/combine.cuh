@@ -10,6 +10,7 @@
 
 #include "params.hpp"
 #include "common/launch.hpp"
+#include "common/epilogue.cuh"
 #include "common/numeric.cuh"
 
 namespace flash_mla {
@@ -98,11 +99,12 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, int req, int 
   const int t = r / heads_per_kv;
   const int h = (row / rows) * heads_per_kv + r % heads_per_kv;
   Element* dst = static_cast<Element*>(p.out) + ((static_cast<int64_t>(req) * p.seqlen_q + t) * p.num_heads_q + h) * kHeadDimV;
+  const float w = sink_factor(p.attn_sink, h, lse);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     uint2 packed;
-    packed.x = pack2<Element>(acc[k].x, acc[k].y);
-    packed.y = pack2<Element>(acc[k].z, acc[k].w);
+    packed.x = pack2<Element>(w * acc[k].x, w * acc[k].y);
+    packed.y = pack2<Element>(w * acc[k].z, w * acc[k].w);
     *reinterpret_cast<uint2*>(dst + 4 * (lane + 32 * k)) = packed;
   }
   if (lane == 0) p.lse[(static_cast<int64_t>(req) * p.num_heads_q + h) * p.seqlen_q + t] = lse;
@@ -181,9 +183,10 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) combine_ke
       }
       Element* dst = static_cast<Element*>(p.out) +
                      ((static_cast<int64_t>(req) * p.seqlen_q + t) * p.num_heads_q + h) * kHeadDimV;
+      const float w = sink_factor(p.attn_sink, h, lse);
       uint2 packed;
-      packed.x = pack2<Element>(total.x, total.y);
-      packed.y = pack2<Element>(total.z, total.w);
+      packed.x = pack2<Element>(w * total.x, w * total.y);
+      packed.y = pack2<Element>(w * total.z, w * total.w);
       *reinterpret_cast<uint2*>(dst + 4 * threadIdx.x) = packed;
       if (threadIdx.x == 0) p.lse[(static_cast<int64_t>(req) * p.num_heads_q + h) * p.seqlen_q + t] = lse;
     }

@@ -266,6 +266,7 @@ inline Status validate(const DecodeParams& p) {
   if (q_fp8 != (p.descale_q != nullptr)) {
     return Status::error(q_fp8 ? "descale_q is null (required with an FP8 q)" : "descale_q must be null unless q is FP8");
   }
+  if (p.attn_sink != nullptr) return Status::error("attn_sink must be null (token-sparse decode only: mla_decode_sparse)");
   if (p.batch < 0) return Status::error("batch must be >= 0, got " + std::to_string(p.batch));
   Status st = detail::check_heads(p.seqlen_q, p.num_heads_q, p.num_heads_kv);
   if (st.ok()) st = detail::check_sm_parts(p.num_sm_parts);
@@ -329,19 +330,29 @@ cudaError_t allow_dynamic_smem(int bytes, int device) {
   return err;
 }
 
-template <typename Traits, typename Element, typename KvStored, typename QStored>
-Status launch_sm80(const DecodeParams& p, int device) {
-  const auto kernel = sm80::decode_kernel<Traits, Element, KvStored, QStored>;
-  cudaError_t err = allow_dynamic_smem<sm80::decode_kernel<Traits, Element, KvStored, QStored>>(Traits::kSmemBytes, device);
+/// Launches the portable kernel over `Traits` (sm80/traits.hpp) with keys from `KvSource`
+/// (sm80::PagedKvTiles or sparse::IndexedKvTiles), then the combine kernel.
+template <typename Traits, typename Element, typename KvSource, typename QStored = Element>
+Status launch_sm80_kernel(const DecodeParams& p, const typename KvSource::Params& kv_params, int device) {
+  const auto kernel = sm80::decode_kernel<Traits, Element, KvSource, QStored>;
+  cudaError_t err = allow_dynamic_smem<sm80::decode_kernel<Traits, Element, KvSource, QStored>>(Traits::kSmemBytes, device);
   if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
   const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 && p.q_head_stride % 8 == 0;
   const dim3 grid((p.rows_per_kv_head() + Traits::kBlockM - 1) / Traits::kBlockM, p.num_heads_kv, p.num_sm_parts);
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, p.stream>>>(p, q_vec16);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, p.stream>>>(p, kv_params, q_vec16);
   err = cudaGetLastError();
   if (err == cudaSuccess) err = launch_combine<Element>(p, /*overlap=*/false);
   if (err != cudaSuccess) return Status::error(std::string("decode launch failed: ") + cudaGetErrorString(err));
   return Status::success();
+}
+
+/// The dense portable kernel of tile shape `Shape` (LargeTraits / SmallTraits): an FP8 cache
+/// lands in staging tiles of one byte per channel.
+template <typename Shape, typename Element, typename KvStored, typename QStored>
+Status launch_sm80(const DecodeParams& p, int device) {
+  using Traits = sm80::TraitsFor<Shape, kHeadDim, kIsFp8<KvStored> ? kHeadDim : 0>;
+  return launch_sm80_kernel<Traits, Element, sm80::PagedKvTiles<Traits, KvStored>, QStored>(p, {}, device);
 }
 
 template <typename Element, int kBoxes, typename KvStored, typename QStored>
@@ -410,3 +421,5 @@ inline Status mla_decode(const DecodeParams& p) {
 }
 
 }  // namespace flash_mla
+
+#include "sparse_decode.hpp"

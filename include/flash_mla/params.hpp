@@ -97,6 +97,11 @@ struct DecodeParams {
   const float* descale_k = nullptr;
   /// [1] float32 device memory: required with an FP8 q, null otherwise (q is float(q) * *descale_q).
   const float* descale_q = nullptr;
+  /// [h_q] float32 device memory, optional (null: none): per-head attention sink; the final
+  /// output of head h is scaled by 1 / (1 + exp(attn_sink[h] - lse)) (lse is returned without
+  /// it; +-inf allowed). Token-sparse decode only: mla_decode_sparse() sets it and mla_decode()
+  /// requires it null.
+  const float* attn_sink = nullptr;
 
   const void* q = nullptr;  ///< [batch, s_q, h_q, 576] query, aligned to its element size
   int64_t q_batch_stride = 0,  ///< q stride of dim 0 (batch), elements
@@ -129,6 +134,65 @@ struct DecodeParams {
 
   /// Query rows per KV head: s_q * h_q / h_kv.
   FLASH_MLA_HOST_DEVICE int rows_per_kv_head() const { return num_heads_kv > 0 ? seqlen_q * (num_heads_q / num_heads_kv) : 0; }
+};
+
+/// Token layout of a token-sparse KV cache (docs/kv-formats.md).
+enum class SparseKvFormat : int {
+  kBF16 = 0,        ///< head_dim bf16 channels per token (head_dim 576 or 512)
+  kV32FP8 = 1,      ///< 656 bytes per token: 512 e4m3, 4 float32 scales, 64 bf16 RoPE (head_dim 576)
+  kModel1FP8 = 2,   ///< 512-dim: per page, page x (448 e4m3 + 64 bf16) records, then page x 8-byte
+                    ///< ue8m0 scale records (head_dim 512)
+};
+
+/// One KV cache of a token-sparse decode and the token indices each query token selects from it.
+/// Token `idx` is slot idx % page_size of page idx / page_size; an index that is negative or
+/// >= num_blocks * page_size is skipped (never read).
+struct SparseKvCache {
+  const void* data = nullptr;  ///< page 0, 16-byte aligned; null: no such cache (the extra one)
+  int num_blocks = 0;          ///< pages (>= 0)
+  int page_size = 0;           ///< tokens per page (>= 1)
+  int64_t page_stride = 0;     ///< bytes between pages, a multiple of 16
+  int64_t token_stride = 0;    ///< bytes between the tokens of a page (kBF16, kV32FP8: a multiple of 16)
+  const int32_t* indices = nullptr;  ///< [batch, s_q, topk], last dim contiguous
+  int64_t indices_batch_stride = 0,  ///< indices stride of dim 0, elements
+      indices_seq_stride = 0;        ///< indices stride of dim 1, elements
+  int topk = 0;                      ///< indices per query token (>= 0)
+  /// [batch] int32, optional: only the first topk_length[i] indices of request i are used
+  /// (clamped to 0 .. topk).
+  const int32_t* topk_length = nullptr;
+};
+
+/// One token-sparse decode call, flash_mla::mla_decode_sparse(): query token t of request i
+/// attends to the valid selected tokens of `cache` and of `extra` (when extra.data is set), in
+/// one softmax. h_kv is 1. The work is planned like a dense decode of batch * s_q requests of one
+/// query token each: get_mla_metadata() over plan_seqlens (batch * s_q lengths, normally
+/// cache.topk + extra.topk each; longer lengths are clamped to that) with num_sm_parts from
+/// get_num_sm_parts(device, 1, h_q, 1), and a split workspace of
+/// get_split_workspace_size(batch * s_q, 1, h_q, num_sm_parts).
+struct SparseDecodeParams {
+  SparseKvFormat format = SparseKvFormat::kV32FP8;  ///< layout of both caches
+  int head_dim = 576;          ///< d_qk: 576 (kBF16, kV32FP8) or 512 (kBF16, kModel1FP8)
+  int batch = 0;               ///< b: requests (0: nothing to do)
+  int seqlen_q = 0;            ///< s_q: query tokens per request (>= 1)
+  int num_heads_q = 0;         ///< h_q (>= 1)
+  float softmax_scale = 0.f;   ///< multiplier of q.k, usually 1/sqrt(head_dim); finite and > 0
+  const void* q = nullptr;     ///< [batch, s_q, h_q, head_dim] bf16, 2-byte aligned, last dim contiguous
+  int64_t q_seq_stride = 0,    ///< q stride of dim 1, elements; dim 0's must be s_q times it
+      q_head_stride = 0;       ///< q stride of dim 2, elements
+  SparseKvCache cache;         ///< the main cache
+  SparseKvCache extra;         ///< an optional second cache (extra.data null: none), same format
+  const float* attn_sink = nullptr;  ///< [h_q] float32, optional (DecodeParams::attn_sink)
+  const int32_t* plan_seqlens = nullptr;  ///< [batch * s_q] the lengths given to get_mla_metadata
+  const int32_t* tile_scheduler_metadata = nullptr;  ///< [num_sm_parts, kMetaInts]
+  int num_sm_parts = 0;                             ///< as given to get_mla_metadata
+  const int32_t* num_splits = nullptr;              ///< [batch * s_q + 1]
+  void* out = nullptr;        ///< out: [batch, s_q, h_q, 512] bf16 contiguous, 16-byte aligned
+  float* lse = nullptr;       ///< out: [batch, s_q, h_q] float32 contiguous (note: s_q before h_q)
+  float* o_accum = nullptr;   ///< [max_splits, h_q, 512] split workspace, 16-byte aligned
+  float* lse_accum = nullptr; ///< [max_splits, h_q]
+  int max_splits = 0;         ///< >= batch * s_q + num_sm_parts
+  KernelChoice kernel = KernelChoice::kAuto;  ///< kAuto or a portable kernel (kSm80Large / kSm80Small)
+  cudaStream_t stream = nullptr;
 };
 
 /// int64 words of the result buffer of check_paged_inputs() (input_check.cuh).

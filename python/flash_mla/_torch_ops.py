@@ -19,6 +19,9 @@ The custom ops (the path under torch.compile, torch.export, make_fx and FakeTens
         -> (out, lse)
     torch.ops.flash_mla.mla_decode_out(..., num_splits, out, lse, softmax_scale, causal, kernel,
         descale_q, descale_k) -> None, writes out and lse
+    torch.ops.flash_mla.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache,
+        extra_indices, extra_topk_length, attn_sink, head_dim_v, softmax_scale, is_fp8,
+        plan_seqlens, tile_scheduler_metadata, num_splits, kernel) -> (out, lse as (b, s_q, h_q))
 
 (descale_q / descale_k: None, or the float32 (1,) descales of an FP8 q / k_cache.)
 
@@ -129,6 +132,35 @@ def _prepare_decode(q: Tensor, out: Optional[Tensor], lse: Optional[Tensor], bat
         lse = q.new_empty((batch, heads_q, seqlen_q), dtype=_float32)
     workspace = q.new_empty((workspace_splits * seqlen_q * heads_q * (HEAD_DIM_V + 1),), dtype=_float32)
     return out, lse, workspace, current_stream_handle(device_index)
+
+
+def _prepare_sparse(q: Tensor, out: Optional[Tensor], lse: Optional[Tensor], batch: int, seqlen_q: int,
+                    heads_q: int, workspace_splits: int, device_index: int):
+    """_prepare_decode for the token-sparse call, whose lse is written as (batch, s_q, h_q) memory
+    (returned as its (batch, h_q, s_q) view)."""
+    if out is None:
+        out = q.new_empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=_bfloat16)
+    if lse is None:
+        lse = q.new_empty((batch, seqlen_q, heads_q), dtype=_float32).transpose(1, 2)
+    workspace = q.new_empty((workspace_splits * heads_q * (HEAD_DIM_V + 1),), dtype=_float32)
+    return out, lse, workspace, current_stream_handle(device_index)
+
+
+def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length, attn_sink,
+                  head_dim_v: int, softmax_scale: float, is_fp8: bool, plan_seqlens, meta, splits, kernel: int,
+                  out=None, lse=None):
+    """(out, lse) of one token-sparse decode call (the checks, allocation and launch in one call)."""
+    return _C.torch_sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
+                                  attn_sink, head_dim_v, softmax_scale, is_fp8, plan_seqlens, meta, splits, out, lse,
+                                  kernel, _prepare_sparse)
+
+
+def check_sparse(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length, attn_sink,
+                 head_dim_v: int, softmax_scale: float, is_fp8: bool):
+    """Every check of sparse_decode (devices included) without a launch: (batch, s_q, h_q, keys
+    per query token)."""
+    return _C.torch_sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
+                                  attn_sink, head_dim_v, softmax_scale, is_fp8, None, None, None, None, None, 0, None)
 
 
 def _prepare_metadata(cache_seqlens: Tensor, parts: int, batch: int, device_index: int):
@@ -252,11 +284,35 @@ if HAS_CUSTOM_OPS:
         _decode_out_impl(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                          out, lse, softmax_scale, causal, kernel, descale_q, descale_k)
 
+    @torch.library.custom_op("flash_mla::sparse_decode", mutates_args=())
+    def sparse_decode_op(q: Tensor, k_cache: Tensor, indices: Tensor, topk_length: Optional[Tensor],
+                         extra_k_cache: Optional[Tensor], extra_indices: Optional[Tensor],
+                         extra_topk_length: Optional[Tensor], attn_sink: Optional[Tensor], head_dim_v: int,
+                         softmax_scale: float, is_fp8: bool, plan_seqlens: Tensor, tile_scheduler_metadata: Tensor,
+                         num_splits: Tensor, kernel: int) -> tuple[Tensor, Tensor]:
+        out, lse = sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
+                                 attn_sink, head_dim_v, softmax_scale, is_fp8, plan_seqlens,
+                                 tile_scheduler_metadata, num_splits, kernel)
+        return out, lse.transpose(1, 2)  # an op's outputs are fresh tensors: (batch, s_q, h_q)
+
+    @sparse_decode_op.register_fake
+    def _sparse_decode_fake(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
+                            attn_sink, head_dim_v, softmax_scale, is_fp8, plan_seqlens, tile_scheduler_metadata,
+                            num_splits, kernel):
+        _fake_check(q, k_cache=k_cache, indices=indices, plan_seqlens=plan_seqlens)
+        batch, seqlen_q, heads_q, _ = q.shape
+        return (q.new_empty((batch, seqlen_q, heads_q, HEAD_DIM_V), dtype=torch.bfloat16),
+                q.new_empty((batch, seqlen_q, heads_q), dtype=torch.float32))
+
     get_mla_metadata.register_fake(_metadata_fake)
     mla_decode.register_fake(_decode_fake)
     mla_decode_out.register_fake(_decode_out_fake)
 
 else:  # torch < 2.4: eager only
+    def sparse_decode_op(*args):
+        out, lse = sparse_decode(*args)
+        return out, lse.transpose(1, 2)
+
     get_mla_metadata = _metadata_impl
     mla_decode = _decode_impl
     mla_decode_out = _decode_out_impl

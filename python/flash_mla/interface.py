@@ -84,6 +84,7 @@ class FlashMLASchedMeta:
     def __init__(self) -> None:
         self.tile_scheduler_metadata: Optional[torch.Tensor] = None
         self.num_splits: Optional[torch.Tensor] = None
+        self.plan_seqlens: Optional[torch.Tensor] = None  # token-sparse calls: keys per query token
         self.config: Optional[tuple] = None
 
     def __repr__(self) -> str:
@@ -110,7 +111,9 @@ def get_mla_metadata(
     Later-FlashMLA form: ``get_mla_metadata()`` (or any call without cache_seqlens, as later
     releases accept) returns ``(FlashMLASchedMeta(), None)``, planned by its first use.
     ``num_q_tokens_per_head_k`` is accepted as an alias of ``num_heads_per_head_k`` and
-    ``num_heads_q`` is ignored; ``is_fp8_kvcache=True`` and ``topk`` raise NotImplementedError.
+    ``num_heads_q`` and ``is_fp8_kvcache`` are ignored (the plan does not depend on them). With
+    ``topk`` (the token-sparse form of earlier releases) the result is ``(FlashMLASchedMeta(),
+    None)`` too, planned by the first token-sparse call.
     """
     if kwargs:
         if "num_q_tokens_per_head_k" in kwargs:
@@ -118,9 +121,8 @@ def get_mla_metadata(
                 raise TypeError("get_mla_metadata(): give num_heads_per_head_k or num_q_tokens_per_head_k, not both")
             num_heads_per_head_k = kwargs.pop("num_q_tokens_per_head_k")
         _reject_unsupported(kwargs, what="get_mla_metadata")
-    if is_fp8_kvcache or topk is not None:
-        _reject_unsupported(dict(is_fp8_kvcache=is_fp8_kvcache, topk=topk), what="get_mla_metadata")
-    if cache_seqlens is None:
+    if cache_seqlens is None or topk is not None:
+        # A token-sparse plan (topk) depends on the call's shapes: planned by its first use.
         return FlashMLASchedMeta(), None
     if num_heads_per_head_k is None or num_heads_k is None:
         raise TypeError("get_mla_metadata() needs cache_seqlens, num_heads_per_head_k and num_heads_k")
@@ -209,8 +211,12 @@ def flash_mla_with_kvcache(
         is_fp8_kvcache: True declares an FP8 cache; it may then also be given as uint8 bytes
             (viewed as float8_e4m3fn). An FP8 cache is recognised by its dtype without it.
         indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length,
-            extra_topk_length: later-FlashMLA (token-sparse) features, not built yet: they
-            raise NotImplementedError unless left at their defaults.
+            extra_topk_length: the token-sparse form (DeepSeek-V3.2): see docs/api.md,
+            "Token-sparse decode". With ``indices`` (int32 (batch, s_q, topk)), block_table and
+            cache_seqlens are None, k_cache is (num_blocks, page, 1, record) of one of the
+            token-sparse formats (bf16 with is_fp8_kvcache=False; V3.2 656-byte or 512-dim
+            584-byte records with is_fp8_kvcache=True), and lse is returned as a
+            (batch, h_q, s_q) view of (batch, s_q, h_q) memory.
         descale_q, descale_k (keyword only, vLLM's names): float32 tensors of shape (1,) on q's
             device, read by the kernel (no host sync; a CUDA graph replays with their current
             values). ``descale_k`` is required with an FP8 cache and K/V are then
@@ -232,12 +238,16 @@ def flash_mla_with_kvcache(
         out (batch, s_q, h_q, 512) in q's dtype (bfloat16 for an FP8 q) and lse (batch, h_q, s_q) float32
         (natural log; +inf and out = 0 for rows that see no key).
     """
-    if (indices is not None or attn_sink is not None or extra_k_cache is not None
-            or extra_indices_in_kvcache is not None or topk_length is not None or extra_topk_length is not None):
-        _reject_unsupported(dict(is_fp8_kvcache=is_fp8_kvcache, indices=indices, attn_sink=attn_sink,
-                                 extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
-                                 topk_length=topk_length, extra_topk_length=extra_topk_length),
-                            what="flash_mla_with_kvcache")
+    if indices is not None:
+        return _sparse_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                              num_splits, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
+                              extra_indices_in_kvcache, topk_length, extra_topk_length, descale_q, descale_k,
+                              kernel, out, lse)
+    for name, value in (("attn_sink", attn_sink), ("extra_k_cache", extra_k_cache),
+                        ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("topk_length", topk_length),
+                        ("extra_topk_length", extra_topk_length)):
+        if value is not None:
+            raise ValueError(f"{name}: only valid with indices (token-sparse decode)")
     if is_fp8_kvcache is not False and _bool_of(is_fp8_kvcache, "is_fp8_kvcache"):
         k_cache = _fp8_cache_view(k_cache)
     kernel_id = _KERNELS.get(kernel) if type(kernel) is str else None
@@ -386,3 +396,112 @@ def kernel_for_device(device=None, kernel: str = "auto") -> str:
                            "no driver, or a CPU-only build of torch)")
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     return _C.kernel_name(index, _KERNELS[kernel])
+
+
+# ----------------------------------------------------------------------------------------------
+# token-sparse decode
+# ----------------------------------------------------------------------------------------------
+
+_BYTE_DTYPES = (torch.uint8, torch.int8)
+_SPARSE_CONFIG_NAMES = ("batch", "s_q", "h_q", "is_fp8_kvcache", "record", "keys per query token")
+
+
+def _byte_cache_view(cache, name: str):
+    """An FP8 token-sparse cache as float8_e4m3fn (uint8 / int8 bytes are viewed so)."""
+    if cache is not None and getattr(cache, "dtype", None) in _BYTE_DTYPES:
+        return cache.view(torch.float8_e4m3fn)
+    return cache
+
+
+def _plan_sparse(sched, q, k_cache, indices, extra_indices, is_fp8: bool, traced: bool):
+    """(plan_seqlens, tile_scheduler_metadata, num_splits) of a token-sparse call: the plan of
+    batch * s_q requests of one query token and topk + extra_topk keys each; planned once per
+    FlashMLASchedMeta (or per call without one)."""
+    batch, seqlen_q, heads_q = q.shape[0], q.shape[1], q.shape[2]
+    keys = indices.shape[2] + (extra_indices.shape[2] if extra_indices is not None else 0)
+    config = ("token-sparse", batch, seqlen_q, heads_q, bool(is_fp8), k_cache.shape[-1], keys)
+    if isinstance(sched, FlashMLASchedMeta) and sched.config is not None:
+        if config != sched.config:
+            old = sched.config if sched.config[0] == "token-sparse" else None
+            if old is None:
+                raise ValueError("FlashMLASchedMeta was planned for a dense call; create a new one with "
+                                 "get_mla_metadata() for token-sparse calls")
+            diff = ", ".join(f"{n}: {a} -> {b}" for n, a, b in zip(_SPARSE_CONFIG_NAMES, old[1:], config[1:]) if a != b)
+            raise ValueError(f"FlashMLASchedMeta was planned for another configuration ({diff}); "
+                             "create a new one with get_mla_metadata()")
+        return sched.plan_seqlens, sched.tile_scheduler_metadata, sched.num_splits
+    plan_seqlens = torch.full((batch * seqlen_q,), keys, dtype=torch.int32, device=q.device)
+    planned = None
+    if not traced:
+        planned = _torch_ops.metadata(plan_seqlens, heads_q, 1)
+    if planned is None:
+        planned = _torch_ops.get_mla_metadata(plan_seqlens, heads_q, 1)
+    if isinstance(sched, FlashMLASchedMeta):
+        sched.plan_seqlens = plan_seqlens
+        sched.tile_scheduler_metadata, sched.num_splits = planned
+        sched.config = config
+    return (plan_seqlens, *planned)
+
+
+def _sparse_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, sched, num_splits, softmax_scale, causal,
+                   is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices, topk_length, extra_topk_length,
+                   descale_q, descale_k, kernel, out, lse):
+    """The token-sparse form of flash_mla_with_kvcache (docs/api.md, "Token-sparse decode")."""
+    for name, value in (("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        if value is not None:
+            raise ValueError(f"{name}: must be None with indices (token-sparse decode)")
+    for name, value in (("descale_q", descale_q), ("descale_k", descale_k)):
+        if value is not None:
+            raise ValueError(f"{name}: not used by token-sparse decode (its FP8 formats carry their own scales)")
+    if num_splits is not None and not isinstance(num_splits, torch.Tensor):
+        raise TypeError(f"num_splits: expected None, got {type(num_splits).__name__}")
+    if causal is not False and _bool_of(causal, "causal"):
+        raise ValueError("causal: must be False with indices (the indices select the keys)")
+    kernel_id = _KERNELS.get(kernel) if type(kernel) is str else None
+    if kernel_id is None:
+        raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
+    if kernel_id == _KERNELS["sm90"]:
+        raise ValueError("kernel: token-sparse decode runs on the portable kernels ('auto', 'sm80_large', "
+                         "'sm80_small'), not 'sm90'")
+    head_dim_v = _int_arg(head_dim_v, "head_dim_v")
+    is_fp8 = _bool_of(is_fp8_kvcache, "is_fp8_kvcache")
+    if is_fp8:
+        k_cache = _byte_cache_view(k_cache, "k_cache")
+        extra_k_cache = _byte_cache_view(extra_k_cache, "extra_k_cache")
+    _require_tensors(q=q, k_cache=k_cache, indices=indices)
+    _require_optional_tensors(topk_length=topk_length, extra_k_cache=extra_k_cache,
+                              extra_indices_in_kvcache=extra_indices, extra_topk_length=extra_topk_length,
+                              attn_sink=attn_sink, out=out, lse=lse)
+    if q.dim() != 4:
+        raise ValueError(f"q: expected 4 dims (batch, s_q, h_q, d_qk), got shape {tuple(q.shape)}")
+    if indices.dim() != 3:
+        raise ValueError(f"indices: expected 3 dims (batch, s_q, topk), got shape {tuple(indices.shape)}")
+    if extra_indices is not None and extra_indices.dim() != 3:
+        raise ValueError(f"extra_indices_in_kvcache: expected 3 dims (batch, s_q, topk), got shape "
+                         f"{tuple(extra_indices.shape)}")
+    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else _scale_of(softmax_scale)
+    if q.shape[0] > 1 and q.shape[1] > 1 and q.stride(0) != q.shape[1] * q.stride(1):
+        q = q.contiguous()  # the kernel walks (request, query token) as one index
+    traced = not _torch_ops.eager_direct(q) or _is_traced(q)
+    if not traced and not (isinstance(sched, FlashMLASchedMeta) and sched.config is not None):
+        # Every input check before the planning launch (the call itself checks them again).
+        _torch_ops.check_sparse(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
+                                attn_sink, head_dim_v, softmax_scale, is_fp8)
+    plan = _plan_sparse(sched if isinstance(sched, FlashMLASchedMeta) else None, q, k_cache, indices, extra_indices,
+                        is_fp8, traced)
+    if not traced:
+        return _torch_ops.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices,
+                                        extra_topk_length, attn_sink, head_dim_v, softmax_scale, is_fp8, *plan,
+                                        kernel_id, out, lse)
+    result, lse_bsh = _torch_ops.sparse_decode_op(q, k_cache, indices, topk_length, extra_k_cache, extra_indices,
+                                                  extra_topk_length, attn_sink, head_dim_v, softmax_scale, is_fp8,
+                                                  *plan, kernel_id)
+    result_lse = lse_bsh.transpose(1, 2)
+    if out is not None:
+        out.copy_(result)
+        result = out
+    if lse is not None:
+        lse.copy_(result_lse)
+        result_lse = lse
+    return result, result_lse
+

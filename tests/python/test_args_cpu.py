@@ -419,7 +419,7 @@ def test_unknown_kernel_choice(kernel):
 # keyword arguments of later FlashMLA releases
 # ----------------------------------------------------------------------------------------------
 
-UNSUPPORTED_SET = {
+SPARSE_ONLY_SET = {
     "indices": torch.zeros((2, 1, 64), dtype=I32),
     "attn_sink": torch.zeros((16,), dtype=F32),
     "extra_k_cache": torch.zeros((4, PAGE, 1, D), dtype=BF16),
@@ -430,14 +430,15 @@ UNSUPPORTED_SET = {
 
 
 @pytest.mark.parametrize("form", ["seed", "sched"])
-@pytest.mark.parametrize("name", list(UNSUPPORTED_SET))
-def test_unsupported_feature_kwargs_raise_not_implemented(name, form):
+@pytest.mark.parametrize("name", list(SPARSE_ONLY_SET))
+def test_sparse_kwargs_on_a_dense_call_raise(name, form):
+    """Token-sparse arguments on a dense call (block_table given) name what does not belong."""
     args = cpu_decode_args()
     if form == "sched":
         sched, placeholder = get_mla_metadata()
         args["tile_scheduler_metadata"], args["num_splits"] = sched, placeholder
-    with pytest.raises(NotImplementedError, match=name):
-        call(args, **{name: UNSUPPORTED_SET[name]})
+    with pytest.raises(ValueError, match="block_table" if name == "indices" else name):
+        call(args, **{name: SPARSE_ONLY_SET[name]})
     if form == "sched":
         assert sched.config is None
 
@@ -567,12 +568,13 @@ def test_get_mla_metadata_missing_or_extra_arguments():
 
 
 def test_get_mla_metadata_kwargs():
-    with pytest.raises(NotImplementedError, match="is_fp8_kvcache"):
+    # is_fp8_kvcache does not change a dense plan; topk (token-sparse) gives a scheduler object.
+    with pytest.raises(ValueError, match=CUDA):
         get_mla_metadata(seqlens(), 16, 1, is_fp8_kvcache=True)
-    with pytest.raises(NotImplementedError, match="is_fp8_kvcache"):
-        get_mla_metadata(is_fp8_kvcache=True)
-    with pytest.raises(NotImplementedError, match="topk"):
-        get_mla_metadata(seqlens(), 16, 1, topk=2048)
+    sched, placeholder = get_mla_metadata(is_fp8_kvcache=True)
+    assert isinstance(sched, FlashMLASchedMeta) and placeholder is None
+    sched, placeholder = get_mla_metadata(seqlens(), 16, 1, topk=2048)
+    assert isinstance(sched, FlashMLASchedMeta) and sched.config is None and placeholder is None
     with pytest.raises(TypeError, match="no_such_option"):
         get_mla_metadata(seqlens(), 16, 1, no_such_option=3)
     with pytest.raises(TypeError):
@@ -617,7 +619,7 @@ def test_positional_later_release_arguments():
     positional = [args[name] for name in ORDER] + [None, False]
     with pytest.raises(TypeError, match="is_fp8_kvcache"):  # a 16-bit cache declared FP8
         flash_mla_with_kvcache(*positional, True)
-    with pytest.raises(NotImplementedError, match="indices"):
+    with pytest.raises(ValueError, match="block_table"):  # indices: the token-sparse form
         flash_mla_with_kvcache(*positional, False, torch.zeros((2, 1, 64), dtype=I32))
     with pytest.raises(ValueError, match=CUDA):
         flash_mla_with_kvcache(*positional, False, None, None)

@@ -574,7 +574,7 @@ def test_sched_config_change_raises(change, make_case, check_decode, seed):
     check_decode(out, lse, *reference(case, True), torch.bfloat16, what="after the error")
 
 
-UNSUPPORTED = ["indices", "attn_sink", "extra_k_cache", "topk_length"]
+SPARSE_ONLY = ["indices", "attn_sink", "extra_k_cache", "topk_length"]
 
 
 def _unsupported_value(name, case):
@@ -588,14 +588,16 @@ def _unsupported_value(name, case):
 
 
 @pytest.mark.parametrize("form", ["seed", "sched"])
-@pytest.mark.parametrize("name", UNSUPPORTED)
-def test_unsupported_kwargs_raise(name, form, make_case, seed):
+@pytest.mark.parametrize("name", SPARSE_ONLY)
+def test_sparse_kwargs_on_a_dense_call_raise(name, form, make_case, seed):
+    """Token-sparse arguments on a dense call (block_table given): a ValueError naming the
+    argument that does not belong (block_table for indices), before any planning or launch."""
     case = make_case(3, 1, 16, 1, [5, 0, 70], torch.bfloat16, seed=seed)
     if form == "seed":
         meta, splits = metadata(case)
     else:
         meta, splits = get_mla_metadata()
-    with pytest.raises(NotImplementedError, match=name):
+    with pytest.raises(ValueError, match="block_table" if name == "indices" else name):
         decode(case, meta, splits, False, **{name: _unsupported_value(name, case)})
     if form == "sched":
         assert meta.config is None, "a rejected call must not plan the scheduler object"

@@ -10,6 +10,13 @@
 
 namespace flash_mla {
 
+/// What the final output of head h is multiplied by for an attention sink (DecodeParams::
+/// attn_sink): 1 / (1 + exp(sink - lse)); 1 without a sink or for a row with no key (lse +inf).
+__device__ __forceinline__ float sink_factor(const float* attn_sink, int h, float lse) {
+  if (attn_sink == nullptr || lse == INFINITY) return 1.f;
+  return 1.f / (1.f + expf(attn_sink[h] - lse));
+}
+
 /// o: this warp's 16 rows x 256 channels (channel offset dv0); row_sum: full softmax sums of the
 /// thread's two rows; row_max: their maxima in the log2 domain. lse of a row with no visible key:
 /// +inf in the final output, -inf in a partial (so that combine gives it weight 0).
@@ -35,11 +42,12 @@ __device__ __forceinline__ void store_segment(const DecodeParams& p, const RowMa
     const bool writes_lse = tq == 0 && dv0 == 0;
     if (single_split) {
       const int t = rows_map.token(r), h = rows_map.head(r);
+      const float out_scale = inv * sink_factor(p.attn_sink, h, lse);
       Element* dst = static_cast<Element*>(p.out) +
                      ((static_cast<int64_t>(req) * p.seqlen_q + t) * p.num_heads_q + h) * kHeadDimV + dv0;
 #pragma unroll
       for (int j = 0; j < kOTiles; ++j) {
-        *reinterpret_cast<uint32_t*>(dst + j * 8 + 2 * tq) = pack2<Element>(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
+        *reinterpret_cast<uint32_t*>(dst + j * 8 + 2 * tq) = pack2<Element>(o[j][2 * i] * out_scale, o[j][2 * i + 1] * out_scale);
       }
       if (writes_lse) p.lse[(static_cast<int64_t>(req) * p.num_heads_q + h) * p.seqlen_q + t] = lse;
     } else {

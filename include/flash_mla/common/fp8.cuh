@@ -108,4 +108,24 @@ __device__ __forceinline__ uint4 e4m3x8_to_scaled(const uint2& in) {
   return out;
 }
 
+/// 16 e4m3 bytes times `scale` -> 16 bf16 as two 16-byte vectors (elements 0-7, 8-15): the
+/// token-sparse formats' per-group scales. Exact up to the final rounding to bf16 (none for
+/// power-of-two scales in range).
+__device__ __forceinline__ void e4m3x16_to_bf16_times(const uint4& in, float scale, uint4& first, uint4& second) {
+  const float s = scale * fp8_widen_scale();
+  const auto convert4 = [s](uint32_t four, uint32_t& lo, uint32_t& hi) {
+    uint32_t h_lo, h_hi;
+    e4m3x4_to_scaled<__half>(four, h_lo, h_hi);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&h_lo));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&h_hi));
+    __nv_bfloat162 ba = __floats2bfloat162_rn(a.x * s, a.y * s), bb = __floats2bfloat162_rn(b.x * s, b.y * s);
+    lo = *reinterpret_cast<uint32_t*>(&ba);
+    hi = *reinterpret_cast<uint32_t*>(&bb);
+  };
+  convert4(in.x, first.x, first.y);
+  convert4(in.y, first.z, first.w);
+  convert4(in.z, second.x, second.y);
+  convert4(in.w, second.z, second.w);
+}
+
 }  // namespace flash_mla

@@ -26,11 +26,12 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-/// Scales raw scores into the log2 domain, masks columns past each row's last visible key to
-/// -inf and returns the per-row maxima of this warp's columns (quad-reduced).
-template <int kTiles>
+/// Scales raw scores into the log2 domain, masks the keys visible(i, col) rejects for the
+/// thread's row i (0, 1) to -inf and returns the per-row maxima of this warp's columns
+/// (quad-reduced).
+template <int kTiles, typename Visible>
 __device__ __forceinline__ void scale_mask_rowmax(float (&s)[kTiles][4], float scale_log2, int col0,
-                                                  const int (&limit)[2], float (&row_max)[2]) {
+                                                  const Visible& visible, float (&row_max)[2]) {
   const int tq = threadIdx.x % 4;
   row_max[0] = row_max[1] = -INFINITY;
 #pragma unroll
@@ -39,7 +40,7 @@ __device__ __forceinline__ void scale_mask_rowmax(float (&s)[kTiles][4], float s
     for (int e = 0; e < 4; ++e) {
       const int i = e / 2;
       const int col = col0 + j * 8 + 2 * tq + (e & 1);
-      const float v = col <= limit[i] ? s[j][e] * scale_log2 : -INFINITY;
+      const float v = visible(i, col) ? s[j][e] * scale_log2 : -INFINITY;
       s[j][e] = v;
       row_max[i] = fmaxf(row_max[i], v);
     }

@@ -11,6 +11,7 @@
 #include "../common/fp8.cuh"
 #include "../common/q_chunk.cuh"
 #include "../common/rows.cuh"
+#include "../common/segment.cuh"
 #include "../params.hpp"
 #include "ptx.cuh"
 
@@ -92,5 +93,38 @@ __device__ __forceinline__ void widen_kv_tile(const uint8_t* staged, Element* sK
     *reinterpret_cast<uint4*>(sK + Traits::swizzle(token, col + 8)) = second;
   }
 }
+
+/// The dense KV source of the portable kernel (the sparse one: sparse/indexed_kv.cuh): the tokens
+/// of one request through its block table. Query row r sees keys 0 .. its limit (causal or not).
+/// Interface the kernel uses: Params (the kernel's second argument), the constructor (one per
+/// request segment), load() (issues the copies of one tile; flags unused here), widen() (staged
+/// FP8 tiles only), visible() and value_scale().
+template <typename Traits, typename KvStored>
+struct PagedKvTiles {
+  struct Params {};  // everything is in DecodeParams
+  const DecodeParams& p;
+  int req, kv_head, seqlen;
+  int limit[2];  // last visible key of the thread's two rows (-1: none, also for padding rows)
+
+  __device__ PagedKvTiles(const DecodeParams& params, const Params&, int request, const Segment& seg,
+                          const RowMap& rows_map, int first_row)
+      : p(params), req(request), kv_head(rows_map.kv_head), seqlen(seg.seqlen) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = first_row + 8 * i;
+      limit[i] = seg.last_visible(p, r < rows_map.rows, rows_map.token(r));
+    }
+  }
+  __device__ void load(uint8_t* landed, uint8_t* /*flags*/, int n0) const {
+    load_kv_tile<Traits, KvStored>(landed, p, req, kv_head, n0, seqlen);
+  }
+  template <typename Element>
+  __device__ void widen(const uint8_t* staged, Element* sK) const {
+    widen_kv_tile<Traits>(staged, sK);
+  }
+  __device__ bool visible(int i, int col, int /*tile_n0*/, const uint8_t* /*flags*/) const { return col <= limit[i]; }
+  /// What V's widened values are multiplied by (the descale and fp8_widen_scale() for FP8).
+  __device__ float value_scale() const { return input_scale<KvStored>(p.descale_k); }
+};
 
 }  // namespace flash_mla::sm80

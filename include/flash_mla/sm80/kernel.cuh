@@ -3,12 +3,16 @@
 //
 // Grid: (m-blocks of kBlockM packed query rows, KV heads, SM parts). Each CTA walks the request
 // segments its SM part owns (scheduler/plan.hpp) and, per segment, streams KV tiles through two
-// shared-memory buffers: tile i + 1 is copied while tile i is multiplied. An FP8 cache streams
-// through two staging buffers of half the size instead, and each tile is widened into the one
-// 16-bit tile the products read (gmem_loader.cuh).
+// shared-memory buffers: tile i + 1 is copied while tile i is multiplied. Raw FP8 tiles stream
+// through two staging buffers instead, and each tile is widened into the one 16-bit tile the
+// products read.
 //
-// Element: the type the tensor cores multiply and out's type. KvStored / QStored: how k_cache and
-// q are stored, Element itself or Fp8E4M3 (common/fp8.cuh; an FP8 q is multiplied as bf16).
+// Where the keys come from is the KvSource: PagedKvTiles (gmem_loader.cuh: a request's tokens
+// through its block table) or sparse::IndexedKvTiles (a query token's selected tokens; there a
+// "request" of the plan is one query token of one request).
+//
+// Element: the type the tensor cores multiply and out's type. QStored: how q is stored, Element
+// itself or Fp8E4M3 (common/fp8.cuh; an FP8 q is multiplied as bf16).
 #pragma once
 
 #include "../common/epilogue.cuh"
@@ -22,21 +26,22 @@
 
 namespace flash_mla::sm80 {
 
-template <typename Traits, typename Element, typename KvStored = Element, typename QStored = Element>
+template <typename Traits, typename Element, typename KvSource, typename QStored = Element>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
-    decode_kernel(const __grid_constant__ DecodeParams p, const bool q_vec16) {
+    decode_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ typename KvSource::Params kv_params,
+                  const bool q_vec16) {
   using T = Traits;
-  constexpr bool kFp8Kv = kIsFp8<KvStored>;
   constexpr int kTileElems = T::kBlockN * T::kHeadDim;
   extern __shared__ __align__(128) char smem[];
   Element* sQ = reinterpret_cast<Element*>(smem + T::kQOffset);
   Element* sK = reinterpret_cast<Element*>(smem + T::kKOffset);
-  // Where tile `it` lands: one of the two 16-bit tiles, or (FP8) one of the two staging tiles
-  // behind the single 16-bit tile.
+  // Where tile `it` lands: one of the two 16-bit tiles, or (staged) one of the two staging tiles
+  // behind the single 16-bit tile; and its key flags.
   const auto landing = [&](int it) {
-    return reinterpret_cast<uint8_t*>(smem + T::kKOffset) + (kFp8Kv ? T::kKTileBytes + (it & 1) * kTileElems
-                                                                    : (it & 1) * T::kKTileBytes);
+    return reinterpret_cast<uint8_t*>(smem + T::kKOffset) + (T::kStaged ? T::kKTileBytes + (it & 1) * T::kStagedTileBytes
+                                                                        : (it & 1) * T::kKTileBytes);
   };
+  const auto key_flags = [&](int it) { return reinterpret_cast<uint8_t*>(smem + T::kKeyFlagsOffset) + (it & 1) * T::kBlockN; };
   Element* sP = reinterpret_cast<Element*>(smem + T::kPOffset);
   float* sRowStat = reinterpret_cast<float*>(smem + T::kRowStatOffset);  // [2 halves][kBlockM]
 
@@ -48,10 +53,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const RowMap rows_map{p.num_heads_q / p.num_heads_kv, p.rows_per_kv_head(), static_cast<int>(blockIdx.y)};
   const int row0 = blockIdx.x * T::kBlockM;
   const bool warp_has_rows = row0 + row_group * 16 < rows_map.rows;
-  // FP8 inputs are widened exactly up to fp8_widen_scale(): the descales and that factor scale
-  // the scores and V once.
-  const float value_scale = input_scale<KvStored>(p.descale_k);
-  const float scale_log2 = p.softmax_scale * input_scale<QStored>(p.descale_q) * value_scale * float(M_LOG2E);
 
   const int32_t* meta = p.tile_scheduler_metadata + blockIdx.z * kMetaInts;
   const int begin_req = meta[0], end_req = meta[2];
@@ -59,19 +60,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // The clamps only matter for metadata planned for other inputs: stay in bounds.
   for (int req = max(begin_req, 0); req <= min(end_req, p.batch - 1); ++req) {
     const Segment seg = Segment::of<T::kBlockN>(p, meta, req);
-    const int seqlen = seg.seqlen, n_lo = seg.n_lo, n_tiles = seg.n_tiles;
-
-    int limit[2];  // last visible key of the thread's two rows (-1: none, also for padding rows)
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = row0 + local_row + 8 * i;
-      limit[i] = seg.last_visible(p, r < rows_map.rows, rows_map.token(r));
-    }
+    const int n_lo = seg.n_lo, n_tiles = seg.n_tiles;
+    const KvSource kv_source(p, kv_params, req, seg, rows_map, row0 + local_row);
+    // Widened FP8 inputs times fp8_widen_scale() (and the descales) are the stored values: those
+    // factors scale the scores and V once.
+    const float value_scale = kv_source.value_scale();
+    const float scale_log2 = p.softmax_scale * input_scale<QStored>(p.descale_q) * value_scale * float(M_LOG2E);
 
     __syncthreads();  // the previous segment is done with every shared buffer
     if (n_tiles > 0) {  // an empty segment (L == 0) only writes its zero output
       load_q_tile<T, QStored>(sQ, p, rows_map, req, row0, q_vec16);
-      load_kv_tile<T, KvStored>(landing(0), p, req, rows_map.kv_head, n_lo, seqlen);
+      kv_source.load(landing(0), key_flags(0), n_lo);
     }
     cp_async_commit();
 
@@ -83,15 +82,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait_all();
       __syncthreads();  // tile `it` visible to all; everyone is done with tile it - 1
-      if (it + 1 < n_tiles) {
-        load_kv_tile<T, KvStored>(landing(it + 1), p, req, rows_map.kv_head, n_lo + (it + 1) * T::kBlockN, seqlen);
-      }
+      if (it + 1 < n_tiles) kv_source.load(landing(it + 1), key_flags(it + 1), n_lo + (it + 1) * T::kBlockN);
       cp_async_commit();
-      if constexpr (kFp8Kv) {
-        widen_kv_tile<T>(landing(it), sK);
+      if constexpr (T::kStaged) {
+        kv_source.widen(landing(it), sK);
         __syncthreads();  // the 16-bit tile is complete
       }
-      const Element* kv = kFp8Kv ? sK : sK + (it & 1) * kTileElems;
+      const Element* kv = T::kStaged ? sK : sK + (it & 1) * kTileElems;
 
       // S = Q K^T over this warp's rows and half of the tile's tokens.
       float s[T::kSTiles][4];
@@ -124,7 +121,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       // Online softmax: the two warps sharing these rows agree on the row maxima first.
       const int col0 = n_lo + it * T::kBlockN + half * T::kTokensPerWarp;
       float tile_max[2];
-      scale_mask_rowmax(s, scale_log2, col0, limit, tile_max);
+      const int tile_n0 = n_lo + it * T::kBlockN;
+      const uint8_t* flags = key_flags(it);
+      scale_mask_rowmax(
+          s, scale_log2, col0, [&](int i, int col) { return kv_source.visible(i, col, tile_n0, flags); }, tile_max);
       if (tq == 0) {
         sRowStat[half * T::kBlockM + local_row] = tile_max[0];
         sRowStat[half * T::kBlockM + local_row + 8] = tile_max[1];

@@ -1,0 +1,86 @@
+// The token-sparse KV source of the portable kernel (sm80/kernel.cuh): the keys of one query
+// token are the tokens its index rows select, from the main cache and then the extra one.
+//
+// The plan treats query token t of request i as a request of its own (req = i * s_q + t, one
+// query token, h_q rows) whose keys are positions 0 .. topk + extra_topk - 1: position j < topk
+// is entry j of the main index row, the others entry j - topk of the extra row. A position past
+// the row's topk_length, or holding an invalid index, is a skipped key: it is zero-filled (never
+// read) and its flag masks its score to -inf.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/rows.cuh"
+#include "../common/segment.cuh"
+#include "../params.hpp"
+#include "token_formats.cuh"
+
+namespace flash_mla::sparse {
+
+/// The caches of a token-sparse call as the kernel reads them (cache[1].data null: none).
+struct IndexedKvParams {
+  SparseKvCache cache[2];
+  int seqlen_q;
+};
+
+template <typename Traits, typename Format>
+struct IndexedKvTiles {
+  using Params = IndexedKvParams;
+  /// Threads that copy one token of a tile.
+  static constexpr int kParts = Traits::kThreads / Traits::kBlockN;
+  static_assert(kParts * Traits::kBlockN == Traits::kThreads, "whole threads per token");
+
+  const Params& kp;
+  int batch_idx, token_q;  // which request and query token the segment decodes
+  int used[2];             // index entries used of each cache's row
+  bool row_ok[2];          // the thread's two rows are real heads
+
+  __device__ IndexedKvTiles(const DecodeParams&, const Params& params, int req, const Segment&,
+                            const RowMap& rows_map, int first_row)
+      : kp(params), batch_idx(req / params.seqlen_q), token_q(req % params.seqlen_q) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const SparseKvCache& kc = kp.cache[c];
+      const int n = kc.data == nullptr ? 0 : kc.topk_length != nullptr ? kc.topk_length[batch_idx] : kc.topk;
+      used[c] = min(max(n, 0), kc.data == nullptr ? 0 : kc.topk);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) row_ok[i] = first_row + 8 * i < rows_map.rows;
+  }
+
+  /// Where key position j lies (valid: a used entry holding a valid index).
+  __device__ TokenAddress address(int j, const SparseKvCache*& kc_out) const {
+    const int c = j < kp.cache[0].topk ? 0 : 1;
+    const SparseKvCache& kc = kp.cache[c];
+    const int k = c == 0 ? j : j - kp.cache[0].topk;
+    kc_out = &kc;
+    TokenAddress at{static_cast<const uint8_t*>(kp.cache[0].data), 0, false};
+    if (k < used[c]) {
+      const int idx = kc.indices[batch_idx * kc.indices_batch_stride + token_q * kc.indices_seq_stride + k];
+      if (idx >= 0 && static_cast<int64_t>(idx) < static_cast<int64_t>(kc.num_blocks) * kc.page_size) {
+        at.page = static_cast<const uint8_t*>(kc.data) + (idx / kc.page_size) * kc.page_stride;
+        at.slot = idx % kc.page_size;
+        at.valid = true;
+      }
+    }
+    return at;
+  }
+
+  /// Issues the copies of key positions [n0, n0 + kBlockN) and writes their flags.
+  __device__ void load(uint8_t* landed, uint8_t* flags, int n0) const {
+    const int token = threadIdx.x / kParts, part = threadIdx.x % kParts;
+    const SparseKvCache* kc;
+    const TokenAddress at = address(n0 + token, kc);
+    Format::template copy<Traits, kParts>(landed, token, part, at, *kc);
+    if (part == 0) flags[token] = at.valid;
+  }
+
+  __device__ void widen(const uint8_t* staged, __nv_bfloat16* sK) const { Format::template widen<Traits>(staged, sK); }
+
+  __device__ bool visible(int i, int col, int tile_n0, const uint8_t* flags) const {
+    return row_ok[i] && flags[col - tile_n0] != 0;
+  }
+  __device__ float value_scale() const { return 1.f; }
+};
+
+}  // namespace flash_mla::sparse
