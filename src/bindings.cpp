@@ -726,13 +726,17 @@ constexpr int64_t kV32TokenBytes = 656;
 constexpr int64_t kModel1TokenBytes = 584;
 
 /// One cache of a token-sparse call and its index rows, checked (formats: SparseKvCache).
-flash_mla::SparseKvCache sparse_cache(const View& k, const View& idx, const View* length, flash_mla::SparseKvFormat fmt,
-                                      int64_t last_dim, DT dtype, int batch, int seqlen_q) {
+void check_sparse_cache_dtype(const View& k, DT dtype) {
   if (k.dtype != dtype) {
     type_error(k.prefix() + "expected dtype " + dt_name(dtype) +
                (dtype == DT::kFP8 ? " (or uint8 / int8 bytes) with is_fp8_kvcache=True" : " with is_fp8_kvcache=False") +
                ", got " + k.dtype_str());
   }
+}
+
+flash_mla::SparseKvCache sparse_cache(const View& k, const View& idx, const View* length, flash_mla::SparseKvFormat fmt,
+                                      int64_t last_dim, DT dtype, int batch, int seqlen_q) {
+  check_sparse_cache_dtype(k, dtype);
   k.rank(4, "(num_blocks, page_block_size, 1, record)");
   if (k.dims[2] != 1) value_error(k.prefix() + "h_kv (dim 2) must be 1 for token-sparse decode, got shape " + k.shape_str());
   k.dim(3, last_dim, "the token record");
@@ -796,6 +800,8 @@ struct SparseInputs {
     using F = flash_mla::SparseKvFormat;
     F fmt = F::kBF16;
     int64_t last = d;
+    const DT k_dtype = is_fp8 ? DT::kFP8 : DT::kBF16;
+    check_sparse_cache_dtype(k, k_dtype);
     if (is_fp8) {
       last = k.ndim == 4 ? k.dims[3] : 0;
       if (last == kV32TokenBytes && d == 576) {
@@ -807,7 +813,6 @@ struct SparseInputs {
                     "(512-dim format, q's d_qk 512), got shape " + k.shape_str() + " for q's d_qk " + std::to_string(d));
       }
     }
-    const DT k_dtype = is_fp8 ? DT::kFP8 : DT::kBF16;
     if ((extra_k == nullptr) != (extra_idx == nullptr)) {
       value_error(extra_k == nullptr ? "extra_k_cache: required with extra_indices_in_kvcache"
                                      : "extra_indices_in_kvcache: required with extra_k_cache");
@@ -887,9 +892,11 @@ nb::object torch_sparse_decode(nb::handle q_h, nb::handle k_h, nb::handle idx_h,
     lse.dim(0, p.batch, "batch");
     lse.dim(1, p.num_heads_q, "h_q");
     lse.dim(2, p.seqlen_q, "s_q");
-    // Written as (batch, s_q, h_q) memory: lse.transpose(1, 2) must be contiguous.
-    if (lse.stride(1) > 1 || (lse.stride(2) != 0 && lse.stride(2) != p.num_heads_q) ||
-        (lse.stride(0) != 0 && lse.stride(0) != int64_t(p.seqlen_q) * p.num_heads_q)) {
+    // Written as (batch, s_q, h_q) memory: lse.transpose(1, 2) must be contiguous (checked when
+    // launching: the Python API reads any other layout back through a copy).
+    const bool bsh_memory = lse.stride(1) <= 1 && (lse.stride(2) == 0 || lse.stride(2) == p.num_heads_q) &&
+                            (lse.stride(0) == 0 || lse.stride(0) == int64_t(p.seqlen_q) * p.num_heads_q);
+    if (!plan_h.is_none() && !bsh_memory) {
       value_error("lse: token-sparse decode writes lse as (batch, s_q, h_q) memory: pass "
                   "torch.empty(batch, s_q, h_q).transpose(1, 2)");
     }

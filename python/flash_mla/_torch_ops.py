@@ -156,11 +156,11 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
 
 
 def check_sparse(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length, attn_sink,
-                 head_dim_v: int, softmax_scale: float, is_fp8: bool):
-    """Every check of sparse_decode (devices included) without a launch: (batch, s_q, h_q, keys
-    per query token)."""
+                 head_dim_v: int, softmax_scale: float, is_fp8: bool, out=None, lse=None):
+    """Every check of sparse_decode (devices included; lse's memory layout excepted) without a
+    launch: (batch, s_q, h_q, keys per query token)."""
     return _C.torch_sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
-                                  attn_sink, head_dim_v, softmax_scale, is_fp8, None, None, None, None, None, 0, None)
+                                  attn_sink, head_dim_v, softmax_scale, is_fp8, None, None, None, out, lse, 0, None)
 
 
 def _prepare_metadata(cache_seqlens: Tensor, parts: int, batch: int, device_index: int):

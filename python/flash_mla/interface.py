@@ -483,16 +483,25 @@ def _sparse_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, sched, nu
     if q.shape[0] > 1 and q.shape[1] > 1 and q.stride(0) != q.shape[1] * q.stride(1):
         q = q.contiguous()  # the kernel walks (request, query token) as one index
     traced = not _torch_ops.eager_direct(q) or _is_traced(q)
+    user_lse = None
+    if (not traced and isinstance(lse, torch.Tensor) and lse.dim() == 3
+            and not lse.transpose(1, 2).is_contiguous()):
+        user_lse, lse = lse, None  # the kernel writes (batch, s_q, h_q) memory: copied after the call
     if not traced and not (isinstance(sched, FlashMLASchedMeta) and sched.config is not None):
         # Every input check before the planning launch (the call itself checks them again).
         _torch_ops.check_sparse(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
-                                attn_sink, head_dim_v, softmax_scale, is_fp8)
+                                attn_sink, head_dim_v, softmax_scale, is_fp8, out,
+                                user_lse if user_lse is not None else lse)
     plan = _plan_sparse(sched if isinstance(sched, FlashMLASchedMeta) else None, q, k_cache, indices, extra_indices,
                         is_fp8, traced)
     if not traced:
-        return _torch_ops.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices,
-                                        extra_topk_length, attn_sink, head_dim_v, softmax_scale, is_fp8, *plan,
-                                        kernel_id, out, lse)
+        result, result_lse = _torch_ops.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices,
+                                                      extra_topk_length, attn_sink, head_dim_v, softmax_scale, is_fp8,
+                                                      *plan, kernel_id, out, lse)
+        if user_lse is not None:
+            user_lse.copy_(result_lse)
+            result_lse = user_lse
+        return result, result_lse
     result, lse_bsh = _torch_ops.sparse_decode_op(q, k_cache, indices, topk_length, extra_k_cache, extra_indices,
                                                   extra_topk_length, attn_sink, head_dim_v, softmax_scale, is_fp8,
                                                   *plan, kernel_id)

@@ -331,10 +331,117 @@ void check_sizes() {
          "num_sm_parts is always >= 1");
 }
 
+/// A SparseDecodeParams that validate_sparse() accepts (V3.2 format, b 3, s_q 2, h_q 16, topk 64).
+flash_mla::SparseDecodeParams valid_sparse_params() {
+  flash_mla::SparseDecodeParams p;
+  p.format = flash_mla::SparseKvFormat::kV32FP8;
+  p.head_dim = 576;
+  p.batch = 3;
+  p.seqlen_q = 2;
+  p.num_heads_q = 16;
+  p.softmax_scale = 1.f / 24.f;
+  p.q = fake_ptr();
+  p.q_seq_stride = 16 * 576;
+  p.q_head_stride = 576;
+  p.cache.data = fake_ptr();
+  p.cache.num_blocks = 10;
+  p.cache.page_size = 61;
+  p.cache.page_stride = 61 * 656;
+  p.cache.token_stride = 656;
+  p.cache.indices = static_cast<const int32_t*>(fake_ptr());
+  p.cache.indices_batch_stride = 2 * 64;
+  p.cache.indices_seq_stride = 64;
+  p.cache.topk = 64;
+  p.plan_seqlens = static_cast<const int32_t*>(fake_ptr());
+  p.tile_scheduler_metadata = static_cast<const int32_t*>(fake_ptr());
+  p.num_sm_parts = 5;
+  p.num_splits = static_cast<const int32_t*>(fake_ptr());
+  p.out = fake_ptr();
+  p.lse = static_cast<float*>(fake_ptr());
+  p.o_accum = static_cast<float*>(fake_ptr());
+  p.lse_accum = static_cast<float*>(fake_ptr());
+  p.max_splits = 3 * 2 + 5;
+  return p;
+}
+
+/// Token-sparse decode: validate_sparse() (and so mla_decode_sparse()) accepts each format with
+/// its head dim and refuses what the kernel cannot take, naming it; mla_decode() refuses a sink.
+void check_sparse_params() {
+  using flash_mla::SparseDecodeParams;
+  using flash_mla::SparseKvFormat;
+  expect(flash_mla::validate_sparse(valid_sparse_params()).ok(),
+         "valid sparse params pass: " + flash_mla::validate_sparse(valid_sparse_params()).message);
+  const auto with = [](std::function<void(SparseDecodeParams&)> mutate) {
+    SparseDecodeParams p = valid_sparse_params();
+    mutate(p);
+    return p;
+  };
+  const SparseDecodeParams good[] = {
+      with([](SparseDecodeParams& p) { p.format = SparseKvFormat::kModel1FP8; p.head_dim = 512; }),
+      with([](SparseDecodeParams& p) { p.format = SparseKvFormat::kBF16; p.cache.token_stride = 1152; }),
+      with([](SparseDecodeParams& p) { p.format = SparseKvFormat::kBF16; p.head_dim = 512; p.cache.token_stride = 1024; }),
+      with([](SparseDecodeParams& p) { p.extra = p.cache; p.extra.page_size = 2; p.max_splits += 0; }),
+      with([](SparseDecodeParams& p) { p.attn_sink = static_cast<const float*>(fake_ptr()); }),
+      with([](SparseDecodeParams& p) { p.cache.topk = 0; }),
+      with([](SparseDecodeParams& p) { p.batch = 0; p.q = nullptr; }),
+  };
+  int i = 0;
+  for (const SparseDecodeParams& p : good) {
+    const Status st = flash_mla::validate_sparse(p);
+    expect(st.ok(), "sparse good case " + std::to_string(i++) + ": " + st.message);
+  }
+  struct Bad {
+    const char* needle;
+    std::function<void(SparseDecodeParams&)> mutate;
+  };
+  const Bad bad[] = {
+      {"head_dim", [](SparseDecodeParams& p) { p.head_dim = 512; }},
+      {"head_dim", [](SparseDecodeParams& p) { p.format = SparseKvFormat::kModel1FP8; }},
+      {"head_dim", [](SparseDecodeParams& p) { p.format = static_cast<SparseKvFormat>(9); }},
+      {"batch", [](SparseDecodeParams& p) { p.batch = -1; }},
+      {"seqlen_q", [](SparseDecodeParams& p) { p.seqlen_q = 0; }},
+      {"num_heads_q", [](SparseDecodeParams& p) { p.num_heads_q = 0; }},
+      {"max_splits", [](SparseDecodeParams& p) { p.max_splits = 10; }},
+      {"num_sm_parts", [](SparseDecodeParams& p) { p.num_sm_parts = 0; }},
+      {"softmax_scale", [](SparseDecodeParams& p) { p.softmax_scale = 0.f; }},
+      {"q is null", [](SparseDecodeParams& p) { p.q = nullptr; }},
+      {"q must be 2-byte aligned", [](SparseDecodeParams& p) { p.q = fake_ptr(1); }},
+      {"plan_seqlens is null", [](SparseDecodeParams& p) { p.plan_seqlens = nullptr; }},
+      {"out must be 16-byte aligned", [](SparseDecodeParams& p) { p.out = fake_ptr(8); }},
+      {"attn_sink must be 4-byte aligned", [](SparseDecodeParams& p) { p.attn_sink = static_cast<const float*>(fake_ptr(2)); }},
+      {"cache.data is null", [](SparseDecodeParams& p) { p.cache.data = nullptr; }},
+      {"cache.data must be 16-byte aligned", [](SparseDecodeParams& p) { p.cache.data = fake_ptr(8); }},
+      {"cache.page_size", [](SparseDecodeParams& p) { p.cache.page_size = 0; }},
+      {"cache.page_stride", [](SparseDecodeParams& p) { p.cache.page_stride = 61 * 656 + 8; }},
+      {"cache.token_stride", [](SparseDecodeParams& p) { p.cache.token_stride = 584; }},
+      {"cache.topk", [](SparseDecodeParams& p) { p.cache.topk = -1; }},
+      {"cache.indices", [](SparseDecodeParams& p) { p.cache.indices = nullptr; }},
+      {"cache.topk_length", [](SparseDecodeParams& p) { p.cache.topk_length = static_cast<const int32_t*>(fake_ptr(2)); }},
+      {"extra.page_size", [](SparseDecodeParams& p) { p.extra = p.cache; p.extra.page_size = 0; }},
+      {"extra.indices", [](SparseDecodeParams& p) { p.extra = p.cache; p.extra.indices = nullptr; }},
+  };
+  i = 0;
+  for (const Bad& b : bad) {
+    SparseDecodeParams p = valid_sparse_params();
+    b.mutate(p);
+    const std::string what = "sparse case " + std::to_string(i++) + " (" + b.needle + ")";
+    expect_error(flash_mla::validate_sparse(p), b.needle, what);
+    expect_error(flash_mla::mla_decode_sparse(p), b.needle, "mla_decode_sparse, " + what);
+  }
+  // The 512-dim format's token stride is fixed by the format: not checked.
+  SparseDecodeParams m1 = with([](SparseDecodeParams& p) { p.format = SparseKvFormat::kModel1FP8; p.head_dim = 512; });
+  m1.cache.token_stride = 584;
+  expect(flash_mla::validate_sparse(m1).ok(), "512-dim format with token stride 584 passes");
+  DecodeParams dense = valid_params();
+  dense.attn_sink = static_cast<const float*>(fake_ptr());
+  expect_error(flash_mla::validate(dense), "attn_sink", "mla_decode refuses attn_sink");
+}
+
 int run_checks() {
   check_decode_params();
   check_page_sizes();
   check_fp8_params();
+  check_sparse_params();
   check_metadata_params();
   check_sizes();
   if (failures) {

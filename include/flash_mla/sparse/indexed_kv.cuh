@@ -33,11 +33,12 @@ struct IndexedKvTiles {
   const Params& kp;
   int batch_idx, token_q;  // which request and query token the segment decodes
   int used[2];             // index entries used of each cache's row
+  int key_end;             // key positions past the planned length are skipped too
   bool row_ok[2];          // the thread's two rows are real heads
 
-  __device__ IndexedKvTiles(const DecodeParams&, const Params& params, int req, const Segment&,
+  __device__ IndexedKvTiles(const DecodeParams&, const Params& params, int req, const Segment& seg,
                             const RowMap& rows_map, int first_row)
-      : kp(params), batch_idx(req / params.seqlen_q), token_q(req % params.seqlen_q) {
+      : kp(params), batch_idx(req / params.seqlen_q), token_q(req % params.seqlen_q), key_end(seg.seqlen) {
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const SparseKvCache& kc = kp.cache[c];
@@ -55,7 +56,7 @@ struct IndexedKvTiles {
     const int k = c == 0 ? j : j - kp.cache[0].topk;
     kc_out = &kc;
     TokenAddress at{static_cast<const uint8_t*>(kp.cache[0].data), 0, false};
-    if (k < used[c]) {
+    if (k < used[c] && j < key_end) {
       const int idx = kc.indices[batch_idx * kc.indices_batch_stride + token_q * kc.indices_seq_stride + k];
       if (idx >= 0 && static_cast<int64_t>(idx) < static_cast<int64_t>(kc.num_blocks) * kc.page_size) {
         at.page = static_cast<const uint8_t*>(kc.data) + (idx / kc.page_size) * kc.page_stride;
