@@ -1,7 +1,7 @@
 """Token-sparse decode benchmark: time per call (CUDA-graph replay), TFLOP/s, GB/s and the share
 of the GPU's ceilings measured in the same run (copy bandwidth, bf16 GEMM).
 
-    python benchmarks/bench_sparse.py [--quick] [--json PATH] [--rows NAME,...]
+    python benchmarks/bench_sparse.py [--quick] [--json PATH] [--rows NAME,...] [--kernels auto,sm80_small]
 
 Each row draws a fresh cache of 2 * topk tokens per request (pages of the row's size) in the
 row's format, random valid indices (duplicates possible), and checks the output against the
@@ -62,7 +62,7 @@ def make_indices(b, s_q, topk, tokens_per_req, gen, dev):
     return (base + pick).to(torch.int32)
 
 
-def run_row(name, spec, reps, dev, seed):
+def run_row(name, spec, reps, dev, seed, kernel="auto"):
     fmt, b, s_q, h_q, topk, page, extra_topk = spec
     gen = torch.Generator(device=dev).manual_seed(seed)
     tokens = 2 * max(topk, 1)
@@ -80,7 +80,7 @@ def run_row(name, spec, reps, dev, seed):
 
     def call():
         return flash_mla.flash_mla_with_kvcache(q, cache, None, None, 512, sched, None, None, False, is_fp8, indices,
-                                                **extra)
+                                                kernel=kernel, **extra)
 
     out, lse = call()
     # Check one (request, query token) against the float reference on the dequantized cache.
@@ -107,7 +107,7 @@ def run_row(name, spec, reps, dev, seed):
     flops = 2.0 * b * s_q * h_q * keys * (d + 512)
     record = RECORD_BYTES[fmt] or 2 * d
     nbytes = b * s_q * keys * record
-    return dict(name=name, format=fmt, b=b, s_q=s_q, h_q=h_q, topk=topk, extra_topk=extra_topk, page=page,
+    return dict(name=name, kernel=kernel, format=fmt, b=b, s_q=s_q, h_q=h_q, topk=topk, extra_topk=extra_topk, page=page,
                 us=ms * 1e3, tflops=flops / (ms * 1e-3) / 1e12, gbps=nbytes / (ms * 1e-3) / 1e9,
                 max_abs_err=err, max_lse_err=lse_err)
 
@@ -117,6 +117,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a subset of the rows")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--kernels", default="auto", help="comma-separated kernels to time each row with")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="write the results to this file")
     args = ap.parse_args(argv)
@@ -128,14 +129,15 @@ def main(argv=None):
     copy = measure_copy(torch, dev, 2.0)
     gemm = measure_gemm(torch, dev, 8192)
     rows = []
-    print(f"{'row':32} {'us':>9} {'TFLOP/s':>8} {'GB/s':>7} {'%GEMM':>6} {'%copy':>6} {'max err':>8}")
+    print(f"{'row':32} {'kernel':>10} {'us':>9} {'TFLOP/s':>8} {'GB/s':>7} {'%GEMM':>6} {'%copy':>6} {'max err':>8}")
     for n in names:
-        r = run_row(n, ROWS[n], args.reps, dev, args.seed)
-        r["gemm_share"] = r["tflops"] / gemm["tflops"]
-        r["copy_share"] = r["gbps"] / copy["gbps"]
-        rows.append(r)
-        print(f"{n:32} {r['us']:9.1f} {r['tflops']:8.1f} {r['gbps']:7.0f} {100 * r['gemm_share']:5.0f}% "
-              f"{100 * r['copy_share']:5.0f}% {r['max_abs_err']:8.1e}", flush=True)
+        for kernel in args.kernels.split(","):
+            r = run_row(n, ROWS[n], args.reps, dev, args.seed, kernel)
+            r["gemm_share"] = r["tflops"] / gemm["tflops"]
+            r["copy_share"] = r["gbps"] / copy["gbps"]
+            rows.append(r)
+            print(f"{n:32} {kernel:>10} {r['us']:9.1f} {r['tflops']:8.1f} {r['gbps']:7.0f} "
+                  f"{100 * r['gemm_share']:5.0f}% {100 * r['copy_share']:5.0f}% {r['max_abs_err']:8.1e}", flush=True)
     print(f"ceilings of this run: copy {copy['gbps']:.0f} GB/s, bf16 GEMM {gemm['tflops']:.0f} TFLOP/s "
           f"({env_info(torch, dev)['gpu_name']})")
     if args.json:

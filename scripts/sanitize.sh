@@ -8,9 +8,11 @@
 #
 # What runs (see the driver): get_mla_metadata, the input-check kernels (check_inputs=True),
 # every decode kernel that runs on the GPU (auto counted once with what it resolves to), the
-# combine kernel, on eight small cases (split requests, GQA + causal + strided q, 128 heads,
+# combine kernel, on eight small dense cases (split requests, GQA + causal + strided q, 128 heads,
 # out-of-range indices that must not be read, 16-token and 256-token pages, an FP8 cache with
-# bf16 q and FP8 q with an FP8 cache). Tensors are separate cudaMallocs
+# bf16 q and FP8 q with an FP8 cache) and three token-sparse ones (the three cache formats,
+# invalid indices, NaN in every unselected slot, a second cache, a split query token; these
+# always go through the torch API). Tensors are separate cudaMallocs
 # (PYTORCH_NO_CUDA_MEMORY_CACHING=1), so memcheck sees any access past a tensor's end.
 # memcheck goes through the torch API with the GPU's own plan (one SM part per SM); racecheck
 # and synccheck go through flash_mla.ops with a plan for 8 SMs (a handful of CTAs, all code
@@ -25,7 +27,7 @@
 #     SANITIZE_DEADLINE_TS=N     epoch seconds by which everything must be done (set by
 #                                gpu_check.sh): a tool that cannot get 30 s is skipped
 #     SANITIZE_ARGS_<tool>="..."   driver arguments of a tool (defaults: memcheck "",
-#                                racecheck "--cases split,gqa,wide,page16 --num-sms 8",
+#                                racecheck "--cases split,gqa,wide,page16,sparse_v32 --num-sms 8",
 #                                synccheck "--num-sms 8"), e.g. SANITIZE_ARGS_memcheck="--cases split"
 #     SANITIZE_KERNELS="all"     driver --kernels (e.g. "sm90,sm80_small")
 #     COMPUTE_SANITIZER=path     the compute-sanitizer binary (default: PATH, then CUDA dirs)
@@ -81,7 +83,7 @@ for tool in $TOOLS; do
     fi
     args_var="SANITIZE_ARGS_$tool"
     case $tool in
-        racecheck) default_args="--cases split,gqa,wide,page16 --num-sms 8" ;;
+        racecheck) default_args="--cases split,gqa,wide,page16,sparse_v32 --num-sms 8" ;;
         synccheck) default_args="--num-sms 8" ;;
         *) default_args="" ;;
     esac

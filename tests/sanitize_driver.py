@@ -21,6 +21,13 @@ Cases (--cases, default all):
            codes (0x7f / 0xff) in every unused slot and page
   fp8q     b=2, s_q=2, h_q=32, causal, FP8 q and FP8 cache in 128-token pages, q stored with
            NaN-code heads around it
+  sparse_v32     token-sparse decode, V3.2 FP8 cache (61-token pages, padded page stride), b=2,
+                 s_q=2, h_q=16, topk 100 with -1, negative, too-large and duplicate indices and a
+                 topk_length cut; every unselected slot is NaN bytes
+  sparse_model1  token-sparse decode, 512-dim FP8 cache and a second cache of another page size,
+                 b=2, s_q=1, h_q=33, an attention sink
+  sparse_bf16    token-sparse decode, bf16 cache of 576 channels, one long row (topk 1500: a
+                 query token split across SM parts), NaN in every unselected slot
 FP8 cases are quantized on the CPU (conftest.quantize_case_fp8) and their references computed
 on the dequantized values; the descales travel to the GPU as (1,) float32 tensors (their own
 allocations: memcheck sees a read past their 4 bytes).
@@ -62,6 +69,13 @@ CASES = {
     "page256": (2, 2, 32, 1, [300, 1000], torch.float16, "contiguous", "contiguous", True, None, 256),
     "fp8": (4, 1, 16, 1, [1, 1300, 0, 45], torch.bfloat16, "contiguous", "contiguous", False, None, 16),
     "fp8q": (2, 2, 32, 1, [300, 1000], torch.bfloat16, "head_pad", "contiguous", True, None, 128),
+}
+# Token-sparse cases: name -> (format, b, s_q, h_q, topk, page, page padding bytes, extra cache
+# (topk, page) or None, topk_length or None, sink).
+SPARSE_CASES = {
+    "sparse_v32": ("v32", 2, 2, 16, 100, 61, 16 * 3, None, [100, 57], False),
+    "sparse_model1": ("model1", 2, 1, 33, 40, 64, 0, (24, 2), None, True),
+    "sparse_bf16": ("bf16", 1, 1, 16, 1500, 64, 0, None, None, False),
 }
 # FP8 cases: name -> q in FP8 too (the cache always is). Their out is bfloat16 (the base dtype).
 FP8_CASES = {"fp8": False, "fp8q": True}
@@ -194,9 +208,104 @@ def run_case(name: str, kernels, log) -> bool:
     return ok
 
 
+def _sparse_cache(fmt: str, num_blocks: int, page: int, pad: int, selected: torch.Tensor, gen):
+    """A token-sparse cache on the CPU (num_blocks x page tokens) whose slots outside `selected`
+    (flat token ids) are NaN: bf16 NaN, or 0xff bytes (e4m3 NaN, NaN scales) in the FP8 records.
+    Returns (the cache as the kernel takes it, its dequantized float32 values)."""
+    from flash_mla import kv_formats
+    d = 512 if fmt == "model1" else 576
+    values = (torch.randn((num_blocks, page, 1, d), generator=gen) * 0.5).to(torch.bfloat16)
+    unused = torch.ones(num_blocks * page, dtype=torch.bool)
+    unused[selected[(selected >= 0) & (selected < num_blocks * page)].long()] = False
+    unused = unused.view(num_blocks, page)
+    if fmt == "bf16":
+        cache = values.clone()
+        cache[unused] = float("nan")
+        return cache, values.float()
+    if fmt == "v32":
+        stride = page * 656 + pad
+        cache = kv_formats.quantize_kv_cache_v32(values, page_stride=stride)
+        deq = kv_formats.dequantize_kv_cache_v32(cache)
+        cache[unused] = 0xff
+        return cache, deq
+    cache = kv_formats.quantize_kv_cache_model1(values)
+    deq = kv_formats.dequantize_kv_cache_model1(cache)
+    data, scales = kv_formats._model1_regions(cache)
+    data[unused] = 0xff
+    scales[unused] = 0xff
+    return cache, deq
+
+
+def run_sparse_case(name: str, kernels, log) -> bool:
+    """A token-sparse case through the torch API (every portable kernel), into new and into
+    NaN-filled preallocated outputs, against the float reference on the dequantized cache."""
+    from flash_mla.sparse_reference import sparse_decode_reference
+    fmt, b, s_q, h_q, topk, page, pad, extra, lengths, with_sink = SPARSE_CASES[name]
+    gen = torch.Generator().manual_seed(4321 + len(name))
+    d = 512 if fmt == "model1" else 576
+
+    def indices_for(k, num_blocks, pg):
+        cap = num_blocks * pg
+        idx = torch.randint(0, cap, (b, s_q, k), generator=gen, dtype=torch.int32)
+        flat = idx.view(-1)
+        junk = [-1, -5, cap, cap + 7, 2 ** 31 - 1, -(2 ** 31)]
+        for pos, value in zip(range(0, flat.numel(), max(1, flat.numel() // 12)), junk):
+            flat[pos] = value
+        if flat.numel() > 3:
+            flat[1] = flat[2]  # a duplicate
+        return idx
+
+    num_blocks = (b * s_q * topk) // page + 2
+    idx = indices_for(topk, num_blocks, page)
+    cache, deq = _sparse_cache(fmt, num_blocks, page, pad, idx.view(-1), gen)
+    kwargs, ref_kwargs = {}, {}
+    if extra is not None:
+        e_topk, e_page = extra
+        e_blocks = (b * s_q * e_topk) // e_page + 2
+        e_idx = indices_for(e_topk, e_blocks, e_page)
+        e_cache, e_deq = _sparse_cache(fmt, e_blocks, e_page, 0, e_idx.view(-1), gen)
+        kwargs.update(extra_k_cache=to_gpu(e_cache), extra_indices_in_kvcache=e_idx.cuda())
+        ref_kwargs.update(extra_kv=e_deq, extra_indices=e_idx)
+    if lengths is not None:
+        tl = torch.tensor(lengths, dtype=torch.int32)
+        kwargs["topk_length"] = tl.cuda()
+        ref_kwargs["topk_length"] = tl
+    if with_sink:
+        sink = torch.randn((h_q,), generator=gen)
+        sink[0], sink[1] = float("inf"), float("-inf")
+        kwargs["attn_sink"] = sink.cuda()
+        ref_kwargs["attn_sink"] = sink
+    q = (torch.randn((b, s_q, h_q, d), generator=gen)).to(torch.bfloat16)
+    scale = 1.0 / d ** 0.5
+    ref_out, ref_lse = sparse_decode_reference(q, deq, idx, softmax_scale=scale, **ref_kwargs)
+    q_gpu, cache_gpu, idx_gpu = to_gpu(q), to_gpu(cache), idx.cuda()
+    ok = True
+    for kernel in kernels:
+        if kernel == "sm90":
+            continue  # token-sparse decode runs on the portable kernels
+        t0 = time.time()
+        try:
+            sched, _ = flash_mla.get_mla_metadata()
+            out, lse = flash_mla.flash_mla_with_kvcache(q_gpu, cache_gpu, None, None, DV, sched, None, scale, False,
+                                                        fmt != "bf16", idx_gpu, kernel=kernel, **kwargs)
+            assert_decode_matches(out.cpu(), lse.cpu(), ref_out, ref_lse, torch.bfloat16, what=f"{name} {kernel}")
+            out_buf = gpu_nan(out.shape, torch.bfloat16)
+            lse_buf = gpu_nan((b, s_q, h_q), torch.float32).transpose(1, 2)
+            flash_mla.flash_mla_with_kvcache(q_gpu, cache_gpu, None, None, DV, sched, None, scale, False,
+                                             fmt != "bf16", idx_gpu, kernel=kernel, out=out_buf, lse=lse_buf, **kwargs)
+            assert_decode_matches(out_buf.cpu(), lse_buf.cpu(), ref_out, ref_lse, torch.bfloat16,
+                                  what=f"{name} {kernel} out=")
+            log(f"  {name:8s} {kernel:11s} ok ({time.time() - t0:.1f} s)")
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next kernel
+            log(f"  {name:8s} {kernel:11s} FAIL: {type(exc).__name__}: {exc}")
+            ok = False
+    return ok
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
+    all_cases = [*CASES, *SPARSE_CASES]
+    parser.add_argument("--cases", default=",".join(all_cases), help="comma-separated subset of " + ",".join(all_cases))
     parser.add_argument("--kernels", default="all", help="comma-separated kernel names, or 'all' (those that run)")
     parser.add_argument("--num-sms", type=int, default=None,
                         help="use flash_mla.ops with a plan for this many SMs (fewer CTAs) instead of the torch API")
@@ -213,7 +322,9 @@ def main(argv=None) -> int:
         f"{'off' if os.environ.get('PYTORCH_NO_CUDA_MEMORY_CACHING') == '1' else 'ON'}")
     ok = True
     for name in args.cases.split(","):
-        if args.num_sms:
+        if name in SPARSE_CASES:  # the torch API (flash_mla.ops has no token-sparse form)
+            ok &= run_sparse_case(name, kernels, log)
+        elif args.num_sms:
             ok &= run_case_ops(name, kernels, args.num_sms, log)
         else:
             ok &= run_case(name, kernels, log)

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   for (int req = max(begin_req, 0); req <= min(end_req, p.batch - 1); ++req) {
     const Segment seg = Segment::of<T::kBlockN>(p, meta, req);
     const int n_lo = seg.n_lo, n_tiles = seg.n_tiles;
-    const KvSource kv_source(p, kv_params, req, seg, rows_map, row0 + local_row);
+    KvSource kv_source(p, kv_params, req, seg, rows_map, row0 + local_row);
     // Widened FP8 inputs times fp8_widen_scale() (and the descales) are the stored values: those
     // factors scale the scores and V once.
     const float value_scale = kv_source.value_scale();

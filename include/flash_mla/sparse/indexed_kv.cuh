@@ -35,6 +35,7 @@ struct IndexedKvTiles {
   int used[2];             // index entries used of each cache's row
   int key_end;             // key positions past the planned length are skipped too
   bool row_ok[2];          // the thread's two rows are real heads
+  int next_n0 = -1, next_idx = -1;  // the prefetched index entry of tile next_n0 (load())
 
   __device__ IndexedKvTiles(const DecodeParams&, const Params& params, int req, const Segment& seg,
                             const RowMap& rows_map, int first_row)
@@ -49,29 +50,39 @@ struct IndexedKvTiles {
     for (int i = 0; i < 2; ++i) row_ok[i] = first_row + 8 * i < rows_map.rows;
   }
 
-  /// Where key position j lies (valid: a used entry holding a valid index).
-  __device__ TokenAddress address(int j, const SparseKvCache*& kc_out) const {
+  /// The index entry at key position j of the segment's row: -1 past the used entries (the same
+  /// as an invalid index).
+  __device__ int index_entry(int j) const {
     const int c = j < kp.cache[0].topk ? 0 : 1;
     const SparseKvCache& kc = kp.cache[c];
     const int k = c == 0 ? j : j - kp.cache[0].topk;
+    if (k >= used[c] || j >= key_end) return -1;
+    return kc.indices[batch_idx * kc.indices_batch_stride + token_q * kc.indices_seq_stride + k];
+  }
+
+  /// Where index `idx` of key position j lies (valid: a token of its cache).
+  __device__ TokenAddress address(int j, int idx, const SparseKvCache*& kc_out) const {
+    const SparseKvCache& kc = kp.cache[j < kp.cache[0].topk ? 0 : 1];
     kc_out = &kc;
     TokenAddress at{static_cast<const uint8_t*>(kp.cache[0].data), 0, false};
-    if (k < used[c] && j < key_end) {
-      const int idx = kc.indices[batch_idx * kc.indices_batch_stride + token_q * kc.indices_seq_stride + k];
-      if (idx >= 0 && static_cast<int64_t>(idx) < static_cast<int64_t>(kc.num_blocks) * kc.page_size) {
-        at.page = static_cast<const uint8_t*>(kc.data) + (idx / kc.page_size) * kc.page_stride;
-        at.slot = idx % kc.page_size;
-        at.valid = true;
-      }
+    if (idx >= 0 && static_cast<int64_t>(idx) < static_cast<int64_t>(kc.num_blocks) * kc.page_size) {
+      at.page = static_cast<const uint8_t*>(kc.data) + (idx / kc.page_size) * kc.page_stride;
+      at.slot = idx % kc.page_size;
+      at.valid = true;
     }
     return at;
   }
 
-  /// Issues the copies of key positions [n0, n0 + kBlockN) and writes their flags.
-  __device__ void load(uint8_t* landed, uint8_t* flags, int n0) const {
+  /// Issues the copies of key positions [n0, n0 + kBlockN) and writes their flags. Tiles come in
+  /// order within a segment: the index entry of the next tile is loaded here too, so the next
+  /// call's copies do not wait for it.
+  __device__ void load(uint8_t* landed, uint8_t* flags, int n0) {
     const int token = threadIdx.x / kParts, part = threadIdx.x % kParts;
+    const int idx = n0 == next_n0 ? next_idx : index_entry(n0 + token);
+    next_n0 = n0 + Traits::kBlockN;
+    next_idx = index_entry(next_n0 + token);
     const SparseKvCache* kc;
-    const TokenAddress at = address(n0 + token, kc);
+    const TokenAddress at = address(n0 + token, idx, kc);
     Format::template copy<Traits, kParts>(landed, token, part, at, *kc);
     if (part == 0) flags[token] = at.valid;
   }
