@@ -848,6 +848,38 @@ struct SparseInputs {
   /// Keys per query token the plan covers: topk of both caches.
   int keys() const { return params.cache.topk + (params.extra.data != nullptr ? params.extra.topk : 0); }
   int pairs() const { return params.batch * params.seqlen_q; }
+
+  /// out: (batch, s_q, h_q, 512) bfloat16, contiguous, 16-byte aligned.
+  void check_out(const View& out) const {
+    const auto& p = params;
+    if (out.dtype != DT::kBF16) type_error("out: dtype must be bfloat16, got " + out.dtype_str());
+    out.rank(4, "(batch, s_q, h_q, 512)");
+    out.dim(0, p.batch, "batch");
+    out.dim(1, p.seqlen_q, "s_q");
+    out.dim(2, p.num_heads_q, "h_q");
+    out.dim(3, kHeadDimV, "head_dim_v");
+    out.contiguous();
+    if (!out.aligned(16)) value_error("out: must be 16-byte aligned");
+  }
+
+  /// The plan: plan_seqlens (batch * s_q,) and the metadata planned over it; sets the params.
+  void take_plan(const View& plan, const View& meta, const View& splits) {
+    check_seqlens(plan);
+    plan.dim(0, pairs(), "batch * s_q");
+    check_metadata_out(meta, splits, pairs());
+    params.plan_seqlens = static_cast<const int32_t*>(plan.data);
+    params.tile_scheduler_metadata = static_cast<const int32_t*>(meta.data);
+    params.num_sm_parts = meta.size(0);
+    params.num_splits = static_cast<const int32_t*>(splits.data);
+  }
+  int workspace_splits() const { return flash_mla::max_splits_of(pairs(), params.num_sm_parts); }
+
+  void launch(int kernel, cudaStream_t stream, int device) {
+    params.kernel = kernel_choice(kernel);
+    params.stream = stream;
+    DeviceGuard guard(device);
+    raise_if_failed(flash_mla_ext::run_sparse_decode(params));
+  }
 };
 
 /// The token-sparse flash_mla_with_kvcache on torch tensors (None arguments: absent). Without
@@ -876,16 +908,7 @@ nb::object torch_sparse_decode(nb::handle q_h, nb::handle k_h, nb::handle idx_h,
   auto& p = in.params;
   const View* out_v = optional("out", out_h, out);
   const View* lse_v = optional("lse", lse_h, lse);
-  if (out_v != nullptr) {
-    if (out.dtype != DT::kBF16) type_error("out: dtype must be bfloat16, got " + out.dtype_str());
-    out.rank(4, "(batch, s_q, h_q, 512)");
-    out.dim(0, p.batch, "batch");
-    out.dim(1, p.seqlen_q, "s_q");
-    out.dim(2, p.num_heads_q, "h_q");
-    out.dim(3, kHeadDimV, "head_dim_v");
-    out.contiguous();
-    if (!out.aligned(16)) value_error("out: must be 16-byte aligned");
-  }
+  if (out_v != nullptr) in.check_out(out);
   if (lse_v != nullptr) {
     lse.dtype_in({DT::kFP32}, "float32");
     lse.rank(3, "(batch, h_q, s_q)");
@@ -906,21 +929,15 @@ nb::object torch_sparse_decode(nb::handle q_h, nb::handle k_h, nb::handle idx_h,
   const View* meta_v = optional("tile_scheduler_metadata", meta_h, meta);
   const View* splits_v = optional("num_splits", splits_h, splits);
   if (plan_v != nullptr) {
-    check_seqlens(plan);
-    plan.dim(0, in.pairs(), "batch * s_q");
     if (meta_v == nullptr || splits_v == nullptr) value_error("tile_scheduler_metadata, num_splits: required");
-    check_metadata_out(meta, splits, in.pairs());
+    in.take_plan(plan, meta, splits);
   }
-  const flash_mla::KernelChoice choice = kernel_choice(kernel);
+  kernel_choice(kernel);
   const int device = common_cuda_device({&q, &k, &idx, tl_v, ek_v, eidx_v, etl_v, sink_v, out_v, lse_v, plan_v,
                                          meta_v, splits_v});
   if (plan_v == nullptr) return nb::make_tuple(p.batch, p.seqlen_q, p.num_heads_q, in.keys());
 
-  p.plan_seqlens = static_cast<const int32_t*>(plan.data);
-  p.tile_scheduler_metadata = static_cast<const int32_t*>(meta.data);
-  p.num_sm_parts = meta.size(0);
-  p.num_splits = static_cast<const int32_t*>(splits.data);
-  const int splits_n = flash_mla::max_splits_of(in.pairs(), p.num_sm_parts);
+  const int splits_n = in.workspace_splits();
   nb::object ready = nb::borrow(prepare)(q_h, out_h, lse_h, p.batch, p.seqlen_q, p.num_heads_q, splits_n, device);
   if (!PyTuple_Check(ready.ptr()) || PyTuple_GET_SIZE(ready.ptr()) != 4) {
     throw std::runtime_error("flash_mla: prepare() must return (out, lse, workspace, stream)");
@@ -933,12 +950,7 @@ nb::object torch_sparse_decode(nb::handle q_h, nb::handle k_h, nb::handle idx_h,
   p.o_accum = ws;
   p.lse_accum = ws + static_cast<int64_t>(splits_n) * p.num_heads_q * kHeadDimV;
   p.max_splits = splits_n;
-  p.kernel = choice;
-  p.stream = reinterpret_cast<cudaStream_t>(stream_handle_of(stream_t));
-  {
-    DeviceGuard guard(device);
-    raise_if_failed(flash_mla_ext::run_sparse_decode(p));
-  }
+  in.launch(kernel, reinterpret_cast<cudaStream_t>(stream_handle_of(stream_t)), device);
   return nb::make_tuple(out_t, lse_t);
 }
 
@@ -1042,6 +1054,67 @@ NB_MODULE(_C, m) {
      nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"), nb::arg("out"), nb::arg("lse"), nb::arg("o_accum"),
      nb::arg("lse_accum"), nb::arg("softmax_scale"), nb::arg("causal"), nb::arg("kernel"), nb::arg("stream"),
      nb::arg("descale_q").none() = nb::none(), nb::arg("descale_k").none() = nb::none());
+
+  m.def("sparse_decode", [](nb::handle q, nb::handle k, nb::handle idx, nb::handle tl, nb::handle ek, nb::handle eidx,
+                            nb::handle etl, nb::handle sink, nb::handle plan, nb::handle meta, nb::handle splits,
+                            nb::handle out_h, nb::handle lse_h, nb::handle o_accum_h, nb::handle lse_accum_h,
+                            double softmax_scale, bool is_fp8, int kernel, uintptr_t stream) {
+    Arg aq("q", q), ak("k_cache", k), aidx("indices", idx);
+    OptionalArg atl("topk_length", tl), aek("extra_k_cache", ek), aeidx("extra_indices_in_kvcache", eidx),
+        aetl("extra_topk_length", etl), asink("attn_sink", sink);
+    // One-byte caches (uint8 / int8, as engines allocate them) are FP8 bytes with is_fp8.
+    const auto as_fp8 = [is_fp8](View v) {
+      if (is_fp8 && v.dtype == DT::kOther && (v.other_dtype == "uint8" || v.other_dtype == "int8")) v.dtype = DT::kFP8;
+      return v;
+    };
+    const View kv = as_fp8(ak.v);
+    View ekv;
+    if (aek.view() != nullptr) ekv = as_fp8(*aek.view());
+    SparseInputs in(aq.v, kv, aidx.v, atl.view(), aek.view() != nullptr ? &ekv : nullptr, aeidx.view(), aetl.view(),
+                    asink.view(), kHeadDimV, softmax_scale, is_fp8);
+    Arg aplan("plan_seqlens", plan), ameta("tile_scheduler_metadata", meta), asplits("num_splits", splits);
+    in.take_plan(aplan.v, ameta.v, asplits.v);
+    Arg out("out", out_h, true), lse("lse", lse_h, true), o_accum("o_accum", o_accum_h, true),
+        lse_accum("lse_accum", lse_accum_h, true);
+    auto& p = in.params;
+    in.check_out(out.v);
+    lse.v.dtype_in({DT::kFP32}, "float32");
+    lse.v.rank(3, "(batch, s_q, h_q)");
+    lse.v.dim(0, p.batch, "batch");
+    lse.v.dim(1, p.seqlen_q, "s_q");
+    lse.v.dim(2, p.num_heads_q, "h_q");
+    lse.v.contiguous();
+    const View& oa = o_accum.v;
+    const View& la = lse_accum.v;
+    oa.dtype_in({DT::kFP32}, "float32");
+    oa.rank(3, "(splits, h_q, 512)");
+    if (oa.size(0) < in.workspace_splits()) {
+      value_error("o_accum: needs at least " + std::to_string(in.workspace_splits()) + " splits (dim 0)");
+    }
+    oa.dim(1, p.num_heads_q, "h_q");
+    oa.dim(2, kHeadDimV, "head_dim_v");
+    oa.contiguous();
+    la.dtype_in({DT::kFP32}, "float32");
+    la.rank(2, "(splits, h_q)");
+    la.dim(0, oa.size(0), "splits of o_accum");
+    la.dim(1, p.num_heads_q, "h_q");
+    la.contiguous();
+    if (!oa.aligned(16)) value_error("o_accum: must be 16-byte aligned");
+    if (!lse.v.aligned(4) || !la.aligned(4)) value_error("lse, lse_accum: must be 4-byte aligned");
+    const int device = common_cuda_device({&aq.v, &kv, &aidx.v, atl.view(), aek.view(), aeidx.view(), aetl.view(),
+                                           asink.view(), &aplan.v, &ameta.v, &asplits.v, &out.v, &lse.v, &oa, &la});
+    p.out = out.v.data;
+    p.lse = static_cast<float*>(lse.v.data);
+    p.o_accum = static_cast<float*>(oa.data);
+    p.lse_accum = static_cast<float*>(la.data);
+    p.max_splits = oa.size(0);
+    in.launch(kernel, reinterpret_cast<cudaStream_t>(stream), device);
+  }, nb::arg("q"), nb::arg("k_cache"), nb::arg("indices"), nb::arg("topk_length").none(),
+     nb::arg("extra_k_cache").none(), nb::arg("extra_indices_in_kvcache").none(), nb::arg("extra_topk_length").none(),
+     nb::arg("attn_sink").none(), nb::arg("plan_seqlens"), nb::arg("tile_scheduler_metadata"), nb::arg("num_splits"),
+     nb::arg("out"), nb::arg("lse"), nb::arg("o_accum"), nb::arg("lse_accum"), nb::arg("softmax_scale"),
+     nb::arg("is_fp8_kvcache"), nb::arg("kernel"), nb::arg("stream"),
+     "Token-sparse decode on DLPack arrays into caller-provided out / lse (batch, s_q, h_q) and workspace.");
 
   // ---- the torch path (flash_mla._torch_ops): tensors read without DLPack ----
 

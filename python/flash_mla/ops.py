@@ -68,8 +68,8 @@ DTYPES = {
 
 __all__ = [
     "DTYPES", "KERNELS", "INPUT_CHECK_WORDS", "check_paged_inputs", "device_sm_count",
-    "get_mla_metadata", "input_check_error", "mla_decode", "num_sm_parts", "stream_handle",
-    "workspace_shapes",
+    "get_mla_metadata", "input_check_error", "mla_decode", "num_sm_parts", "sparse_decode",
+    "sparse_workspace_shapes", "stream_handle", "workspace_shapes",
 ]
 
 
@@ -241,6 +241,58 @@ def mla_decode(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any, tile_
     _C.mla_decode(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, tile_scheduler_metadata, num_splits,
                   out, lse, o_accum, lse_accum, _softmax_scale(softmax_scale), bool(causal), _kernel_id(kernel),
                   stream_handle(stream), descale_q, descale_k)
+    return out, lse
+
+
+def sparse_workspace_shapes(batch: int, s_q: int, h_q: int, num_sm_parts: int) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of the arrays a caller allocates for a token-sparse decode configuration.
+
+    Returns a dict with the keys ``plan_seqlens`` (int32, filled by the caller: the keys of each
+    query token, normally ``topk + extra_topk`` for all ``batch * s_q`` of them),
+    ``tile_scheduler_metadata``, ``num_splits`` (``get_mla_metadata(plan_seqlens, ...)``), ``out``
+    (bfloat16), ``lse`` (float32, **(batch, s_q, h_q)**) and ``o_accum``, ``lse_accum`` (float32
+    workspace). ``num_sm_parts`` is ``num_sm_parts(1, h_q, 1)``: each query token is planned as a
+    request of its own.
+    """
+    batch = _int(batch, "batch")
+    s_q, h_q, _ = _heads(s_q, h_q, 1)
+    parts = _int(num_sm_parts, "num_sm_parts")
+    pairs = batch * s_q
+    splits = _C.workspace_splits(pairs, parts)
+    return {
+        "plan_seqlens": (pairs,),
+        "tile_scheduler_metadata": (parts, META_INTS),
+        "num_splits": (pairs + 1,),
+        "out": (batch, s_q, h_q, HEAD_DIM_V),
+        "lse": (batch, s_q, h_q),
+        "o_accum": (splits, h_q, HEAD_DIM_V),
+        "lse_accum": (splits, h_q),
+    }
+
+
+def sparse_decode(q: Any, k_cache: Any, indices: Any, plan_seqlens: Any, tile_scheduler_metadata: Any,
+                  num_splits: Any, out: Any, lse: Any, o_accum: Any, lse_accum: Any, *, is_fp8_kvcache: bool,
+                  topk_length: Any = None, extra_k_cache: Any = None, extra_indices_in_kvcache: Any = None,
+                  extra_topk_length: Any = None, attn_sink: Any = None, softmax_scale: Optional[float] = None,
+                  stream: Any = None, kernel: Any = "auto") -> Tuple[Any, Any]:
+    """Token-sparse decode (the ``indices`` form of ``flash_mla_with_kvcache``, same contract and
+    formats; FP8 caches may be uint8 / int8 / float8_e4m3fn arrays) into caller-provided arrays
+    (``sparse_workspace_shapes``). ``q`` is bfloat16 ``(batch, s_q, h_q, d_qk)``; ``lse`` is
+    ``(batch, s_q, h_q)`` here. ``softmax_scale`` defaults to ``1 / sqrt(d_qk)``. Returns
+    ``(out, lse)``. Asynchronous on ``stream``."""
+    _reject_immutable(out=out, lse=lse, o_accum=o_accum, lse_accum=lse_accum)
+    if _kernel_id(kernel) == KERNELS["sm90"]:
+        raise ValueError("kernel: token-sparse decode runs on the portable kernels ('auto', 'sm80_large', "
+                         "'sm80_small'), not 'sm90'")
+    if isinstance(is_fp8_kvcache, (str, bytes)):
+        raise TypeError(f"is_fp8_kvcache: expected a bool, got {type(is_fp8_kvcache).__name__}")
+    if softmax_scale is None:
+        shape = getattr(q, "shape", None)
+        softmax_scale = 1.0 / math.sqrt(shape[-1]) if shape is not None and len(shape) == 4 and shape[-1] > 0 \
+            else DEFAULT_SOFTMAX_SCALE
+    _C.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
+                     attn_sink, plan_seqlens, tile_scheduler_metadata, num_splits, out, lse, o_accum, lse_accum,
+                     _softmax_scale(softmax_scale), bool(is_fp8_kvcache), _kernel_id(kernel), stream_handle(stream))
     return out, lse
 
 

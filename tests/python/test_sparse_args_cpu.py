@@ -402,3 +402,47 @@ def test_sparse_first_error_wins_over_device_check():
         call_sparse(args)
     assert re.search(r"indices|attn_sink", str(info.value)), str(info.value)
     assert not re.search(CUDA, str(info.value)), str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# flash_mla.ops.sparse_decode (DLPack): the same checks, CPU arrays stop at the device check
+# ----------------------------------------------------------------------------------------------
+
+
+def _ops_args(b=2, s_q=2, h_q=16, topk=64, lse_shape=None, q_dtype=torch.bfloat16, k_dtype=torch.uint8):
+    from flash_mla import ops
+    shapes = ops.sparse_workspace_shapes(b, s_q, h_q, 4)
+    z = torch.zeros
+    return dict(
+        q=z((b, s_q, h_q, 576), dtype=q_dtype), k_cache=z((4, 64, 1, 656), dtype=k_dtype),
+        indices=z((b, s_q, topk), dtype=torch.int32),
+        plan_seqlens=z(shapes["plan_seqlens"], dtype=torch.int32),
+        tile_scheduler_metadata=z(shapes["tile_scheduler_metadata"], dtype=torch.int32),
+        num_splits=z(shapes["num_splits"], dtype=torch.int32),
+        out=z(shapes["out"], dtype=torch.bfloat16), lse=z(lse_shape or shapes["lse"], dtype=torch.float32),
+        o_accum=z(shapes["o_accum"], dtype=torch.float32), lse_accum=z(shapes["lse_accum"], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("k_dtype", [torch.uint8, torch.int8, torch.float8_e4m3fn])
+def test_ops_sparse_decode_reaches_device_check(k_dtype):
+    from flash_mla import ops
+    with pytest.raises(ValueError, match=r"(?i)cuda"):
+        ops.sparse_decode(**_ops_args(k_dtype=k_dtype), is_fp8_kvcache=True)
+
+
+@pytest.mark.parametrize("case, exc, needle", [
+    (dict(q_dtype=torch.float16), TypeError, "q"),
+    (dict(k_dtype=torch.float32), TypeError, "k_cache"),
+    (dict(lse_shape=(2, 16, 2)), ValueError, "lse"),
+])
+def test_ops_sparse_decode_rejections(case, exc, needle):
+    from flash_mla import ops
+    with pytest.raises(exc, match=rf"\b{needle}\b") as info:
+        ops.sparse_decode(**_ops_args(**case), is_fp8_kvcache=True)
+    assert "CUDA" not in str(info.value)
+
+
+def test_ops_sparse_decode_refuses_sm90_kernel():
+    from flash_mla import ops
+    with pytest.raises(ValueError, match="sm90"):
+        ops.sparse_decode(**_ops_args(), is_fp8_kvcache=True, kernel="sm90")
