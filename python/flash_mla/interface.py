@@ -143,8 +143,8 @@ def _require_tensors(**tensors) -> None:
                             "(flash_mla.ops takes arrays of any DLPack framework)")
 
 
-# Keyword arguments of later FlashMLA releases for features this library does not build yet,
-# with the value that means "feature off".
+# Keyword arguments of the decode call that get_mla_metadata() accepts only at their "feature
+# off" value (passed to the planner by mistake: they belong to flash_mla_with_kvcache).
 _UNSUPPORTED_DEFAULTS = {
     "is_fp8_kvcache": False,
     "indices": None,

@@ -32,7 +32,7 @@ struct IndexedKvTiles {
 
   const Params& kp;
   int batch_idx, token_q;  // which request and query token the segment decodes
-  int used[2];             // index entries used of each cache's row
+  int used_main, used_extra;  // index entries used of each cache's row
   int key_end;             // key positions past the planned length are skipped too
   bool row_ok[2];          // the thread's two rows are real heads
   int next_n0 = -1, next_idx = -1;  // the prefetched index entry of tile next_n0 (load())
@@ -40,12 +40,12 @@ struct IndexedKvTiles {
   __device__ IndexedKvTiles(const DecodeParams&, const Params& params, int req, const Segment& seg,
                             const RowMap& rows_map, int first_row)
       : kp(params), batch_idx(req / params.seqlen_q), token_q(req % params.seqlen_q), key_end(seg.seqlen) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const SparseKvCache& kc = kp.cache[c];
-      const int n = kc.data == nullptr ? 0 : kc.topk_length != nullptr ? kc.topk_length[batch_idx] : kc.topk;
-      used[c] = min(max(n, 0), kc.data == nullptr ? 0 : kc.topk);
-    }
+    const auto used_of = [&](const SparseKvCache& kc) {
+      if (kc.data == nullptr) return 0;
+      return min(max(kc.topk_length != nullptr ? kc.topk_length[batch_idx] : kc.topk, 0), kc.topk);
+    };
+    used_main = used_of(kp.cache[0]);
+    used_extra = used_of(kp.cache[1]);
 #pragma unroll
     for (int i = 0; i < 2; ++i) row_ok[i] = first_row + 8 * i < rows_map.rows;
   }
@@ -53,16 +53,17 @@ struct IndexedKvTiles {
   /// The index entry at key position j of the segment's row: -1 past the used entries (the same
   /// as an invalid index).
   __device__ int index_entry(int j) const {
-    const int c = j < kp.cache[0].topk ? 0 : 1;
-    const SparseKvCache& kc = kp.cache[c];
-    const int k = c == 0 ? j : j - kp.cache[0].topk;
-    if (k >= used[c] || j >= key_end) return -1;
+    // (Selected with conditionals rather than indexed: no local-memory copy of the arrays.)
+    const bool main = j < kp.cache[0].topk;
+    const SparseKvCache& kc = main ? kp.cache[0] : kp.cache[1];
+    const int k = main ? j : j - kp.cache[0].topk;
+    if (k >= (main ? used_main : used_extra) || j >= key_end) return -1;
     return kc.indices[batch_idx * kc.indices_batch_stride + token_q * kc.indices_seq_stride + k];
   }
 
   /// Where index `idx` of key position j lies (valid: a token of its cache).
   __device__ TokenAddress address(int j, int idx, const SparseKvCache*& kc_out) const {
-    const SparseKvCache& kc = kp.cache[j < kp.cache[0].topk ? 0 : 1];
+    const SparseKvCache& kc = j < kp.cache[0].topk ? kp.cache[0] : kp.cache[1];
     kc_out = &kc;
     TokenAddress at{static_cast<const uint8_t*>(kp.cache[0].data), 0, false};
     if (idx >= 0 && static_cast<int64_t>(idx) < static_cast<int64_t>(kc.num_blocks) * kc.page_size) {
