@@ -226,6 +226,11 @@ step_package() {
     echo "+ $tmp/build/mla_decode_example"
     "$tmp/build/mla_decode_example"
     rc=$?
+    if [ "$rc" -eq 0 ]; then
+        echo "+ $tmp/build/sparse_decode_example"
+        "$tmp/build/sparse_decode_example"
+        rc=$?
+    fi
     rm -rf "$tmp"
     case $rc in
         0) ;;
@@ -396,7 +401,7 @@ note_for() {  # one line of detail for a step
         ctest) step_part ctest | grep -m1 'GPU_CHECK_STAGE_FAILED' | sed 's/GPU_CHECK_STAGE_FAILED=/failed at: /' ;
                step_part ctest | grep -E 'tests passed|No tests were found' | tail -n 1 ;;
         package) step_part package | grep -m1 'GPU_CHECK_STAGE_FAILED' | sed 's/GPU_CHECK_STAGE_FAILED=/failed at: /' ;
-                 step_part package | grep -E '^mla_decode_example: ' | tail -n 1 ;;
+                 step_part package | grep -E '^(mla|sparse)_decode_example: ' | tail -n 2 ;;
         bench) step_part bench | grep -E '^bench_decode: ' | tail -n 1 ;;
         sanitize) step_part sanitize | grep -E '^sanitize: [a-z]+=' | tail -n 1 ;;
     esac 2>/dev/null | paste -sd ';' - | sed 's/;/; /g'
