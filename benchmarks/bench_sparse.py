@@ -2,12 +2,19 @@
 of the GPU's ceilings measured in the same run (copy bandwidth, bf16 GEMM).
 
     python benchmarks/bench_sparse.py [--quick] [--json PATH] [--rows NAME,...] [--kernels auto,sm80_small]
+                                      [--compare MODULE_OR_PATH]
 
 Each row draws a fresh cache of 2 * topk tokens per request (pages of the row's size) in the
 row's format, random valid indices (duplicates possible), and checks the output against the
 float reference on one (request, query token) before timing. FLOPs count 2 * h_q * keys *
 (d_qk + 512) per query token; bytes count every selected token's record once per query token
 (the bytes the kernel requests; repeated tokens may hit in L2).
+
+--compare times another module with the same API (a FlashMLA build: the later releases'
+positional call with a scheduler object) on the identical inputs, interleaved with ours (the two
+CUDA graphs replayed alternately), checks that both outputs agree, and adds its time and the
+ratio t(other) / t(ours) (> 1: we are faster). Rows it cannot run (its kernels take only some
+head counts and formats) show its error instead.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import _median, env_info, measure_copy, measure_gemm, time_events  # noqa: E402
+from bench_decode import _median, env_info, load_compare_module, measure_copy, measure_gemm, time_events  # noqa: E402
 
 import flash_mla  # noqa: E402
 from flash_mla import kv_formats  # noqa: E402
@@ -62,7 +69,38 @@ def make_indices(b, s_q, topk, tokens_per_req, gen, dev):
     return (base + pick).to(torch.int32)
 
 
-def run_row(name, spec, reps, dev, seed, kernel="auto"):
+def capture(fn):
+    """fn() captured in a CUDA graph (after one warm-up call on the capture stream)."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        with torch.cuda.graph(graph, stream=stream):
+            result = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, result
+
+
+def time_interleaved(graphs, reps, warmup=5):
+    """Per-graph median replay time in ms, the graphs replayed alternately."""
+    times = [[] for _ in graphs]
+    for _ in range(warmup):
+        for g in graphs:
+            g.replay()
+    torch.cuda.synchronize()
+    for _ in range(reps):
+        for i, g in enumerate(graphs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            times[i].append((start, end))
+    torch.cuda.synchronize()
+    return [_median([s.elapsed_time(e) for s, e in t]) for t in times]
+
+
+def run_row(name, spec, reps, dev, seed, kernel="auto", other=None):
     fmt, b, s_q, h_q, topk, page, extra_topk = spec
     gen = torch.Generator(device=dev).manual_seed(seed)
     tokens = 2 * max(topk, 1)
@@ -76,6 +114,10 @@ def run_row(name, spec, reps, dev, seed, kernel="auto"):
         e_cache, _ = make_cache(fmt, b * e_tokens // page, page, gen, dev)
         extra = dict(extra_k_cache=e_cache, extra_indices_in_kvcache=make_indices(b, s_q, extra_topk, e_tokens, gen, dev))
     is_fp8 = fmt != "bf16"
+    if is_fp8:  # FP8 records as float8_e4m3fn (what FlashMLA's own tests pass)
+        cache = cache.view(torch.float8_e4m3fn)
+        if extra:
+            extra["extra_k_cache"] = extra["extra_k_cache"].view(torch.float8_e4m3fn)
     sched, _ = flash_mla.get_mla_metadata()
 
     def call():
@@ -94,22 +136,35 @@ def run_row(name, spec, reps, dev, seed, kernel="auto"):
     err = (out[i:i + 1].float() - ref_out).abs().max().item()
     lse_err = (lse[i:i + 1] - ref_lse).abs().max().item()
     del deq
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-        with torch.cuda.graph(graph, stream=stream):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    ms = _median(time_events(torch, graph.replay, reps, 5))
+    graph, (g_out, _) = capture(call)
+    other_result = {}
+    if other is not None:
+        try:
+            other_sched, _ = other.get_mla_metadata()
+            scale = 1.0 / math.sqrt(d)
+
+            def other_call():
+                return other.flash_mla_with_kvcache(
+                    q, cache, None, None, 512, other_sched, None, scale, False, is_fp8, indices, None,
+                    extra.get("extra_k_cache"), extra.get("extra_indices_in_kvcache"), None, None)
+
+            o_out, _ = other_call()
+            other_graph, (og_out, _) = capture(other_call)
+            ms, other_ms = time_interleaved([graph, other_graph], reps)
+            other_result = dict(other_us=other_ms * 1e3, ratio=other_ms / ms,
+                                other_max_diff=(og_out.float() - g_out.float()).abs().max().item())
+        except Exception as exc:  # noqa: BLE001 - e.g. a head count or format it has no kernel for
+            other_result = dict(other_error=f"{type(exc).__name__}: {str(exc)[:80]}")
+            ms = _median(time_events(torch, graph.replay, reps, 5))
+    else:
+        ms = _median(time_events(torch, graph.replay, reps, 5))
     keys = topk + extra_topk
     flops = 2.0 * b * s_q * h_q * keys * (d + 512)
     record = RECORD_BYTES[fmt] or 2 * d
     nbytes = b * s_q * keys * record
     return dict(name=name, kernel=kernel, format=fmt, b=b, s_q=s_q, h_q=h_q, topk=topk, extra_topk=extra_topk, page=page,
                 us=ms * 1e3, tflops=flops / (ms * 1e-3) / 1e12, gbps=nbytes / (ms * 1e-3) / 1e9,
-                max_abs_err=err, max_lse_err=lse_err)
+                max_abs_err=err, max_lse_err=lse_err, **other_result)
 
 
 def main(argv=None):
@@ -118,6 +173,8 @@ def main(argv=None):
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--kernels", default="auto", help="comma-separated kernels to time each row with")
+    ap.add_argument("--compare", default="", help="a module (name, package directory or .py file) with the same "
+                    "API to time on the same inputs, interleaved")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="write the results to this file")
     args = ap.parse_args(argv)
@@ -125,6 +182,7 @@ def main(argv=None):
     for n in names:
         if n not in ROWS:
             ap.error(f"unknown row {n!r}; rows: {', '.join(ROWS)}")
+    other = load_compare_module(args.compare) if args.compare else None
     dev = torch.device("cuda", torch.cuda.current_device())
     copy = measure_copy(torch, dev, 2.0)
     gemm = measure_gemm(torch, dev, 8192)
@@ -132,12 +190,14 @@ def main(argv=None):
     print(f"{'row':32} {'kernel':>10} {'us':>9} {'TFLOP/s':>8} {'GB/s':>7} {'%GEMM':>6} {'%copy':>6} {'max err':>8}")
     for n in names:
         for kernel in args.kernels.split(","):
-            r = run_row(n, ROWS[n], args.reps, dev, args.seed, kernel)
+            r = run_row(n, ROWS[n], args.reps, dev, args.seed, kernel, other)
             r["gemm_share"] = r["tflops"] / gemm["tflops"]
             r["copy_share"] = r["gbps"] / copy["gbps"]
             rows.append(r)
             print(f"{n:32} {kernel:>10} {r['us']:9.1f} {r['tflops']:8.1f} {r['gbps']:7.0f} "
-                  f"{100 * r['gemm_share']:5.0f}% {100 * r['copy_share']:5.0f}% {r['max_abs_err']:8.1e}", flush=True)
+                  f"{100 * r['gemm_share']:5.0f}% {100 * r['copy_share']:5.0f}% {r['max_abs_err']:8.1e}"
+                  + (f"  other {r['other_us']:9.1f} us  ratio {r['ratio']:.2f}x  diff {r['other_max_diff']:.1e}"
+                     if "ratio" in r else f"  other: {r['other_error']}" if "other_error" in r else ""), flush=True)
     print(f"ceilings of this run: copy {copy['gbps']:.0f} GB/s, bf16 GEMM {gemm['tflops']:.0f} TFLOP/s "
           f"({env_info(torch, dev)['gpu_name']})")
     if args.json:
