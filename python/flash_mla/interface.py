@@ -406,7 +406,7 @@ _BYTE_DTYPES = (torch.uint8, torch.int8)
 _SPARSE_CONFIG_NAMES = ("batch", "s_q", "h_q", "is_fp8_kvcache", "record", "keys per query token")
 
 
-def _byte_cache_view(cache, name: str):
+def _byte_cache_view(cache):
     """An FP8 token-sparse cache as float8_e4m3fn (uint8 / int8 bytes are viewed so)."""
     if cache is not None and getattr(cache, "dtype", None) in _BYTE_DTYPES:
         return cache.view(torch.float8_e4m3fn)
@@ -466,8 +466,8 @@ def _sparse_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, sched, nu
     head_dim_v = _int_arg(head_dim_v, "head_dim_v")
     is_fp8 = _bool_of(is_fp8_kvcache, "is_fp8_kvcache")
     if is_fp8:
-        k_cache = _byte_cache_view(k_cache, "k_cache")
-        extra_k_cache = _byte_cache_view(extra_k_cache, "extra_k_cache")
+        k_cache = _byte_cache_view(k_cache)
+        extra_k_cache = _byte_cache_view(extra_k_cache)
     _require_tensors(q=q, k_cache=k_cache, indices=indices)
     _require_optional_tensors(topk_length=topk_length, extra_k_cache=extra_k_cache,
                               extra_indices_in_kvcache=extra_indices, extra_topk_length=extra_topk_length,
