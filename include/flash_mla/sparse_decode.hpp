@@ -4,8 +4,10 @@
 #pragma once
 
 #include <string>
+#include <type_traits>
 
 #include "params.hpp"
+#include "sm90/sparse_kernel.cuh"
 #include "sparse/indexed_kv.cuh"
 #include "sparse/token_formats.cuh"
 
@@ -93,6 +95,25 @@ namespace detail {
 template <typename Format, typename Shape>
 using SparseTraits = sm80::TraitsFor<Shape, Format::kHeadDim, Format::kStagedTokenBytes>;
 
+/// Formats the Hopper token-sparse kernel takes (it has a TokenRegisters for them).
+template <typename Format>
+constexpr bool kHopperSparseFormat = std::is_same_v<Format, sparse::V32Tokens>;
+
+template <typename Format>
+Status launch_sparse_sm90(const DecodeParams& p, const sparse::IndexedKvParams& kp, int device) {
+  const auto kernel = sm90::sparse_decode_kernel<Format>;
+  cudaError_t err = allow_dynamic_smem<sm90::sparse_decode_kernel<Format>>(sm90::kSparseSmemBytes, device);
+  if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
+  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_head_stride % 8 == 0;
+  const dim3 grid((p.rows_per_kv_head() + sm90::Traits::kBlockM - 1) / sm90::Traits::kBlockM, 1, p.num_sm_parts);
+  err = launch_kernel(kernel, grid, dim3(sm90::SparseTraits::kThreads), sm90::kSparseSmemBytes, p.stream,
+                      /*programmatic=*/true, p, kp, q_vec16);
+  if (err == cudaSuccess) err = launch_combine<__nv_bfloat16>(p, /*overlap=*/true);
+  if (err != cudaSuccess) return Status::error(std::string("decode launch failed: ") + cudaGetErrorString(err));
+  return Status::success();
+}
+
 template <typename Format>
 Status launch_sparse(const DecodeParams& p, const sparse::IndexedKvParams& kp, KernelChoice choice, int device) {
   const DeviceInfo info = device_info(device);
@@ -100,13 +121,24 @@ Status launch_sparse(const DecodeParams& p, const sparse::IndexedKvParams& kp, K
   if (info.major < 8) return Status::error("flash-mla needs an sm_80 or newer GPU (compute capability >= 8.0)");
   using Large = SparseTraits<Format, sm80::LargeTraits>;
   using Small = SparseTraits<Format, sm80::SmallTraits>;
+  const bool hopper = info.major == 9 && info.sm90_built && info.smem_optin >= sm90::kSparseSmemBytes;
   if (choice == KernelChoice::kAuto) {
-    choice = info.smem_optin >= Large::kSmemBytes ? KernelChoice::kSm80Large : KernelChoice::kSm80Small;
+    choice = kHopperSparseFormat<Format> && hopper                 ? KernelChoice::kSm90
+             : info.smem_optin >= Large::kSmemBytes ? KernelChoice::kSm80Large
+                                                    : KernelChoice::kSm80Small;
   }
-  if (choice != KernelChoice::kSm80Large && choice != KernelChoice::kSm80Small) {
-    return Status::error("token-sparse decode runs on the portable kernels (kSm80Large or kSm80Small), not " +
-                         std::string(kernel_name(choice)));
+  if (choice == KernelChoice::kSm90) {
+    if constexpr (kHopperSparseFormat<Format>) {
+      if (!hopper) {
+        return Status::error("the sm90 kernel needs an sm_90 GPU and a build with FLASH_MLA_CUDA_ARCHS containing 90a");
+      }
+      return launch_sparse_sm90<Format>(p, kp, device);
+    } else {
+      return Status::error("the sm90 token-sparse kernel takes the V3.2 FP8 format only; this format runs on the "
+                           "portable kernels (kSm80Large or kSm80Small)");
+    }
   }
+  if (choice != KernelChoice::kSm80Large && choice != KernelChoice::kSm80Small) return Status::error("unknown kernel choice");
   const int need = choice == KernelChoice::kSm80Large ? Large::kSmemBytes : Small::kSmemBytes;
   if (info.smem_optin < need) {
     return Status::error("kernel needs " + std::to_string(need) + " bytes of shared memory per block, device has " +

@@ -18,6 +18,7 @@ import torch
 
 from . import _C
 from . import _torch_ops
+from .ops import check_sparse_kernel
 
 HEAD_DIM = 576
 HEAD_DIM_V = 512
@@ -460,15 +461,13 @@ def _sparse_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, sched, nu
     kernel_id = _KERNELS.get(kernel) if type(kernel) is str else None
     if kernel_id is None:
         raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
-    if kernel_id == _KERNELS["sm90"]:
-        raise ValueError("kernel: token-sparse decode runs on the portable kernels ('auto', 'sm80_large', "
-                         "'sm80_small'), not 'sm90'")
     head_dim_v = _int_arg(head_dim_v, "head_dim_v")
     is_fp8 = _bool_of(is_fp8_kvcache, "is_fp8_kvcache")
     if is_fp8:
         k_cache = _byte_cache_view(k_cache)
         extra_k_cache = _byte_cache_view(extra_k_cache)
     _require_tensors(q=q, k_cache=k_cache, indices=indices)
+    check_sparse_kernel(kernel_id, is_fp8, k_cache.shape)
     _require_optional_tensors(topk_length=topk_length, extra_k_cache=extra_k_cache,
                               extra_indices_in_kvcache=extra_indices, extra_topk_length=extra_topk_length,
                               attn_sink=attn_sink, out=out, lse=lse)

@@ -270,6 +270,20 @@ def sparse_workspace_shapes(batch: int, s_q: int, h_q: int, num_sm_parts: int) -
     }
 
 
+_V32_TOKEN_BYTES = 656  # the V3.2 FP8 format's bytes per token (kv_formats.V32_BYTES_PER_TOKEN)
+
+
+def check_sparse_kernel(kernel_id: int, is_fp8_kvcache: bool, k_cache_shape: Any) -> None:
+    """kernel="sm90" with indices: the Hopper token-sparse kernel takes the V3.2 FP8 format only
+    (a cache of 656-byte tokens); every other format runs on the portable kernels."""
+    if kernel_id != KERNELS["sm90"]:
+        return
+    last = k_cache_shape[-1] if k_cache_shape is not None and len(k_cache_shape) > 0 else None
+    if not (is_fp8_kvcache and last == _V32_TOKEN_BYTES):
+        raise ValueError("kernel: the sm90 token-sparse kernel takes the V3.2 FP8 format (656-byte tokens); "
+                         "this format runs on the portable kernels ('auto', 'sm80_large', 'sm80_small')")
+
+
 def sparse_decode(q: Any, k_cache: Any, indices: Any, plan_seqlens: Any, tile_scheduler_metadata: Any,
                   num_splits: Any, out: Any, lse: Any, o_accum: Any, lse_accum: Any, *, is_fp8_kvcache: bool,
                   topk_length: Any = None, extra_k_cache: Any = None, extra_indices_in_kvcache: Any = None,
@@ -281,9 +295,7 @@ def sparse_decode(q: Any, k_cache: Any, indices: Any, plan_seqlens: Any, tile_sc
     ``(batch, s_q, h_q)`` here. ``softmax_scale`` defaults to ``1 / sqrt(d_qk)``. Returns
     ``(out, lse)``. Asynchronous on ``stream``."""
     _reject_immutable(out=out, lse=lse, o_accum=o_accum, lse_accum=lse_accum)
-    if _kernel_id(kernel) == KERNELS["sm90"]:
-        raise ValueError("kernel: token-sparse decode runs on the portable kernels ('auto', 'sm80_large', "
-                         "'sm80_small'), not 'sm90'")
+    check_sparse_kernel(_kernel_id(kernel), bool(is_fp8_kvcache), getattr(k_cache, "shape", None))
     if isinstance(is_fp8_kvcache, (str, bytes)):
         raise TypeError(f"is_fp8_kvcache: expected a bool, got {type(is_fp8_kvcache).__name__}")
     if softmax_scale is None:

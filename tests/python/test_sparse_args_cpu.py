@@ -18,7 +18,7 @@ The call is FlashMLA's later-release positional form with a scheduler object::
   attn_sink: float32 (h_q,), +-inf allowed. The second cache: same format as the first, its own
   num_blocks and page size; it and its indices come together.
 * block_table and cache_seqlens None, head_dim_v 512, causal False; kernel "auto",
-  "sm80_large" or "sm80_small" ("sm90" is refused with indices).
+  "sm80_large" or "sm80_small"; "sm90" with the V3.2 format only.
 
 Conventions, as for dense decode (test_args_cpu.py, test_fp8_args_cpu.py): a wrong dtype ->
 TypeError, a wrong shape / value / missing companion -> ValueError, each naming the argument,
@@ -361,13 +361,22 @@ def test_sparse_rejected_arguments(make, changes, kwargs, exc, match):
     _assert_unplanned(args)
 
 
-@pytest.mark.parametrize("fmt", list(D_QK))
+@pytest.mark.parametrize("fmt", [f for f in D_QK if f != "v32"])
 def test_sparse_sm90_kernel_refused(fmt):
-    """Token-sparse decode runs on the portable kernels: kernel="sm90" with indices is refused."""
+    """The Hopper token-sparse kernel takes the V3.2 format only: kernel="sm90" with another
+    format is refused before any planning."""
     args = sparse_args(fmt)
-    with pytest.raises(ValueError, match=r"sm90|kernel"):
+    with pytest.raises(ValueError, match=r"sm90.*V3\.2"):
         call_sparse(args, kernel="sm90")
     _assert_unplanned(args)
+
+
+def test_sparse_sm90_kernel_takes_v32():
+    """kernel="sm90" with the V3.2 format passes the argument checks (reaches the device check)."""
+    args = sparse_args("v32", extra=EXTRA, topk_length=True, extra_topk_length=True, sink=True)
+    with pytest.raises(ValueError) as info:
+        call_sparse(args, kernel="sm90")
+    _assert_reaches_device_check(info)
 
 
 @pytest.mark.parametrize("kernel", ["sm80_large", "sm80_small"])
@@ -409,12 +418,13 @@ def test_sparse_first_error_wins_over_device_check():
 # ----------------------------------------------------------------------------------------------
 
 
-def _ops_args(b=2, s_q=2, h_q=16, topk=64, lse_shape=None, q_dtype=torch.bfloat16, k_dtype=torch.uint8):
+def _ops_args(b=2, s_q=2, h_q=16, topk=64, lse_shape=None, q_dtype=torch.bfloat16, k_dtype=torch.uint8,
+              token_bytes=656):
     from flash_mla import ops
     shapes = ops.sparse_workspace_shapes(b, s_q, h_q, 4)
     z = torch.zeros
     return dict(
-        q=z((b, s_q, h_q, 576), dtype=q_dtype), k_cache=z((4, 64, 1, 656), dtype=k_dtype),
+        q=z((b, s_q, h_q, 576), dtype=q_dtype), k_cache=z((4, 64, 1, token_bytes), dtype=k_dtype),
         indices=z((b, s_q, topk), dtype=torch.int32),
         plan_seqlens=z(shapes["plan_seqlens"], dtype=torch.int32),
         tile_scheduler_metadata=z(shapes["tile_scheduler_metadata"], dtype=torch.int32),
@@ -443,6 +453,7 @@ def test_ops_sparse_decode_rejections(case, exc, needle):
 
 
 def test_ops_sparse_decode_refuses_sm90_kernel():
+    """ops: kernel="sm90" with the 512-dim format is refused (it takes V3.2 only)."""
     from flash_mla import ops
     with pytest.raises(ValueError, match="sm90"):
-        ops.sparse_decode(**_ops_args(), is_fp8_kvcache=True, kernel="sm90")
+        ops.sparse_decode(**_ops_args(token_bytes=584), is_fp8_kvcache=True, kernel="sm90")

@@ -73,9 +73,15 @@ def _check_reference(out, lse, x, what):
 
 
 @pytest.mark.parametrize("fmt", ["v32", "model1", "bf16"])
-@pytest.mark.parametrize("kernel", ["sm80_large", "sm80_small"])
+@pytest.mark.parametrize("kernel", ["sm80_large", "sm80_small", "sm90"])
 def test_ops_sparse_decode_matches_torch_api(fmt, kernel, seed):
     """ops.sparse_decode over DLPack (torch tensors here), with the caller's plan and workspace."""
+    if kernel == "sm90" and fmt != "v32":
+        pytest.skip("the sm90 token-sparse kernel takes the V3.2 format only")
+    try:
+        flash_mla.kernel_for_device(kernel=kernel)
+    except (RuntimeError, ValueError) as err:
+        pytest.skip(f"kernel {kernel!r} does not run here: {err}")
     x = _inputs(seed, fmt)
     out_t, lse_t = _eager(x, kernel)
     _check_reference(out_t, lse_t, x, f"torch API {fmt} {kernel}")
@@ -102,7 +108,9 @@ def test_ops_sparse_decode_matches_torch_api(fmt, kernel, seed):
 
 
 def test_ops_sparse_decode_refuses_sm90_and_bad_lse(seed):
-    x = _inputs(seed)
+    """kernel="sm90" with a format other than V3.2 (here the 512-dim one) and an lse of the
+    torch API's layout are refused."""
+    x = _inputs(seed, fmt="model1")
     b, s_q, h_q, _ = x["q"].shape
     shapes = ops.sparse_workspace_shapes(b, s_q, h_q, 4)
     plan = torch.full(shapes["plan_seqlens"], 136, dtype=torch.int32, device="cuda")

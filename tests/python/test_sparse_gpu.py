@@ -30,8 +30,8 @@ Covered:
 * NaN poison: every cache slot that no valid index selects (and every padding byte) holds NaN
   (bf16 NaN; for FP8 the e4m3 NaN codes 0x7f / 0xff, NaN scale bytes and NaN RoPE values), and
   the preallocated out= / lse= are NaN-filled with NaN neighbours that must stay untouched;
-* the portable kernels "sm80_large" and "sm80_small" on every case, "auto" picking one of them,
-  "sm90" refused; CUDA graph capture and replay with new indices, cache contents, lengths and
+* the portable kernels "sm80_large" and "sm80_small" on every case, the Hopper kernel "sm90" on
+  every V3.2 case, "auto" picking one of them, "sm90" refused for the other formats; CUDA graph capture and replay with new indices, cache contents, lengths and
   sinks; bitwise determinism; the byte dtype and page padding of a cache changing no bit; one
   scheduler object reused by two layers, and refused for another b, s_q, h_q, topk or format.
 
@@ -75,7 +75,9 @@ NAN = float("nan")
 INF = float("inf")
 INT_MIN, INT_MAX = -(2 ** 31), 2 ** 31 - 1
 
-KERNELS = ("sm80_large", "sm80_small")
+KERNELS = ("sm80_large", "sm80_small")  # the portable kernels: every format
+HOPPER_FORMATS = ("v32",)  # the formats the "sm90" kernel takes
+ALL_KERNELS = KERNELS + ("sm90",)
 D_QK = {"bf16_576": 576, "bf16_512": 512, "v32": 576, "model1": 512}
 FP8_FORMATS = ("v32", "model1")
 ROW_BYTES = {"v32": kvf.V32_BYTES_PER_TOKEN, "model1": kvf.MODEL1_BYTES_PER_TOKEN}  # 656, 584
@@ -96,12 +98,24 @@ def kernel_skip_reason(kernel: str):
     return None
 
 
-def sparse_kernels():
-    """The portable kernels this GPU runs (token-sparse decode runs on them); skips if none."""
+def sparse_kernels(fmt: str):
+    """The kernels this GPU runs for format ``fmt``: the portable ones, and "sm90" for the V3.2
+    format on Hopper; skips if none."""
     kernels = [k for k in KERNELS if kernel_skip_reason(k) is None]
+    if fmt in HOPPER_FORMATS and kernel_skip_reason("sm90") is None:
+        kernels.append("sm90")
     if not kernels:
-        pytest.skip("neither sm80_large nor sm80_small runs on this GPU")
+        pytest.skip("no token-sparse kernel runs on this GPU")
     return kernels
+
+
+def skip_unless_runs(kernel: str, fmt: str) -> None:
+    """Skips a test of ``kernel`` on format ``fmt`` where that kernel does not run it."""
+    if kernel == "sm90" and fmt not in HOPPER_FORMATS:
+        pytest.skip(f"the sm90 kernel does not take the {fmt} format")
+    reason = kernel_skip_reason(kernel)
+    if reason:
+        pytest.skip(reason)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,12 +511,12 @@ def _assert_inputs_unchanged(p: Problem, before, what: str) -> None:
 
 
 def check_all_kernels(p: Problem, ref, label: str = "") -> dict:
-    """Every portable kernel on ``p``: allocated outputs against the reference, then into
+    """Every kernel that runs ``p``'s format: allocated outputs against the reference, then into
     NaN-filled out= / lse= with the same scheduler object (same bits, neighbours untouched);
     inputs unchanged. Returns {kernel: (out, lse)}."""
     results = {}
     before = _snapshot(p)
-    for kernel in sparse_kernels():
+    for kernel in sparse_kernels(p.spec.fmt):
         what = f"{label}{kernel} {p.describe()}"
         sched, none = get_mla_metadata()
         assert none is None
@@ -559,7 +573,7 @@ MATRIX = [
 
 @pytest.mark.parametrize("spec", MATRIX, ids=[s.name for s in MATRIX])
 def test_sparse_matches_reference(spec, seed):
-    """Both portable kernels against the reference: invalid, duplicated and edge indices, a
+    """Every kernel against the reference: invalid, duplicated and edge indices, a
     row with no valid key, poisoned unselected slots and padding, the spec's lengths, sinks,
     second cache and q layout; out= / lse= into NaN buffers; inputs left unchanged."""
     p = build_problem(spec, seed)
@@ -587,7 +601,7 @@ def test_sparse_no_valid_key_anywhere(fmt, seed):
         p = build_problem(s, seed)
         ref = reference(p)
         assert (ref[1] == INF).all() and (ref[0] == 0).all()
-        for kernel in sparse_kernels():
+        for kernel in sparse_kernels(fmt):
             what = f"{kernel} {p.describe()}"
             sched, _ = get_mla_metadata()
             out_buf, lse_buf = nan_outputs(p)
@@ -769,10 +783,9 @@ def test_sparse_byte_dtype_and_page_padding_change_nothing(fmt, seed):
 
 
 @pytest.mark.parametrize("fmt", ["bf16_512", "v32"])
-def test_sparse_auto_runs_a_portable_kernel(fmt, seed):
-    """kernel="auto" (the default) with indices runs one of the portable kernels (also on
-    Hopper, where "auto" means sm90 for dense decode): its bits are those of sm80_large or
-    sm80_small; the default is "auto"."""
+def test_sparse_auto_runs_a_listed_kernel(fmt, seed):
+    """kernel="auto" (the default) with indices runs one of the kernels that take the format
+    (on Hopper, sm90 for V3.2): its bits are those of one of them; the default is "auto"."""
     spec = Spec(f"{fmt}-auto", fmt, 4, 2, 64, 2048, 64, lengths="mixed", sink="inf", extra=(61, 64, None))
     p = build_problem(spec, seed)
     ref = reference(p)
@@ -782,15 +795,16 @@ def test_sparse_auto_runs_a_portable_kernel(fmt, seed):
                                      False, p.fp8, p.indices, p.sink, p.extra.k, p.extra_indices, p.topk_length,
                                      p.extra_topk_length)
     assert_bitwise_equal(default[0], out, "default kernel vs auto out")
-    forced = {k: decode(p, get_mla_metadata()[0], k) for k in sparse_kernels()}
+    forced = {k: decode(p, get_mla_metadata()[0], k) for k in sparse_kernels(fmt)}
     same = [k for k, (o, l_) in forced.items()
             if torch.equal(_bytes_of(o), _bytes_of(out)) and torch.equal(_bytes_of(l_), _bytes_of(lse))]
-    assert same, f"auto's result is none of the portable kernels' ({sorted(forced)})"
+    assert same, f"auto's result is none of the kernels' ({sorted(forced)})"
 
 
 def test_sparse_sm90_kernel_refused(seed):
-    """kernel="sm90" with indices: ValueError before any launch (out= untouched)."""
-    p = build_problem(Spec("v32-sm90", "v32", 2, 1, 16, 64, 64), seed)
+    """kernel="sm90" with a format it does not take: ValueError before any launch (out=
+    untouched)."""
+    p = build_problem(Spec("model1-sm90", "model1", 2, 1, 16, 64, 64), seed)
     out_buf, lse_buf = nan_outputs(p)
     with pytest.raises(ValueError, match=r"sm90|kernel"):
         decode(p, get_mla_metadata()[0], "sm90", out=out_buf[1:-1], lse=lse_buf[1:-1])
@@ -826,7 +840,7 @@ def test_checker_catches_one_missing_key(fmt, seed):
     dropped = dataclasses.replace(p, indices=p.indices.clone())
     dropped.indices[0, 0, weakest] = -1
     short = dataclasses.replace(last, topk_length=torch.tensor([63, 64], dtype=torch.int32, device=DEVICE))
-    for kernel in sparse_kernels():
+    for kernel in sparse_kernels(fmt):
         out, lse = decode(last, get_mla_metadata()[0], kernel)
         check(out, lse, ref, f"{kernel} all keys")
         for name, bad in (("dropped", dropped), ("topk_length 63", short)):
@@ -842,11 +856,9 @@ def test_checker_catches_one_missing_key(fmt, seed):
 BIG = Spec("v32-determinism", "v32", 4, 2, 128, 2048, 64, lengths="mixed", sink="inf", extra=(69, 64, "mixed"))
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
 def test_sparse_repeated_calls_bitwise_identical(kernel, seed):
-    reason = kernel_skip_reason(kernel)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_runs(kernel, BIG.fmt)
     p = build_problem(BIG, seed)
     sched, _ = get_mla_metadata()
     first_out, first_lse = decode(p, sched, kernel)
@@ -868,21 +880,23 @@ GRAPH = Spec("model1-graph", "model1", 3, 2, 16, 100, 61, lengths="mixed", sink=
              pad=True)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+GRAPH_V32 = dataclasses.replace(GRAPH, name="v32-graph", fmt="v32")
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
 def test_sparse_cuda_graph_replay(kernel, seed):
     """Capture one call (the scheduler object planned by the warm-up), then replay after
     changing, in place and with the same shapes: the indices, the caches' contents and q; then
     also topk_length, extra_topk_length and the sinks. Every replay gives the new problem's
     result, and the bits of an eager call."""
-    reason = kernel_skip_reason(kernel)
-    if reason:
-        pytest.skip(reason)
-    p = build_problem(GRAPH, seed)
+    spec = GRAPH_V32 if kernel == "sm90" else GRAPH
+    skip_unless_runs(kernel, spec.fmt)
+    p = build_problem(spec, seed)
     sched, _ = get_mla_metadata()
     graph, (out, lse) = capture_graph(lambda: decode(p, sched, kernel))
     for round_ in range(3):
         if round_:
-            new = build_problem(GRAPH, seed + 1000 * round_)
+            new = build_problem(spec, seed + 1000 * round_)
             p.q.copy_(new.q)
             p.indices.copy_(new.indices)
             p.extra_indices.copy_(new.extra_indices)

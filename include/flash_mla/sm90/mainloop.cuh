@@ -29,6 +29,7 @@
 #include "../common/softmax.cuh"
 #include "fp8_widen.cuh"
 #include "softmax.cuh"
+#include "sync.cuh"
 #include "tma.hpp"
 #include "trace.cuh"
 #include "traits.hpp"
@@ -38,9 +39,6 @@ namespace flash_mla::sm90 {
 
 using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 
-__device__ __forceinline__ void bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
 /// Producer side of a hand-off: every thread of the warpgroup arrives (release).
 __device__ __forceinline__ void handoff_arrive(SharedStorage& smem, Handoff h) {
   cutlass::arch::ClusterBarrier::arrive(&smem.handoff[h]);
@@ -54,8 +52,6 @@ __device__ __forceinline__ void handoff_wait(SharedStorage& smem, Handoff h, uin
   cute::warpgroup_arrive();
 }
 
-/// Generic-proxy shared-memory writes (st.shared, cp.async) become visible to wgmma.
-__device__ __forceinline__ void fence_to_async_proxy() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 /// Where the KV tiles come from: blocks [kFrom, kTo) of a tile into a buffer, each block
 /// completing its own barrier. A tile of kBoxes pages is loaded by kBoxes threads (lanes 0 ..

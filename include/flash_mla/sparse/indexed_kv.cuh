@@ -23,22 +23,15 @@ struct IndexedKvParams {
   int seqlen_q;
 };
 
-template <typename Traits, typename Format>
-struct IndexedKvTiles {
-  using Params = IndexedKvParams;
-  /// Threads that copy one token of a tile.
-  static constexpr int kParts = Traits::kThreads / Traits::kBlockN;
-  static_assert(kParts * Traits::kBlockN == Traits::kThreads, "whole threads per token");
-
-  const Params& kp;
-  int batch_idx, token_q;  // which request and query token the segment decodes
+/// The keys of one plan request (query token `token_q` of request `batch_idx`): which index entry
+/// each key position holds and where that token lies. Shared by the kernels' KV sources.
+struct SelectedKeys {
+  const IndexedKvParams& kp;
+  int batch_idx, token_q;     // which request and query token the segment decodes
   int used_main, used_extra;  // index entries used of each cache's row
-  int key_end;             // key positions past the planned length are skipped too
-  bool row_ok[2];          // the thread's two rows are real heads
-  int next_n0 = -1, next_idx = -1;  // the prefetched index entry of tile next_n0 (load())
+  int key_end;                // key positions past the planned length are skipped too
 
-  __device__ IndexedKvTiles(const DecodeParams&, const Params& params, int req, const Segment& seg,
-                            const RowMap& rows_map, int first_row)
+  __device__ SelectedKeys(const IndexedKvParams& params, int req, const Segment& seg)
       : kp(params), batch_idx(req / params.seqlen_q), token_q(req % params.seqlen_q), key_end(seg.seqlen) {
     const auto used_of = [&](const SparseKvCache& kc) {
       if (kc.data == nullptr) return 0;
@@ -46,8 +39,6 @@ struct IndexedKvTiles {
     };
     used_main = used_of(kp.cache[0]);
     used_extra = used_of(kp.cache[1]);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) row_ok[i] = first_row + 8 * i < rows_map.rows;
   }
 
   /// The index entry at key position j of the segment's row: -1 past the used entries (the same
@@ -73,17 +64,36 @@ struct IndexedKvTiles {
     }
     return at;
   }
+};
+
+template <typename Traits, typename Format>
+struct IndexedKvTiles {
+  using Params = IndexedKvParams;
+  /// Threads that copy one token of a tile.
+  static constexpr int kParts = Traits::kThreads / Traits::kBlockN;
+  static_assert(kParts * Traits::kBlockN == Traits::kThreads, "whole threads per token");
+
+  SelectedKeys keys;
+  bool row_ok[2];          // the thread's two rows are real heads
+  int next_n0 = -1, next_idx = -1;  // the prefetched index entry of tile next_n0 (load())
+
+  __device__ IndexedKvTiles(const DecodeParams&, const Params& params, int req, const Segment& seg,
+                            const RowMap& rows_map, int first_row)
+      : keys(params, req, seg) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) row_ok[i] = first_row + 8 * i < rows_map.rows;
+  }
 
   /// Issues the copies of key positions [n0, n0 + kBlockN) and writes their flags. Tiles come in
   /// order within a segment: the index entry of the next tile is loaded here too, so the next
   /// call's copies do not wait for it.
   __device__ void load(uint8_t* landed, uint8_t* flags, int n0) {
     const int token = threadIdx.x / kParts, part = threadIdx.x % kParts;
-    const int idx = n0 == next_n0 ? next_idx : index_entry(n0 + token);
+    const int idx = n0 == next_n0 ? next_idx : keys.index_entry(n0 + token);
     next_n0 = n0 + Traits::kBlockN;
-    next_idx = index_entry(next_n0 + token);
+    next_idx = keys.index_entry(next_n0 + token);
     const SparseKvCache* kc;
-    const TokenAddress at = address(n0 + token, idx, kc);
+    const TokenAddress at = keys.address(n0 + token, idx, kc);
     Format::template copy<Traits, kParts>(landed, token, part, at, *kc);
     if (part == 0) flags[token] = at.valid;
   }

@@ -1,0 +1,369 @@
+// The Hopper (sm_90a) token-sparse decode kernel. Same plan, grid and outputs as the portable
+// kernel running sparse::IndexedKvTiles: one plan request per query token, its keys the tokens
+// its index rows select; 64 query rows per CTA.
+//
+// Three warpgroups, one role each:
+//   producer (wg2)  gathers a 64-key tile into registers (sparse_gather.cuh), waits for a free
+//                   buffer, widens the tile into it with the keys' validity flags -> k_ready
+//   softmax  (wg0)  S = Q K^T over the whole tile (wgmma 64x64, Q and K from shared memory),
+//                   masks skipped keys, online softmax; P into the tile's RoPE block (no longer
+//                   needed once S is done) and the rescale factor -> p_ready; then
+//                   O[:, 0:256] = O * f + P V[:, 0:256] with P from registers, and S of the next
+//                   tile issued behind it
+//   pv       (wg1)  on p_ready: O[:, 256:512] = O * f + P V[:, 256:512] with P from shared memory
+// A buffer is free again (k_free) once both products that read its V have completed. Two tile
+// buffers, Q, and nothing else: 216 KB of the 227 KB.
+#pragma once
+
+#include <cuda.h>
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "../common/epilogue.cuh"
+#include "../common/q_chunk.cuh"
+#include "../common/segment.cuh"
+#include "../common/softmax.cuh"
+#include "../params.hpp"
+#include "../sm80/ptx.cuh"
+#include "../sparse/indexed_kv.cuh"
+#include "sparse_gather.cuh"
+#include "sync.cuh"
+#include "traits.hpp"
+#include "wgmma.cuh"
+
+namespace flash_mla::sm90 {
+
+struct SparseTraits {
+  static constexpr int kThreads = 3 * Traits::kWarpgroupThreads;
+  // Registers per thread after setmaxnreg: the softmax warpgroup holds S, P and half of O; the
+  // pv warpgroup half of O; the producer a tile's share of records. setmaxnreg only moves
+  // registers between the warpgroups of the CTA: the sum stays within the launch allotment of
+  // 168 a thread (64K / 384, rounded down to a multiple of 8); a larger sum never completes.
+  static constexpr int kLaunchRegs = 168;
+  static constexpr int kSoftmaxRegs = 224;
+  static constexpr int kProducerRegs = 112;
+  static constexpr int kPvRegs = kLaunchRegs;  // the pv warpgroup keeps the launch allotment
+  static_assert(kSoftmaxRegs + kProducerRegs + kPvRegs <= 3 * kLaunchRegs, "registers of the CTA");
+};
+
+/// Named barriers (0 is __syncthreads).
+enum SparseBarrier : int {
+  kSoftmaxGroup = 1,  // the softmax warpgroup alone (Q loaded)
+  kSegmentEnd = 2,    // softmax + pv warpgroups: the row statistics of a segment are published
+};
+
+struct alignas(1024) SparseSharedStorage {
+  alignas(1024) uint8_t q[Traits::kTileBytes];
+  // Block kRopeBlock of a tile holds its P (64 x 64) once S of the tile is done.
+  alignas(1024) uint8_t kv[2][Traits::kTileBytes];
+  float rescale[2][Traits::kBlockM];  // per buffer: the factor its tile's maxima scale older terms by
+  float row_max[2][Traits::kBlockM];  // per segment parity: final maxima (log2 domain) and sums
+  float row_sum[2][Traits::kBlockM];
+  uint8_t key_valid[2][Traits::kBlockN];  // per buffer: the key is a selected, valid token
+  uint64_t k_ready[2], k_free[2], p_ready[2];
+};
+
+constexpr int kSparseSmemBytes = static_cast<int>(sizeof(SparseSharedStorage));
+static_assert(kSparseSmemBytes <= 232448, "exceeds the 227 KB of shared memory an sm_90 block may use");
+
+namespace sparse_detail {
+
+using Bar = cutlass::arch::ClusterBarrier;
+
+
+/// Waits for the phase of parity `parity` of `bar`; the wgmma fence after the wait loop keeps
+/// ptxas from inserting its own in a divergent path (which serialises every wgmma).
+__device__ __forceinline__ void wait_then_arrive_wgmma(uint64_t* bar, uint32_t parity) {
+  Bar::wait(bar, parity);
+  cute::warpgroup_arrive();
+}
+
+/// Tile `it` of the CTA (counted over all its segments) uses buffer it % 2 and phase (it / 2) % 2.
+struct TileSlot {
+  int buf;
+  uint32_t parity;
+  __device__ explicit TileSlot(uint32_t it) : buf(it & 1), parity((it >> 1) & 1) {}
+};
+
+/// S = Q K^T of a landed tile: 9 column blocks x 4 k16 steps.
+__device__ __forceinline__ void issue_qk(const uint8_t* q, const uint8_t* kv, float (&s)[Traits::kSTiles][4]) {
+  const uint64_t q_desc = desc_k_major(smem_addr(q)), k_desc = desc_k_major(smem_addr(kv));
+#pragma unroll
+  for (int b = 0; b < Traits::kColBlocks; ++b) {
+#pragma unroll
+    for (int k = 0; k < Traits::kKSteps; ++k) {
+      const uint32_t offset = b * Traits::kColBlockBytes + kmajor_step(k);
+      mma<__nv_bfloat16, Major::K>(desc_at(q_desc, offset), desc_at(k_desc, offset), s, b > 0 || k > 0);
+    }
+  }
+}
+
+template <typename Format>
+__device__ void produce(SparseSharedStorage& smem, const DecodeParams& p, const sparse::IndexedKvParams& kp,
+                        const int32_t* meta, int first_req, int last_req) {
+  const int t = threadIdx.x % Traits::kWarpgroupThreads, token = t / 2, part = t % 2;
+  uint32_t it = 0;
+  for (int req = first_req; req <= last_req; ++req) {
+    const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
+    if (seg.n_tiles <= 0) continue;
+    const sparse::SelectedKeys keys(kp, req, seg);
+    const auto record_of = [&](int j, int idx, bool& valid) {
+      const SparseKvCache* kc;
+      const sparse::TokenAddress at = keys.address(j, idx, kc);
+      valid = at.valid && j < seg.n_hi;
+      return at.page + static_cast<int64_t>(at.slot) * kc->token_stride;
+    };
+    int idx = keys.index_entry(seg.n_lo + token);
+    int next_idx = seg.n_tiles > 1 ? keys.index_entry(seg.n_lo + Traits::kBlockN + token) : -1;
+    for (int i = 0; i < seg.n_tiles; ++i, ++it) {
+      const int j = seg.n_lo + i * Traits::kBlockN + token;
+      bool valid;
+      const uint8_t* record = record_of(j, idx, valid);
+      TokenRegisters<Format> regs;
+      regs.load(record, part, valid);
+      if (i + 1 < seg.n_tiles) {  // the next tile's records into L2, its successor's index
+        bool next_valid;
+        const uint8_t* next_record = record_of(j + Traits::kBlockN, next_idx, next_valid);
+        if (next_valid) TokenRegisters<Format>::prefetch(next_record, part);
+        idx = next_idx;
+        next_idx = i + 2 < seg.n_tiles ? keys.index_entry(j + 2 * Traits::kBlockN) : -1;
+      }
+      const TileSlot slot(it);
+      Bar::wait(&smem.k_free[slot.buf], slot.parity ^ 1);  // the first use of a buffer passes at once
+      regs.store(smem.kv[slot.buf], token, part);
+      if (part == 0) smem.key_valid[slot.buf][token] = valid;
+      fence_to_async_proxy();  // the tile is read by wgmma
+      Bar::arrive(&smem.k_ready[slot.buf]);
+    }
+  }
+}
+
+/// Copies the Q tile of (plan request req, rows row0 ..) into the swizzled layout (cp.async by
+/// the softmax warpgroup) and waits until the whole warpgroup's copies are visible to wgmma.
+__device__ __forceinline__ void load_q(uint8_t* sq, const DecodeParams& p, const RowMap& rows_map, int req, int row0,
+                                       bool q_vec16) {
+  constexpr int kChunks = kHeadDim / 8;
+  for (int idx = threadIdx.x % Traits::kWarpgroupThreads; idx < Traits::kBlockM * kChunks;
+       idx += Traits::kWarpgroupThreads) {
+    const int row = idx / kChunks, col = (idx % kChunks) * 8;
+    copy_q_chunk<__nv_bfloat16>(reinterpret_cast<__nv_bfloat16*>(sq + Traits::offset(row, col)), p, rows_map, req,
+                                row0 + row, col, q_vec16);
+  }
+  sm80::cp_async_commit();
+  sm80::cp_async_wait_all();
+  fence_to_async_proxy();
+  bar_sync(kSoftmaxGroup, Traits::kWarpgroupThreads);
+}
+
+/// Softmax warpgroup state across a segment.
+struct SoftmaxState {
+  float o[Traits::kOTiles][4];  // O[:, 0:256], rows row and row + 8
+  float s[Traits::kSTiles][4];  // S of the tile in hand
+  float max[2], sum[2];         // running maxima (log2 domain) and this thread's share of the sums
+  int row;
+};
+
+/// One tile of the softmax warpgroup, its S in st.s; kHasNext: S of the next tile is issued
+/// behind this tile's P V (compile-time: a wgmma under a runtime condition serialises them all).
+template <bool kHasNext>
+__device__ __forceinline__ void softmax_tile(SparseSharedStorage& smem, SoftmaxState& st, uint32_t it, float scale_log2) {
+  const TileSlot slot(it);
+  uint8_t* kv = smem.kv[slot.buf];
+  const int tq = threadIdx.x % 4;
+
+  // Skipped keys -> -inf; the tile's row maxima.
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < Traits::kSTiles; ++j) {
+    const uint16_t pair = *reinterpret_cast<const uint16_t*>(&smem.key_valid[slot.buf][8 * j + 2 * tq]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (((pair >> (8 * (e & 1))) & 0xff) == 0) st.s[j][e] = -INFINITY;
+    }
+    tile_max[0] = fmaxf(tile_max[0], fmaxf(st.s[j][0], st.s[j][1]));
+    tile_max[1] = fmaxf(tile_max[1], fmaxf(st.s[j][2], st.s[j][3]));
+  }
+  float factor[2], offset[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float new_max = fmaxf(st.max[i], quad_max(tile_max[i]) * scale_log2);
+    offset[i] = new_max == -INFINITY ? 0.f : new_max;
+    factor[i] = fast_exp2(st.max[i] - offset[i]);
+    st.max[i] = new_max;
+    st.sum[i] *= factor[i];
+  }
+#pragma unroll
+  for (int j = 0; j < Traits::kSTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      st.s[j][e] = fast_exp2(fmaf(st.s[j][e], scale_log2, -offset[e / 2]));
+      st.sum[e / 2] += st.s[j][e];
+    }
+  }
+
+  // P for the pv warpgroup, with the factor.
+  AFrag pf[Traits::kKSteps];
+  to_a_fragments<__nv_bfloat16>(st.s, pf);
+  store_a_fragments(kv + Traits::kRopeBlock * Traits::kColBlockBytes, st.row, pf);
+  if (tq == 0) {
+    smem.rescale[slot.buf][st.row] = factor[0];
+    smem.rescale[slot.buf][st.row + 8] = factor[1];
+  }
+  fence_to_async_proxy();
+  Bar::arrive(&smem.p_ready[slot.buf]);
+
+  rescale_rows(st.o, factor);
+  fence_fragments(pf);
+  fence_accumulators(st.o);
+  cute::warpgroup_arrive();
+  const uint64_t v_desc = desc_v(smem_addr(kv));
+#pragma unroll
+  for (int k = 0; k < Traits::kKSteps; ++k) mma<__nv_bfloat16, Major::MN>(pf[k], desc_at(v_desc, v_step(k)), st.o, true);
+  cute::warpgroup_commit_batch();
+  if constexpr (kHasNext) {
+    const TileSlot next(it + 1);
+    fence_accumulators(st.s);
+    wait_then_arrive_wgmma(&smem.k_ready[next.buf], next.parity);
+    issue_qk(smem.q, smem.kv[next.buf], st.s);
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<1>();  // P V done: this warpgroup no longer reads the buffer
+  } else {
+    cute::warpgroup_wait<0>();
+  }
+  fence_fragments(pf);
+  fence_accumulators(st.o);
+  Bar::arrive(&smem.k_free[slot.buf]);
+  if constexpr (kHasNext) {
+    cute::warpgroup_wait<0>();
+    fence_accumulators(st.s);
+  }
+}
+
+/// Final row statistics of a segment: published by the softmax warpgroup, read by the pv one.
+__device__ __forceinline__ void exchange_row_stats(SparseSharedStorage& smem, int seg_parity, int row, bool publish,
+                                                   float (&row_max)[2], float (&row_sum)[2]) {
+  if (publish && threadIdx.x % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      smem.row_max[seg_parity][row + 8 * i] = row_max[i];
+      smem.row_sum[seg_parity][row + 8 * i] = row_sum[i];
+    }
+  }
+  bar_sync(kSegmentEnd, 2 * Traits::kWarpgroupThreads);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_max[i] = smem.row_max[seg_parity][row + 8 * i];
+    row_sum[i] = smem.row_sum[seg_parity][row + 8 * i];
+  }
+}
+
+}  // namespace sparse_detail
+
+/// Format: the token format of the caches (sparse/token_formats.cuh) with a TokenRegisters.
+template <typename Format>
+__global__ void __launch_bounds__(SparseTraits::kThreads, 1)
+    sparse_decode_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ sparse::IndexedKvParams kp,
+                         const bool q_vec16) {
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+  using namespace sparse_detail;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  SparseSharedStorage& smem = *reinterpret_cast<SparseSharedStorage*>(smem_raw);
+  const int warpgroup = threadIdx.x / Traits::kWarpgroupThreads;
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      Bar::init(&smem.k_ready[b], Traits::kWarpgroupThreads);
+      Bar::init(&smem.p_ready[b], Traits::kWarpgroupThreads);
+      Bar::init(&smem.k_free[b], 2 * Traits::kWarpgroupThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  // A programmatic dependent launch: nothing in global memory is touched before this wait.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+
+  const RowMap rows_map{p.num_heads_q / p.num_heads_kv, p.rows_per_kv_head(), static_cast<int>(blockIdx.y)};
+  const int row0 = blockIdx.x * Traits::kBlockM;
+  const int32_t* meta = p.tile_scheduler_metadata + blockIdx.z * kMetaInts;
+  // The clamps only matter for metadata planned for other inputs: stay in bounds.
+  const int first_req = max(meta[0], 0), last_req = min(meta[2], p.batch - 1);
+
+  if (warpgroup == 2) {
+    cutlass::arch::warpgroup_reg_dealloc<SparseTraits::kProducerRegs>();
+    produce<Format>(smem, p, kp, meta, first_req, last_req);
+    return;
+  }
+
+  const int lane = threadIdx.x % 32;
+  const int row = 16 * ((threadIdx.x / 32) % 4) + lane / 4;  // the thread's first local row
+  const float scale_log2 = p.softmax_scale * float(M_LOG2E);
+  uint32_t it = 0;
+  int seg_parity = 0;
+
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_alloc<SparseTraits::kSoftmaxRegs>();
+    SoftmaxState st;
+    st.row = row;
+    for (int req = first_req; req <= last_req; ++req, seg_parity ^= 1) {
+      const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
+#pragma unroll
+      for (int j = 0; j < Traits::kOTiles; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
+      st.max[0] = st.max[1] = -INFINITY;
+      st.sum[0] = st.sum[1] = 0.f;
+      if (seg.n_tiles > 0) {
+        load_q(smem.q, p, rows_map, req, row0, q_vec16);
+        const TileSlot first(it);
+        fence_accumulators(st.s);
+        wait_then_arrive_wgmma(&smem.k_ready[first.buf], first.parity);
+        issue_qk(smem.q, smem.kv[first.buf], st.s);
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_accumulators(st.s);
+        for (int i = 0; i + 1 < seg.n_tiles; ++i, ++it) softmax_tile<true>(smem, st, it, scale_log2);
+        softmax_tile<false>(smem, st, it, scale_log2);
+        ++it;
+      }
+      float row_sum[2] = {quad_sum(st.sum[0]), quad_sum(st.sum[1])};
+      float row_max[2] = {st.max[0], st.max[1]};
+      exchange_row_stats(smem, seg_parity, row, true, row_max, row_sum);
+      const int split = req == meta[0] ? meta[4] : 0;
+      store_segment<Traits::kOTiles, __nv_bfloat16>(p, rows_map, req, split, row0 + row, 0, st.o, row_max, row_sum, 1.f);
+    }
+  } else {
+    float o[Traits::kOTiles][4];
+    for (int req = first_req; req <= last_req; ++req, seg_parity ^= 1) {
+      const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
+#pragma unroll
+      for (int j = 0; j < Traits::kOTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+      for (int i = 0; i < seg.n_tiles; ++i, ++it) {
+        const TileSlot slot(it);
+        const uint8_t* kv = smem.kv[slot.buf];
+        wait_then_arrive_wgmma(&smem.p_ready[slot.buf], slot.parity);
+        const float factor[2] = {smem.rescale[slot.buf][row], smem.rescale[slot.buf][row + 8]};
+        rescale_rows(o, factor);
+        fence_accumulators(o);
+        cute::warpgroup_arrive();
+        const uint64_t p_desc = desc_k_major(smem_addr(kv + Traits::kRopeBlock * Traits::kColBlockBytes));
+        const uint64_t v_desc = desc_v(smem_addr(kv + Traits::kVBlocksPerWarpgroup * Traits::kColBlockBytes));
+#pragma unroll
+        for (int k = 0; k < Traits::kKSteps; ++k) {
+          mma<__nv_bfloat16, Major::MN>(desc_at(p_desc, kmajor_step(k)), desc_at(v_desc, v_step(k)), o, true);
+        }
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_accumulators(o);
+        Bar::arrive(&smem.k_free[slot.buf]);
+      }
+      float row_max[2], row_sum[2];
+      exchange_row_stats(smem, seg_parity, row, false, row_max, row_sum);
+      const int split = req == meta[0] ? meta[4] : 0;
+      store_segment<Traits::kOTiles, __nv_bfloat16>(p, rows_map, req, split, row0 + row, Traits::kDvPerWarpgroup, o,
+                                                    row_max, row_sum, 1.f);
+    }
+  }
+#endif
+}
+
+}  // namespace flash_mla::sm90

@@ -1,0 +1,15 @@
+// Synchronisation primitives the Hopper kernels share: named barriers, and the fence that makes
+// generic-proxy shared-memory writes visible to wgmma and the copy engine.
+#pragma once
+
+namespace flash_mla::sm90 {
+
+/// Hardware named barrier `id` over `threads` threads (a multiple of 32; 0 is __syncthreads).
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+/// Generic-proxy shared-memory writes (st.shared, cp.async) become visible to wgmma.
+__device__ __forceinline__ void fence_to_async_proxy() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+}  // namespace flash_mla::sm90
