@@ -61,7 +61,8 @@ struct alignas(1024) SparseSharedStorage {
   float row_max[2][Traits::kBlockM];  // per segment parity: final maxima (log2 domain) and sums
   float row_sum[2][Traits::kBlockM];
   uint8_t key_valid[2][Traits::kBlockN];  // per buffer: the key is a selected, valid token
-  uint64_t k_ready[2], k_free[2], p_ready[2];
+  // k_ready[buf][h]: the producer's half h of the tile landed (column blocks kHalfBlocks[h]).
+  uint64_t k_ready[2][2], k_free[2], p_ready[2];
 };
 
 constexpr int kSparseSmemBytes = static_cast<int>(sizeof(SparseSharedStorage));
@@ -86,15 +87,30 @@ struct TileSlot {
   __device__ explicit TileSlot(uint32_t it) : buf(it & 1), parity((it >> 1) & 1) {}
 };
 
-/// S = Q K^T of a landed tile: 9 column blocks x 4 k16 steps.
-__device__ __forceinline__ void issue_qk(const uint8_t* q, const uint8_t* kv, float (&s)[Traits::kSTiles][4]) {
+/// The column blocks of a tile in the order the producer's halves land them (sparse_gather.cuh:
+/// half h holds scale groups h and 2 + h; the RoPE block is complete after the second half).
+/// Block n (0..4) of half h: {0, 1, 4, 5} and {2, 3, 6, 7, RoPE}; -1: none.
+__host__ __device__ constexpr int half_block(int h, int n) {
+  return n < 4 ? 2 * h + (n / 2) * 4 + n % 2 : (h == 1 ? Traits::kRopeBlock : -1);
+}
+
+/// S = Q K^T of a tile, each half's blocks issued as soon as that half landed (k_ready[buf][h],
+/// phase parity `parity`): the product of the first half overlaps the widening of the second.
+__device__ __forceinline__ void issue_qk(const uint8_t* q, const uint8_t* kv, uint64_t (&ready)[2], uint32_t parity,
+                                         float (&s)[Traits::kSTiles][4]) {
   const uint64_t q_desc = desc_k_major(smem_addr(q)), k_desc = desc_k_major(smem_addr(kv));
 #pragma unroll
-  for (int b = 0; b < Traits::kColBlocks; ++b) {
+  for (int h = 0; h < 2; ++h) {
+    wait_then_arrive_wgmma(&ready[h], parity);
 #pragma unroll
-    for (int k = 0; k < Traits::kKSteps; ++k) {
-      const uint32_t offset = b * Traits::kColBlockBytes + kmajor_step(k);
-      mma<__nv_bfloat16, Major::K>(desc_at(q_desc, offset), desc_at(k_desc, offset), s, b > 0 || k > 0);
+    for (int n = 0; n < 5; ++n) {
+      const int b = half_block(h, n);
+      if (b < 0) continue;
+#pragma unroll
+      for (int k = 0; k < Traits::kKSteps; ++k) {
+        const uint32_t offset = b * Traits::kColBlockBytes + kmajor_step(k);
+        mma<__nv_bfloat16, Major::K>(desc_at(q_desc, offset), desc_at(k_desc, offset), s, h > 0 || n > 0 || k > 0);
+      }
     }
   }
 }
@@ -187,14 +203,14 @@ __device__ void produce(SparseSharedStorage& smem, const DecodeParams& p, const 
     }
     const TileSlot slot(it);
     Bar::wait(&smem.k_free[slot.buf], slot.parity ^ 1);  // the first use of a buffer passes at once
+    if (part == 0) smem.key_valid[slot.buf][token] = valid;
 #pragma unroll
     for (int h = 0; h < Regs::kHalves; ++h) {
       regs[h].store(smem.kv[slot.buf], token, part, h);
+      fence_to_async_proxy();  // the half is read by wgmma
+      Bar::arrive(&smem.k_ready[slot.buf][h]);
       if (more) regs[h].load(record, part, h, ok);
     }
-    if (part == 0) smem.key_valid[slot.buf][token] = valid;
-    fence_to_async_proxy();  // the tile is read by wgmma
-    Bar::arrive(&smem.k_ready[slot.buf]);
     if (!more) break;
   }
 }
@@ -284,8 +300,7 @@ __device__ __forceinline__ void softmax_tile(SparseSharedStorage& smem, SoftmaxS
   if constexpr (kHasNext) {
     const TileSlot next(it + 1);
     fence_accumulators(st.s);
-    wait_then_arrive_wgmma(&smem.k_ready[next.buf], next.parity);
-    issue_qk(smem.q, smem.kv[next.buf], st.s);
+    issue_qk(smem.q, smem.kv[next.buf], smem.k_ready[next.buf], next.parity, st.s);
     cute::warpgroup_commit_batch();
     cute::warpgroup_wait<1>();  // P V done: this warpgroup no longer reads the buffer
   } else {
@@ -334,7 +349,8 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
-      Bar::init(&smem.k_ready[b], Traits::kWarpgroupThreads);
+      Bar::init(&smem.k_ready[b][0], Traits::kWarpgroupThreads);
+      Bar::init(&smem.k_ready[b][1], Traits::kWarpgroupThreads);
       Bar::init(&smem.p_ready[b], Traits::kWarpgroupThreads);
       Bar::init(&smem.k_free[b], 2 * Traits::kWarpgroupThreads);
     }
@@ -376,8 +392,7 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
         load_q(smem.q, p, rows_map, req, row0, q_vec16);
         const TileSlot first(it);
         fence_accumulators(st.s);
-        wait_then_arrive_wgmma(&smem.k_ready[first.buf], first.parity);
-        issue_qk(smem.q, smem.kv[first.buf], st.s);
+        issue_qk(smem.q, smem.kv[first.buf], smem.k_ready[first.buf], first.parity, st.s);
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_accumulators(st.s);
