@@ -179,8 +179,9 @@ inline DecodeParams dense_view(const SparseDecodeParams& sp) {
 
 }  // namespace detail
 
-/// Runs one token-sparse decode step (one layer) on p.stream: the portable decode kernel over the
-/// selected tokens, then the combine kernel; asynchronous, no host sync, no allocation. Checks p
+/// Runs one token-sparse decode step (one layer) on p.stream: a decode kernel over the selected
+/// tokens (sm90::sparse_decode_kernel for kV32FP8 on sm_90, else the portable kernel; see
+/// SparseDecodeParams::kernel), then the combine kernel; asynchronous, no host sync, no allocation. Checks p
 /// with validate_sparse() first; batch == 0 is a no-op.
 inline Status mla_decode_sparse(const SparseDecodeParams& sp) {
   Status st = validate_sparse(sp);
