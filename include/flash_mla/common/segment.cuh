@@ -4,6 +4,7 @@
 
 #include "../params.hpp"
 #include "../scheduler/plan.hpp"
+#include "rows.cuh"
 
 namespace flash_mla {
 
@@ -29,6 +30,25 @@ struct Segment {
   __device__ int last_visible(const DecodeParams& p, bool row_valid, int t) const {
     if (!row_valid) return -1;
     return p.causal && p.seqlen_q > 1 ? seqlen - p.seqlen_q + t : seqlen - 1;
+  }
+};
+
+/// What one CTA of a Hopper decode grid works on: its KV head's packed rows (blockIdx.y), its
+/// 64-row block (blockIdx.x) and its SM part's slice of the plan (blockIdx.z).
+struct CtaWork {
+  RowMap rows_map;
+  int row0;               // first packed row of the CTA's block
+  const int32_t* meta;    // the SM part's metadata row
+  int first_req, last_req;
+
+  template <int kBlockM>
+  __device__ static CtaWork of(const DecodeParams& p) {
+    CtaWork w{{p.num_heads_q / p.num_heads_kv, p.rows_per_kv_head(), static_cast<int>(blockIdx.y)},
+              static_cast<int>(blockIdx.x) * kBlockM, p.tile_scheduler_metadata + blockIdx.z * kMetaInts, 0, 0};
+    // The clamps only matter for metadata planned for other inputs: stay in bounds.
+    w.first_req = max(w.meta[0], 0);
+    w.last_req = min(w.meta[2], p.batch - 1);
+    return w;
   }
 };
 

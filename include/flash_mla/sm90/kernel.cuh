@@ -15,6 +15,7 @@
 #include "epilogue.cuh"
 #include "mainloop.cuh"
 #include "tma.hpp"
+#include "sync.cuh"
 #include "traits.hpp"
 #include "wgmma.cuh"
 
@@ -81,15 +82,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&kv_map)) : "memory");
   }
   __syncthreads();
-  // Launched as a programmatic dependent of the stream's previous kernel (launch_sm90): the set-up
-  // above overlaps its tail; nothing in global memory is read or written before this wait.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  wait_for_prior_grid();  // a programmatic dependent launch (launch_sm90)
 
-  const RowMap rows_map{p.num_heads_q / p.num_heads_kv, p.rows_per_kv_head(), static_cast<int>(blockIdx.y)};
-  const int row0 = blockIdx.x * Traits::kBlockM;
-  const int32_t* meta = p.tile_scheduler_metadata + blockIdx.z * kMetaInts;
-  // The clamps only matter for metadata planned for other inputs: stay in bounds.
-  const int first_req = max(meta[0], 0), last_req = min(meta[2], p.batch - 1);
+  const CtaWork work = CtaWork::of<Traits::kBlockM>(p);
+  const RowMap& rows_map = work.rows_map;
+  const int row0 = work.row0, first_req = work.first_req, last_req = work.last_req;
+  const int32_t* meta = work.meta;
   const KvSource<kBoxes, kIsFp8<KvStored>> src{&kv_map, rows_map.kv_head, kv_cache_policy()};
   // FP8 inputs are widened exactly up to fp8_widen_scale(): the descales and that factor scale
   // the scores and O once.

@@ -357,14 +357,12 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
-  // A programmatic dependent launch: nothing in global memory is touched before this wait.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  wait_for_prior_grid();  // a programmatic dependent launch (launch_sparse_sm90)
 
-  const RowMap rows_map{p.num_heads_q / p.num_heads_kv, p.rows_per_kv_head(), static_cast<int>(blockIdx.y)};
-  const int row0 = blockIdx.x * Traits::kBlockM;
-  const int32_t* meta = p.tile_scheduler_metadata + blockIdx.z * kMetaInts;
-  // The clamps only matter for metadata planned for other inputs: stay in bounds.
-  const int first_req = max(meta[0], 0), last_req = min(meta[2], p.batch - 1);
+  const CtaWork work = CtaWork::of<Traits::kBlockM>(p);
+  const RowMap& rows_map = work.rows_map;
+  const int row0 = work.row0, first_req = work.first_req, last_req = work.last_req;
+  const int32_t* meta = work.meta;
 
   if (warpgroup == 2) {
     cutlass::arch::warpgroup_reg_dealloc<SparseTraits::kProducerRegs>();

@@ -12,4 +12,9 @@ __device__ __forceinline__ void bar_sync(int id, int threads) {
 /// Generic-proxy shared-memory writes (st.shared, cp.async) become visible to wgmma.
 __device__ __forceinline__ void fence_to_async_proxy() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
+/// Waits for the grid this kernel was launched as a programmatic dependent of (launch_kernel with
+/// programmatic = true: the set-up before this call overlaps that grid's tail); nothing in global
+/// memory may be read or written before it.
+__device__ __forceinline__ void wait_for_prior_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 }  // namespace flash_mla::sm90
