@@ -40,35 +40,34 @@ __device__ __forceinline__ void store_16(uint8_t* tile, uint32_t offset, const u
 template <typename Format>
 struct TokenRegisters;
 
-/// The V3.2 656-byte record. Thread `part` (0, 1) of a token takes e4m3 channels [256 part,
-/// 256 part + 256) with their two scales and RoPE channels [32 part, 32 part + 32), in two halves
-/// (kHalves): half h is e4m3 channels 256 part + 128 h + [0, 128) (one scale) and RoPE channels
-/// 32 part + 16 h + [0, 16). The producer stores one half of a tile and then loads that half of
-/// the next tile into the same registers, so the next tile's loads are in flight while it works.
+/// The V3.2 656-byte record: thread `part` (0, 1) of a token holds channels [256 part, 256 part
+/// + 256) of the e4m3 part with their two scales, and RoPE channels [32 part, 32 part + 32).
 template <>
 struct TokenRegisters<sparse::V32Tokens> {
   using Format = sparse::V32Tokens;
-  static constexpr int kHalves = 2;
-  static constexpr int kNopeChunks = 8;  // a half: 8 chunks of 16 e4m3
-  static constexpr int kRopeChunks = 2;  // a half: 2 chunks of 8 bf16
+  static constexpr int kNopeChunks = 16;  // 16 e4m3 each
+  static constexpr int kRopeChunks = 4;   // 8 bf16 each
   uint4 nope[kNopeChunks];
   uint4 rope[kRopeChunks];
-  float scale;
+  float scale[2];
 
-  __device__ __forceinline__ void load(const uint8_t* record, int part, int half, bool valid) {
-    const int group = 2 * part + half;  // the 128-channel scale group
+  __device__ __forceinline__ void load(const uint8_t* record, int part, bool valid) {
+    const uint8_t* nope_src = record + part * (kNopeChunks * 16);
+    const uint8_t* rope_src = record + Format::kRopeOffset + part * (kRopeChunks * 16);
     if (valid) {
 #pragma unroll
-      for (int i = 0; i < kNopeChunks; ++i) nope[i] = load_streaming_16(record + 128 * group + 16 * i);
+      for (int i = 0; i < kNopeChunks; ++i) nope[i] = load_streaming_16(nope_src + 16 * i);
 #pragma unroll
-      for (int i = 0; i < kRopeChunks; ++i) rope[i] = load_streaming_16(record + Format::kRopeOffset + 32 * group + 16 * i);
-      scale = reinterpret_cast<const float*>(record + Format::kScaleOffset)[group];
+      for (int i = 0; i < kRopeChunks; ++i) rope[i] = load_streaming_16(rope_src + 16 * i);
+      const float2 s = *reinterpret_cast<const float2*>(record + Format::kScaleOffset + 8 * part);
+      scale[0] = s.x;
+      scale[1] = s.y;
     } else {
 #pragma unroll
       for (int i = 0; i < kNopeChunks; ++i) nope[i] = make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int i = 0; i < kRopeChunks; ++i) rope[i] = make_uint4(0, 0, 0, 0);
-      scale = 0.f;
+      scale[0] = scale[1] = 0.f;
     }
   }
 
@@ -81,25 +80,18 @@ struct TokenRegisters<sparse::V32Tokens> {
     if (part == 1) prefetch_l2(record + Format::kBytes - 1);
   }
 
-  /// Widens half `half` into row `token` of a swizzled bf16 tile (Traits::offset, spelled out:
-  /// the 16-byte chunk c of the row's 128 bytes in a column block lands at c ^ (token % 8); the
-  /// per-chunk offsets are a few integer ops, not ~40 addresses held in registers).
-  __device__ __forceinline__ void store(uint8_t* tile, int token, int part, int half) const {
-    const int group = 2 * part + half;
-    const int swz = token % 8;
-    uint8_t* row = tile + token * 128;
-    uint8_t* nope_row = row + 2 * group * Traits::kColBlockBytes;  // column blocks 2 group, 2 group + 1
+  /// Widens into row `token` of a swizzled bf16 tile.
+  __device__ __forceinline__ void store(uint8_t* tile, int token, int part) const {
 #pragma unroll
     for (int i = 0; i < kNopeChunks; ++i) {
+      const int col = 256 * part + 16 * i;
       uint4 first, second;
-      e4m3x16_to_bf16_times(nope[i], scale, first, second);
-      uint8_t* block = nope_row + (i / 4) * Traits::kColBlockBytes;
-      store_16(block, ((2 * (i % 4)) ^ swz) << 4, first);
-      store_16(block, ((2 * (i % 4) + 1) ^ swz) << 4, second);
+      e4m3x16_to_bf16_times(nope[i], scale[i / 8], first, second);
+      store_16(tile, Traits::offset(token, col), first);
+      store_16(tile, Traits::offset(token, col + 8), second);
     }
-    uint8_t* rope_row = row + Traits::kRopeBlock * Traits::kColBlockBytes;
 #pragma unroll
-    for (int i = 0; i < kRopeChunks; ++i) store_16(rope_row, ((2 * group + i) ^ swz) << 4, rope[i]);
+    for (int i = 0; i < kRopeChunks; ++i) store_16(tile, Traits::offset(token, 512 + 32 * part + 8 * i), rope[i]);
   }
 };
 

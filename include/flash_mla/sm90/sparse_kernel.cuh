@@ -41,8 +41,8 @@ struct SparseTraits {
   // registers between the warpgroups of the CTA: the sum stays within the launch allotment of
   // 168 a thread (64K / 384, rounded down to a multiple of 8); a larger sum never completes.
   static constexpr int kLaunchRegs = 168;
-  static constexpr int kSoftmaxRegs = 216;
-  static constexpr int kProducerRegs = 120;
+  static constexpr int kSoftmaxRegs = 224;
+  static constexpr int kProducerRegs = 112;
   static constexpr int kPvRegs = kLaunchRegs;  // the pv warpgroup keeps the launch allotment
   static_assert(kSoftmaxRegs + kProducerRegs + kPvRegs <= 3 * kLaunchRegs, "registers of the CTA");
 };
@@ -61,8 +61,7 @@ struct alignas(1024) SparseSharedStorage {
   float row_max[2][Traits::kBlockM];  // per segment parity: final maxima (log2 domain) and sums
   float row_sum[2][Traits::kBlockM];
   uint8_t key_valid[2][Traits::kBlockN];  // per buffer: the key is a selected, valid token
-  // k_ready[buf][h]: the producer's half h of the tile landed (column blocks kHalfBlocks[h]).
-  uint64_t k_ready[2][2], k_free[2], p_ready[2];
+  uint64_t k_ready[2], k_free[2], p_ready[2];
 };
 
 constexpr int kSparseSmemBytes = static_cast<int>(sizeof(SparseSharedStorage));
@@ -87,131 +86,56 @@ struct TileSlot {
   __device__ explicit TileSlot(uint32_t it) : buf(it & 1), parity((it >> 1) & 1) {}
 };
 
-/// The column blocks of a tile in the order the producer's halves land them (sparse_gather.cuh:
-/// half h holds scale groups h and 2 + h; the RoPE block is complete after the second half).
-/// Block n (0..4) of half h: {0, 1, 4, 5} and {2, 3, 6, 7, RoPE}; -1: none.
-__host__ __device__ constexpr int half_block(int h, int n) {
-  return n < 4 ? 2 * h + (n / 2) * 4 + n % 2 : (h == 1 ? Traits::kRopeBlock : -1);
-}
-
-/// S = Q K^T of a tile, each half's blocks issued as soon as that half landed (k_ready[buf][h],
-/// phase parity `parity`): the product of the first half overlaps the widening of the second.
-__device__ __forceinline__ void issue_qk(const uint8_t* q, const uint8_t* kv, uint64_t (&ready)[2], uint32_t parity,
-                                         float (&s)[Traits::kSTiles][4]) {
+/// S = Q K^T of a landed tile: 9 column blocks x 4 k16 steps.
+__device__ __forceinline__ void issue_qk(const uint8_t* q, const uint8_t* kv, float (&s)[Traits::kSTiles][4]) {
   const uint64_t q_desc = desc_k_major(smem_addr(q)), k_desc = desc_k_major(smem_addr(kv));
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    wait_then_arrive_wgmma(&ready[h], parity);
+  for (int b = 0; b < Traits::kColBlocks; ++b) {
 #pragma unroll
-    for (int n = 0; n < 5; ++n) {
-      const int b = half_block(h, n);
-      if (b < 0) continue;
-#pragma unroll
-      for (int k = 0; k < Traits::kKSteps; ++k) {
-        const uint32_t offset = b * Traits::kColBlockBytes + kmajor_step(k);
-        mma<__nv_bfloat16, Major::K>(desc_at(q_desc, offset), desc_at(k_desc, offset), s, h > 0 || n > 0 || k > 0);
-      }
+    for (int k = 0; k < Traits::kKSteps; ++k) {
+      const uint32_t offset = b * Traits::kColBlockBytes + kmajor_step(k);
+      mma<__nv_bfloat16, Major::K>(desc_at(q_desc, offset), desc_at(k_desc, offset), s, b > 0 || k > 0);
     }
   }
 }
 
-/// The producer's walk over the CTA's tiles, across its segments: the calling thread's key of
-/// the current tile and the index entry of its next tile in the segment (loaded one tile ahead,
-/// so that reading a record never waits for its index).
-struct TileCursor {
-  const DecodeParams* p;
-  const sparse::IndexedKvParams* kp;
-  const int32_t* meta;
-  int last_req, token;
-  int req, i;         // the plan request and its tile
-  Segment seg;
-  sparse::SelectedKeys keys;
-  int idx, next_idx;  // index entries of this tile's and the next tile's key
-
-  __device__ TileCursor(const DecodeParams& p_, const sparse::IndexedKvParams& kp_, const int32_t* meta_, int first_req,
-                        int last_req_, int token_)
-      : p(&p_), kp(&kp_), meta(meta_), last_req(last_req_), token(token_), req(first_req - 1), i(0), seg{},
-        keys(kp_, 0, seg) {
-    next_segment();
-  }
-
-  __device__ bool valid() const { return req <= last_req; }
-
-  /// The first tile of the next segment that has one (req past last_req: none).
-  __device__ void next_segment() {
-    for (++req; req <= last_req; ++req) {
-      seg = Segment::of<Traits::kBlockN>(*p, meta, req);
-      if (seg.n_tiles > 0) break;
-    }
-    if (req > last_req) return;
-    keys = sparse::SelectedKeys(*kp, req, seg);
-    i = 0;
-    idx = keys.index_entry(seg.n_lo + token);
-    next_idx = seg.n_tiles > 1 ? keys.index_entry(seg.n_lo + Traits::kBlockN + token) : -1;
-  }
-
-  __device__ void advance() {
-    if (i + 1 < seg.n_tiles) {
-      ++i;
-      idx = next_idx;
-      next_idx = i + 1 < seg.n_tiles ? keys.index_entry(seg.n_lo + (i + 1) * Traits::kBlockN + token) : -1;
-    } else {
-      next_segment();
-    }
-  }
-
-  /// The record of key position j holding index entry `entry`; valid: a token to read (a valid
-  /// index inside the segment).
-  __device__ const uint8_t* record(int j, int entry, bool& ok) const {
-    const SparseKvCache* kc;
-    const sparse::TokenAddress at = keys.address(j, entry, kc);
-    ok = at.valid && j < seg.n_hi;
-    return at.page + static_cast<int64_t>(at.slot) * kc->token_stride;
-  }
-  __device__ const uint8_t* record(bool& ok) const { return record(seg.n_lo + i * Traits::kBlockN + token, idx, ok); }
-  /// The record of the next tile in the segment, if any (for an L2 prefetch).
-  __device__ const uint8_t* next_record(bool& ok) const {
-    ok = false;
-    if (i + 1 >= seg.n_tiles) return nullptr;
-    return record(seg.n_lo + (i + 1) * Traits::kBlockN + token, next_idx, ok);
-  }
-};
-
-/// The producer warpgroup: two threads a token. Per tile: wait for the buffer, then per half of
-/// the thread's share: widen it into the buffer and load that half of the next tile.
 template <typename Format>
 __device__ void produce(SparseSharedStorage& smem, const DecodeParams& p, const sparse::IndexedKvParams& kp,
                         const int32_t* meta, int first_req, int last_req) {
-  using Regs = TokenRegisters<Format>;
   const int t = threadIdx.x % Traits::kWarpgroupThreads, token = t / 2, part = t % 2;
-  TileCursor cur(p, kp, meta, first_req, last_req, token);
-  if (!cur.valid()) return;
-  Regs regs[Regs::kHalves];
-  bool ok;
-  const uint8_t* record = cur.record(ok);
-#pragma unroll
-  for (int h = 0; h < Regs::kHalves; ++h) regs[h].load(record, part, h, ok);
-  for (uint32_t it = 0;; ++it) {
-    const bool valid = ok;  // of tile it, whose halves the registers hold
-    cur.advance();          // to tile it + 1
-    const bool more = cur.valid();
-    if (more) {
-      record = cur.record(ok);
-      bool later_ok;
-      const uint8_t* later = cur.next_record(later_ok);  // tile it + 2: into L2
-      if (later_ok) Regs::prefetch(later, part);
+  uint32_t it = 0;
+  for (int req = first_req; req <= last_req; ++req) {
+    const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
+    if (seg.n_tiles <= 0) continue;
+    const sparse::SelectedKeys keys(kp, req, seg);
+    const auto record_of = [&](int j, int idx, bool& valid) {
+      const SparseKvCache* kc;
+      const sparse::TokenAddress at = keys.address(j, idx, kc);
+      valid = at.valid && j < seg.n_hi;
+      return at.page + static_cast<int64_t>(at.slot) * kc->token_stride;
+    };
+    int idx = keys.index_entry(seg.n_lo + token);
+    int next_idx = seg.n_tiles > 1 ? keys.index_entry(seg.n_lo + Traits::kBlockN + token) : -1;
+    for (int i = 0; i < seg.n_tiles; ++i, ++it) {
+      const int j = seg.n_lo + i * Traits::kBlockN + token;
+      bool valid;
+      const uint8_t* record = record_of(j, idx, valid);
+      TokenRegisters<Format> regs;
+      regs.load(record, part, valid);
+      if (i + 1 < seg.n_tiles) {  // the next tile's records into L2, its successor's index
+        bool next_valid;
+        const uint8_t* next_record = record_of(j + Traits::kBlockN, next_idx, next_valid);
+        if (next_valid) TokenRegisters<Format>::prefetch(next_record, part);
+        idx = next_idx;
+        next_idx = i + 2 < seg.n_tiles ? keys.index_entry(j + 2 * Traits::kBlockN) : -1;
+      }
+      const TileSlot slot(it);
+      Bar::wait(&smem.k_free[slot.buf], slot.parity ^ 1);  // the first use of a buffer passes at once
+      regs.store(smem.kv[slot.buf], token, part);
+      if (part == 0) smem.key_valid[slot.buf][token] = valid;
+      fence_to_async_proxy();  // the tile is read by wgmma
+      Bar::arrive(&smem.k_ready[slot.buf]);
     }
-    const TileSlot slot(it);
-    Bar::wait(&smem.k_free[slot.buf], slot.parity ^ 1);  // the first use of a buffer passes at once
-    if (part == 0) smem.key_valid[slot.buf][token] = valid;
-#pragma unroll
-    for (int h = 0; h < Regs::kHalves; ++h) {
-      regs[h].store(smem.kv[slot.buf], token, part, h);
-      fence_to_async_proxy();  // the half is read by wgmma
-      Bar::arrive(&smem.k_ready[slot.buf][h]);
-      if (more) regs[h].load(record, part, h, ok);
-    }
-    if (!more) break;
   }
 }
 
@@ -300,7 +224,8 @@ __device__ __forceinline__ void softmax_tile(SparseSharedStorage& smem, SoftmaxS
   if constexpr (kHasNext) {
     const TileSlot next(it + 1);
     fence_accumulators(st.s);
-    issue_qk(smem.q, smem.kv[next.buf], smem.k_ready[next.buf], next.parity, st.s);
+    wait_then_arrive_wgmma(&smem.k_ready[next.buf], next.parity);
+    issue_qk(smem.q, smem.kv[next.buf], st.s);
     cute::warpgroup_commit_batch();
     cute::warpgroup_wait<1>();  // P V done: this warpgroup no longer reads the buffer
   } else {
@@ -349,8 +274,7 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
-      Bar::init(&smem.k_ready[b][0], Traits::kWarpgroupThreads);
-      Bar::init(&smem.k_ready[b][1], Traits::kWarpgroupThreads);
+      Bar::init(&smem.k_ready[b], Traits::kWarpgroupThreads);
       Bar::init(&smem.p_ready[b], Traits::kWarpgroupThreads);
       Bar::init(&smem.k_free[b], 2 * Traits::kWarpgroupThreads);
     }
@@ -390,7 +314,8 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
         load_q(smem.q, p, rows_map, req, row0, q_vec16);
         const TileSlot first(it);
         fence_accumulators(st.s);
-        issue_qk(smem.q, smem.kv[first.buf], smem.k_ready[first.buf], first.parity, st.s);
+        wait_then_arrive_wgmma(&smem.k_ready[first.buf], first.parity);
+        issue_qk(smem.q, smem.kv[first.buf], st.s);
         cute::warpgroup_commit_batch();
         cute::warpgroup_wait<0>();
         fence_accumulators(st.s);

@@ -26,37 +26,37 @@ struct IndexedKvParams {
 /// The keys of one plan request (query token `token_q` of request `batch_idx`): which index entry
 /// each key position holds and where that token lies. Shared by the kernels' KV sources.
 struct SelectedKeys {
-  const IndexedKvParams* kp;  // (a pointer: a SelectedKeys can be reassigned)
+  const IndexedKvParams& kp;
   int batch_idx, token_q;     // which request and query token the segment decodes
   int used_main, used_extra;  // index entries used of each cache's row
   int key_end;                // key positions past the planned length are skipped too
 
   __device__ SelectedKeys(const IndexedKvParams& params, int req, const Segment& seg)
-      : kp(&params), batch_idx(req / params.seqlen_q), token_q(req % params.seqlen_q), key_end(seg.seqlen) {
+      : kp(params), batch_idx(req / params.seqlen_q), token_q(req % params.seqlen_q), key_end(seg.seqlen) {
     const auto used_of = [&](const SparseKvCache& kc) {
       if (kc.data == nullptr) return 0;
       return min(max(kc.topk_length != nullptr ? kc.topk_length[batch_idx] : kc.topk, 0), kc.topk);
     };
-    used_main = used_of(kp->cache[0]);
-    used_extra = used_of(kp->cache[1]);
+    used_main = used_of(kp.cache[0]);
+    used_extra = used_of(kp.cache[1]);
   }
 
   /// The index entry at key position j of the segment's row: -1 past the used entries (the same
   /// as an invalid index).
   __device__ int index_entry(int j) const {
     // (Selected with conditionals rather than indexed: no local-memory copy of the arrays.)
-    const bool main = j < kp->cache[0].topk;
-    const SparseKvCache& kc = main ? kp->cache[0] : kp->cache[1];
-    const int k = main ? j : j - kp->cache[0].topk;
+    const bool main = j < kp.cache[0].topk;
+    const SparseKvCache& kc = main ? kp.cache[0] : kp.cache[1];
+    const int k = main ? j : j - kp.cache[0].topk;
     if (k >= (main ? used_main : used_extra) || j >= key_end) return -1;
     return kc.indices[batch_idx * kc.indices_batch_stride + token_q * kc.indices_seq_stride + k];
   }
 
   /// Where index `idx` of key position j lies (valid: a token of its cache).
   __device__ TokenAddress address(int j, int idx, const SparseKvCache*& kc_out) const {
-    const SparseKvCache& kc = j < kp->cache[0].topk ? kp->cache[0] : kp->cache[1];
+    const SparseKvCache& kc = j < kp.cache[0].topk ? kp.cache[0] : kp.cache[1];
     kc_out = &kc;
-    TokenAddress at{static_cast<const uint8_t*>(kp->cache[0].data), 0, false};
+    TokenAddress at{static_cast<const uint8_t*>(kp.cache[0].data), 0, false};
     if (idx >= 0 && static_cast<int64_t>(idx) < static_cast<int64_t>(kc.num_blocks) * kc.page_size) {
       at.page = static_cast<const uint8_t*>(kc.data) + (idx / kc.page_size) * kc.page_stride;
       at.slot = idx % kc.page_size;
