@@ -37,7 +37,8 @@ inline Status check_sparse_cache(const SparseKvCache& c, const char* name, Spars
 }  // namespace detail
 
 /// Checks a SparseDecodeParams before any launch (mla_decode_sparse calls it first): the format
-/// and head_dim agree (kBF16: 576 or 512, kV32FP8: 576, kModel1FP8: 512), batch >= 0,
+/// and head_dim agree (kBF16: 576 or 512, kV32FP8: 576, kModel1FP8: 512), kSm90 only with
+/// kV32FP8, batch >= 0,
 /// s_q and h_q >= 1, batch * s_q and h_q within the kernels' limits, softmax_scale finite and
 /// > 0, num_sm_parts in [1, kMaxSmParts], max_splits >= batch * s_q + num_sm_parts; with
 /// batch > 0 the pointers (non-null where required, aligned as documented) and strides of q
@@ -49,6 +50,10 @@ inline Status validate_sparse(const SparseDecodeParams& p) {
                       : p.format == SparseKvFormat::kModel1FP8 ? p.head_dim == 512
                                                                : false;
   if (!dim_ok) return Status::error("format and head_dim disagree (kBF16: 576 or 512, kV32FP8: 576, kModel1FP8: 512)");
+  if (p.kernel == KernelChoice::kSm90 && p.format != SparseKvFormat::kV32FP8) {
+    return Status::error("kernel: the sm90 token-sparse kernel takes kV32FP8 only; this format runs on the portable "
+                         "kernels (kAuto, kSm80Large or kSm80Small)");
+  }
   if (p.batch < 0) return Status::error("batch must be >= 0, got " + std::to_string(p.batch));
   Status st = detail::check_heads(p.seqlen_q, p.num_heads_q, 1);
   if (st.ok()) st = detail::check_sm_parts(p.num_sm_parts);

@@ -384,6 +384,7 @@ void check_sparse_params() {
       with([](SparseDecodeParams& p) { p.attn_sink = static_cast<const float*>(fake_ptr()); }),
       with([](SparseDecodeParams& p) { p.cache.topk = 0; }),
       with([](SparseDecodeParams& p) { p.batch = 0; p.q = nullptr; }),
+      with([](SparseDecodeParams& p) { p.kernel = flash_mla::KernelChoice::kSm90; }),  // V3.2: the Hopper kernel
   };
   int i = 0;
   for (const SparseDecodeParams& p : good) {
@@ -398,6 +399,16 @@ void check_sparse_params() {
       {"head_dim", [](SparseDecodeParams& p) { p.head_dim = 512; }},
       {"head_dim", [](SparseDecodeParams& p) { p.format = SparseKvFormat::kModel1FP8; }},
       {"head_dim", [](SparseDecodeParams& p) { p.format = static_cast<SparseKvFormat>(9); }},
+      {"sm90", [](SparseDecodeParams& p) {
+         p.format = SparseKvFormat::kModel1FP8;
+         p.head_dim = 512;
+         p.kernel = flash_mla::KernelChoice::kSm90;
+       }},
+      {"sm90", [](SparseDecodeParams& p) {
+         p.format = SparseKvFormat::kBF16;
+         p.cache.token_stride = 1152;
+         p.kernel = flash_mla::KernelChoice::kSm90;
+       }},
       {"batch", [](SparseDecodeParams& p) { p.batch = -1; }},
       {"seqlen_q", [](SparseDecodeParams& p) { p.seqlen_q = 0; }},
       {"num_heads_q", [](SparseDecodeParams& p) { p.num_heads_q = 0; }},
