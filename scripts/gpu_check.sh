@@ -14,7 +14,7 @@
 #
 # Files in OUTDIR (8, all at its top level, for runners that collect a few flat files):
 #     setup.log (env + wheels), build.log, pytest.log, ctest.log (ctest + package), bench.log,
-#     bench.json, sanitize.log, summary.txt
+#     bench.json (bench_sparse.json with BENCH_SPARSE_ARGS), sanitize.log, summary.txt
 #
 # Environment knobs:
 #     SKIP_BUILD=1      skip the pip build/install (and the wheels step when .whl/ is empty)
@@ -27,6 +27,9 @@
 #                       else it is skipped (not failed): run it alone with
 #                       SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1 (SANITIZE_TOOLS=... picks tools)
 #     BENCH_ARGS="..."  extra arguments of benchmarks/bench_decode.py (e.g. "--kernel auto,sm80_small")
+#     BENCH_SPARSE_ARGS="..."  also run benchmarks/bench_sparse.py (token-sparse decode) in the
+#                       benchmark step with these arguments (e.g. "--quick --compare DIR"),
+#                       results in bench_sparse.json; unset: not run
 #     PYTEST_ARGS="..." extra arguments of pytest (e.g. "-x -k decode")
 #     CMAKE_ARGS="..."  extra arguments of the cmake configure of the C++ tests
 #     CTEST_ARGS="..."  extra arguments of ctest
@@ -61,6 +64,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/n
 export PY=${PYTHON:-python3}
 export OUTDIR ROOT
 export BENCH_ARGS=${BENCH_ARGS:-}
+export BENCH_SPARSE_ARGS=${BENCH_SPARSE_ARGS:-}
 export PYTEST_ARGS=${PYTEST_ARGS:-}
 export CMAKE_ARGS=${CMAKE_ARGS:-}
 export CTEST_ARGS=${CTEST_ARGS:-}
@@ -82,7 +86,7 @@ export BENCH_JSON
 for f in "$SETUP_LOG" "$BUILD_LOG" "$PYTEST_LOG" "$CTEST_LOG" "$BENCH_LOG" "$SANITIZE_LOG" "$SUMMARY"; do
     : >"$f"
 done
-rm -f "$BENCH_JSON" "$BENCH_JSON.tmp"
+rm -f "$BENCH_JSON" "$BENCH_JSON.tmp" "$OUTDIR/bench_sparse.json"
 
 # ------------------------------------------------------------------------------------------
 # Step bodies. Each runs in its own bash (exported functions) so that a step can be killed at
@@ -244,6 +248,13 @@ step_bench() {
     echo "+ $PY benchmarks/bench_decode.py --json $BENCH_JSON --cool 2 $BENCH_ARGS"
     # shellcheck disable=SC2086
     "$PY" benchmarks/bench_decode.py --json "$BENCH_JSON" --cool 2 $BENCH_ARGS
+    local rc=$?
+    if [ -n "${BENCH_SPARSE_ARGS:-}" ]; then
+        echo "+ $PY benchmarks/bench_sparse.py --json $OUTDIR/bench_sparse.json $BENCH_SPARSE_ARGS"
+        # shellcheck disable=SC2086
+        "$PY" benchmarks/bench_sparse.py --json "$OUTDIR/bench_sparse.json" $BENCH_SPARSE_ARGS || rc=$?
+    fi
+    return $rc
 }
 
 step_sanitize() {
