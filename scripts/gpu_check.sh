@@ -12,7 +12,8 @@
 # the tail of the output is enough) and is also written to OUTDIR/summary.txt.
 # Exit status: 0 when no step failed or timed out, 1 otherwise (skipped steps don't count).
 #
-# Files in OUTDIR (8, all at its top level, for runners that collect a few flat files):
+# Files in OUTDIR (8, 9 with BENCH_SPARSE_ARGS; all at its top level, for runners that collect a
+# few flat files):
 #     setup.log (env + wheels), build.log, pytest.log, ctest.log (ctest + package), bench.log,
 #     bench.json (bench_sparse.json with BENCH_SPARSE_ARGS), sanitize.log, summary.txt
 #
