@@ -330,6 +330,27 @@ cudaError_t allow_dynamic_smem(int bytes, int device) {
   return err;
 }
 
+/// Whether q can be copied in 16-byte chunks: its base 16-byte aligned and its strides multiples
+/// of 8 elements (the kernels' q_vec16 argument; otherwise they copy element by element).
+inline bool q_vec16(const DecodeParams& p) {
+  return reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 &&
+         p.q_head_stride % 8 == 0;
+}
+
+/// The decode grid: kBlockM-row blocks of a KV head's packed rows x KV heads x SM parts.
+template <int kBlockM>
+dim3 decode_grid(const DecodeParams& p) {
+  return dim3((p.rows_per_kv_head() + kBlockM - 1) / kBlockM, p.num_heads_kv, p.num_sm_parts);
+}
+
+/// After the decode kernel's launch (`err`): the combine kernel, and the call's status.
+template <typename Element>
+Status finish_decode_launch(cudaError_t err, const DecodeParams& p, bool overlap) {
+  if (err == cudaSuccess) err = launch_combine<Element>(p, overlap);
+  if (err != cudaSuccess) return Status::error(std::string("decode launch failed: ") + cudaGetErrorString(err));
+  return Status::success();
+}
+
 /// Launches the portable kernel over `Traits` (sm80/traits.hpp) with keys from `KvSource`
 /// (sm80::PagedKvTiles or sparse::IndexedKvTiles), then the combine kernel.
 template <typename Traits, typename Element, typename KvSource, typename QStored = Element>
@@ -337,14 +358,8 @@ Status launch_sm80_kernel(const DecodeParams& p, const typename KvSource::Params
   const auto kernel = sm80::decode_kernel<Traits, Element, KvSource, QStored>;
   cudaError_t err = allow_dynamic_smem<sm80::decode_kernel<Traits, Element, KvSource, QStored>>(Traits::kSmemBytes, device);
   if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
-  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 && p.q_head_stride % 8 == 0;
-  const dim3 grid((p.rows_per_kv_head() + Traits::kBlockM - 1) / Traits::kBlockM, p.num_heads_kv, p.num_sm_parts);
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, p.stream>>>(p, kv_params, q_vec16);
-  err = cudaGetLastError();
-  if (err == cudaSuccess) err = launch_combine<Element>(p, /*overlap=*/false);
-  if (err != cudaSuccess) return Status::error(std::string("decode launch failed: ") + cudaGetErrorString(err));
-  return Status::success();
+  kernel<<<decode_grid<Traits::kBlockM>(p), Traits::kThreads, Traits::kSmemBytes, p.stream>>>(p, kv_params, q_vec16(p));
+  return finish_decode_launch<Element>(cudaGetLastError(), p, /*overlap=*/false);
 }
 
 /// The dense portable kernel of tile shape `Shape` (LargeTraits / SmallTraits): an FP8 cache
@@ -363,17 +378,11 @@ Status launch_sm90(const DecodeParams& p, int device) {
   const auto kernel = sm90::decode_kernel<Element, kBoxes, KvStored, QStored>;
   cudaError_t err = allow_dynamic_smem<sm90::decode_kernel<Element, kBoxes, KvStored, QStored>>(sm90::kSmemBytes, device);
   if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
-  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_seq_stride % 8 == 0 && p.q_head_stride % 8 == 0;
-  const dim3 grid((p.rows_per_kv_head() + sm90::Traits::kBlockM - 1) / sm90::Traits::kBlockM, p.num_heads_kv,
-                  p.num_sm_parts);
   // A programmatic dependent launch: its set-up overlaps the previous kernel's tail, and it waits
   // in griddepcontrol.wait (kernel.cuh) before touching global memory.
-  err = launch_kernel(kernel, grid, dim3(sm90::Traits::kThreads), sm90::kSmemBytes, p.stream, /*programmatic=*/true, p,
-                      kv_map, q_vec16);
-  if (err == cudaSuccess) err = launch_combine<Element>(p, /*overlap=*/true);
-  if (err != cudaSuccess) return Status::error(std::string("decode launch failed: ") + cudaGetErrorString(err));
-  return Status::success();
+  err = launch_kernel(kernel, decode_grid<sm90::Traits::kBlockM>(p), dim3(sm90::Traits::kThreads), sm90::kSmemBytes,
+                      p.stream, /*programmatic=*/true, p, kv_map, q_vec16(p));
+  return finish_decode_launch<Element>(err, p, /*overlap=*/true);
 }
 
 /// Element: the multiplied type and out's; KvStored / QStored: k_cache's and q's storage

@@ -109,14 +109,9 @@ Status launch_sparse_sm90(const DecodeParams& p, const sparse::IndexedKvParams& 
   const auto kernel = sm90::sparse_decode_kernel<Format>;
   cudaError_t err = allow_dynamic_smem<sm90::sparse_decode_kernel<Format>>(sm90::kSparseSmemBytes, device);
   if (err != cudaSuccess) return Status::error(std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err));
-  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  const bool q_vec16 = aligned16(p.q) && p.q_batch_stride % 8 == 0 && p.q_head_stride % 8 == 0;
-  const dim3 grid((p.rows_per_kv_head() + sm90::Traits::kBlockM - 1) / sm90::Traits::kBlockM, 1, p.num_sm_parts);
-  err = launch_kernel(kernel, grid, dim3(sm90::SparseTraits::kThreads), sm90::kSparseSmemBytes, p.stream,
-                      /*programmatic=*/true, p, kp, q_vec16);
-  if (err == cudaSuccess) err = launch_combine<__nv_bfloat16>(p, /*overlap=*/true);
-  if (err != cudaSuccess) return Status::error(std::string("decode launch failed: ") + cudaGetErrorString(err));
-  return Status::success();
+  err = launch_kernel(kernel, decode_grid<sm90::Traits::kBlockM>(p), dim3(sm90::SparseTraits::kThreads),
+                      sm90::kSparseSmemBytes, p.stream, /*programmatic=*/true, p, kp, q_vec16(p));
+  return finish_decode_launch<__nv_bfloat16>(err, p, /*overlap=*/true);
 }
 
 template <typename Format>
