@@ -27,6 +27,8 @@ Covered:
   duplicates, the first and last token of the cache; rows and whole calls with no valid key;
 * topk_length 0, partial and full (and out-of-range values, clamped); the second cache with its
   own page size, indices and lengths (alone, together, empty); +inf, -inf and finite sinks;
+* the V3.2 widening value by value: every finite e4m3 byte under power-of-two, arbitrary and
+  large group scales (one selected key, so out is its V), within bf16 rounding;
 * NaN poison: every cache slot that no valid index selects (and every padding byte) holds NaN
   (bf16 NaN; for FP8 the e4m3 NaN codes 0x7f / 0xff, NaN scale bytes and NaN RoPE values), and
   the preallocated out= / lse= are NaN-filled with NaN neighbours that must stay untouched;
@@ -611,6 +613,45 @@ def test_sparse_no_valid_key_anywhere(fmt, seed):
             assert (lse_buf[1:-1] == INF).all(), f"[{what}] lse is not +inf everywhere"
             assert (out == 0).all() and (lse == INF).all(), what
             check(out, lse, ref, what)
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0 / 3.0, 1.2345e-3, 300.0), (2.0 ** -10, 255.5, 7.0, 0.999)],
+                         ids=["third-tiny-300", "pow2-255-7-0.999"])
+def test_sparse_v32_widening_every_byte_and_scale(scales, seed):
+    """The V3.2 widening, value by value: with one selected key, out is that key's V, so each of
+    the 512 outputs is one widened e4m3 byte times its group's scale. Every finite e4m3 byte
+    meets every scale (4 query tokens, each selecting a token whose 4 group scales are rotated):
+    powers of two (exact), arbitrary ones (1/3, 1.2345e-3, 0.999) and large ones (255.5, 300):
+    each within bf16 rounding of the float64 product."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    codes = torch.arange(256, dtype=torch.int32)
+    finite = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)  # 254 bytes
+    nope = torch.cat([finite, finite[:2], finite, finite[:2]])  # 512 channels, every byte in each half
+    value = nope.view(FP8).to(torch.float64)
+    page, s_q, h_q = 64, 4, 64
+    raw = torch.full((1, page, ROW_BYTES["v32"]), 0x7F, dtype=torch.uint8)  # NaN poison elsewhere
+    expected = torch.empty((s_q, DV), dtype=torch.float64)
+    for t in range(s_q):
+        group_scale = torch.tensor([scales[(g + t) % 4] for g in range(4)], dtype=torch.float32)
+        raw[0, t, :512] = nope
+        raw[0, t, 512:528] = group_scale.view(torch.uint8)
+        raw[0, t, 528:] = (torch.randn(64) * 0.1).to(BF16).view(torch.uint8)
+        expected[t] = value * group_scale.to(torch.float64).repeat_interleave(128)
+    cache = raw.to(DEVICE).view(1, page, 1, ROW_BYTES["v32"]).view(FP8)
+    q = (torch.randn((1, s_q, h_q, 576), generator=gen, device=DEVICE) * 0.1).to(BF16)
+    indices = torch.arange(s_q, dtype=torch.int32, device=DEVICE).view(1, s_q, 1)
+    want = expected.to(DEVICE)
+    ulp_bound = 2.0 ** -8 * (1 + 2.0 ** -14)  # bf16 round-to-nearest (8 significant bits) after a float32 product
+    for kernel in sparse_kernels("v32"):
+        sched, _ = get_mla_metadata()
+        out, lse = flash_mla_with_kvcache(q, cache, None, None, DV, sched, None, None, False, True, indices,
+                                          kernel=kernel)
+        got = out[0, :s_q].to(torch.float64)  # (s_q, h_q, 512): every head the same V
+        err = (got - want[:, None, :]).abs()
+        bound = want.abs()[:, None, :] * ulp_bound
+        worst = (err - bound).max().item()
+        assert worst <= 0, f"[{kernel}] widened values off by more than bf16 rounding (excess {worst:.3e})"
+        assert torch.isfinite(lse).all(), f"[{kernel}] lse not finite"
 
 
 @pytest.mark.parametrize("fmt", ["bf16_576", "model1"])
