@@ -295,9 +295,9 @@ def sparse_decode(q: Any, k_cache: Any, indices: Any, plan_seqlens: Any, tile_sc
     ``(batch, s_q, h_q)`` here. ``softmax_scale`` defaults to ``1 / sqrt(d_qk)``. Returns
     ``(out, lse)``. Asynchronous on ``stream``."""
     _reject_immutable(out=out, lse=lse, o_accum=o_accum, lse_accum=lse_accum)
-    check_sparse_kernel(_kernel_id(kernel), bool(is_fp8_kvcache), getattr(k_cache, "shape", None))
     if isinstance(is_fp8_kvcache, (str, bytes)):
         raise TypeError(f"is_fp8_kvcache: expected a bool, got {type(is_fp8_kvcache).__name__}")
+    check_sparse_kernel(_kernel_id(kernel), bool(is_fp8_kvcache), getattr(k_cache, "shape", None))
     if softmax_scale is None:
         shape = getattr(q, "shape", None)
         softmax_scale = 1.0 / math.sqrt(shape[-1]) if shape is not None and len(shape) == 4 and shape[-1] > 0 \
