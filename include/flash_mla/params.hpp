@@ -191,8 +191,8 @@ struct SparseDecodeParams {
   float* o_accum = nullptr;   ///< [max_splits, h_q, 512] split workspace, 16-byte aligned
   float* lse_accum = nullptr; ///< [max_splits, h_q]
   int max_splits = 0;         ///< >= batch * s_q + num_sm_parts
-  /// kAuto (kSm90 for kV32FP8 on sm_90, else a portable kernel), kSm90 (kV32FP8 only), or a
-  /// portable kernel (kSm80Large / kSm80Small, every format)
+  /// kAuto (kSm90 for kV32FP8 and 576-channel kBF16 on sm_90, else a portable kernel), kSm90
+  /// (those formats only), or a portable kernel (kSm80Large / kSm80Small, every format)
   KernelChoice kernel = KernelChoice::kAuto;
   cudaStream_t stream = nullptr;
 };

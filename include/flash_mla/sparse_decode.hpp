@@ -38,7 +38,7 @@ inline Status check_sparse_cache(const SparseKvCache& c, const char* name, Spars
 
 /// Checks a SparseDecodeParams before any launch (mla_decode_sparse calls it first): the format
 /// and head_dim agree (kBF16: 576 or 512, kV32FP8: 576, kModel1FP8: 512), kSm90 only with
-/// kV32FP8, batch >= 0,
+/// kV32FP8 or kBF16 of 576 channels, batch >= 0,
 /// s_q and h_q >= 1, batch * s_q and h_q within the kernels' limits, softmax_scale finite and
 /// > 0, num_sm_parts in [1, kMaxSmParts], max_splits >= batch * s_q + num_sm_parts; with
 /// batch > 0 the pointers (non-null where required, aligned as documented) and strides of q
@@ -50,9 +50,10 @@ inline Status validate_sparse(const SparseDecodeParams& p) {
                       : p.format == SparseKvFormat::kModel1FP8 ? p.head_dim == 512
                                                                : false;
   if (!dim_ok) return Status::error("format and head_dim disagree (kBF16: 576 or 512, kV32FP8: 576, kModel1FP8: 512)");
-  if (p.kernel == KernelChoice::kSm90 && p.format != SparseKvFormat::kV32FP8) {
-    return Status::error("kernel: the sm90 token-sparse kernel takes kV32FP8 only; this format runs on the portable "
-                         "kernels (kAuto, kSm80Large or kSm80Small)");
+  const bool hopper_format = p.format == SparseKvFormat::kV32FP8 || (p.format == SparseKvFormat::kBF16 && p.head_dim == 576);
+  if (p.kernel == KernelChoice::kSm90 && !hopper_format) {
+    return Status::error("kernel: the sm90 token-sparse kernel takes kV32FP8 and kBF16 with head_dim 576; this format "
+                         "runs on the portable kernels (kAuto, kSm80Large or kSm80Small)");
   }
   if (p.batch < 0) return Status::error("batch must be >= 0, got " + std::to_string(p.batch));
   Status st = detail::check_heads(p.seqlen_q, p.num_heads_q, 1);
@@ -100,9 +101,10 @@ namespace detail {
 template <typename Format, typename Shape>
 using SparseTraits = sm80::TraitsFor<Shape, Format::kHeadDim, Format::kStagedTokenBytes>;
 
-/// Formats the Hopper token-sparse kernel takes (it has a TokenRegisters for them).
+/// Formats the Hopper token-sparse kernel takes (a TokenRegisters, or copied as stored).
 template <typename Format>
-constexpr bool kHopperSparseFormat = std::is_same_v<Format, sparse::V32Tokens>;
+constexpr bool kHopperSparseFormat =
+    std::is_same_v<Format, sparse::V32Tokens> || std::is_same_v<Format, sparse::Bf16Tokens<576>>;
 
 template <typename Format>
 Status launch_sparse_sm90(const DecodeParams& p, const sparse::IndexedKvParams& kp, int device) {
@@ -134,8 +136,8 @@ Status launch_sparse(const DecodeParams& p, const sparse::IndexedKvParams& kp, K
       }
       return launch_sparse_sm90<Format>(p, kp, device);
     } else {
-      return Status::error("the sm90 token-sparse kernel takes the V3.2 FP8 format only; this format runs on the "
-                           "portable kernels (kSm80Large or kSm80Small)");
+      return Status::error("the sm90 token-sparse kernel takes the V3.2 FP8 format and 576-channel bf16 caches only; "
+                           "this format runs on the portable kernels (kSm80Large or kSm80Small)");
     }
   }
   if (choice != KernelChoice::kSm80Large && choice != KernelChoice::kSm80Small) return Status::error("unknown kernel choice");

@@ -274,14 +274,16 @@ _V32_TOKEN_BYTES = 656  # the V3.2 FP8 format's bytes per token (kv_formats.V32_
 
 
 def check_sparse_kernel(kernel_id: int, is_fp8_kvcache: bool, k_cache_shape: Any) -> None:
-    """kernel="sm90" with indices: the Hopper token-sparse kernel takes the V3.2 FP8 format only
-    (a cache of 656-byte tokens); every other format runs on the portable kernels."""
+    """kernel="sm90" with indices: the Hopper token-sparse kernel takes the V3.2 FP8 format (a cache
+    of 656-byte tokens) and bf16 caches of 576 channels; every other format runs on the portable
+    kernels."""
     if kernel_id != KERNELS["sm90"]:
         return
     last = k_cache_shape[-1] if k_cache_shape is not None and len(k_cache_shape) > 0 else None
-    if not (is_fp8_kvcache and last == _V32_TOKEN_BYTES):
-        raise ValueError("kernel: the sm90 token-sparse kernel takes the V3.2 FP8 format (656-byte tokens); "
-                         "this format runs on the portable kernels ('auto', 'sm80_large', 'sm80_small')")
+    if not ((is_fp8_kvcache and last == _V32_TOKEN_BYTES) or (not is_fp8_kvcache and last == 576)):
+        raise ValueError("kernel: the sm90 token-sparse kernel takes the V3.2 FP8 format (656-byte tokens) and bf16 "
+                         "caches of 576 channels; this format runs on the portable kernels ('auto', 'sm80_large', "
+                         "'sm80_small')")
 
 
 def sparse_decode(q: Any, k_cache: Any, indices: Any, plan_seqlens: Any, tile_scheduler_metadata: Any,

@@ -385,6 +385,11 @@ void check_sparse_params() {
       with([](SparseDecodeParams& p) { p.cache.topk = 0; }),
       with([](SparseDecodeParams& p) { p.batch = 0; p.q = nullptr; }),
       with([](SparseDecodeParams& p) { p.kernel = flash_mla::KernelChoice::kSm90; }),  // V3.2: the Hopper kernel
+      with([](SparseDecodeParams& p) {  // bf16 of 576 channels: the Hopper kernel too
+        p.format = SparseKvFormat::kBF16;
+        p.cache.token_stride = 1152;
+        p.kernel = flash_mla::KernelChoice::kSm90;
+      }),
   };
   int i = 0;
   for (const SparseDecodeParams& p : good) {
@@ -406,7 +411,8 @@ void check_sparse_params() {
        }},
       {"sm90", [](SparseDecodeParams& p) {
          p.format = SparseKvFormat::kBF16;
-         p.cache.token_stride = 1152;
+         p.head_dim = 512;
+         p.cache.token_stride = 1024;
          p.kernel = flash_mla::KernelChoice::kSm90;
        }},
       {"batch", [](SparseDecodeParams& p) { p.batch = -1; }},

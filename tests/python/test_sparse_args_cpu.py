@@ -18,7 +18,7 @@ The call is FlashMLA's later-release positional form with a scheduler object::
   attn_sink: float32 (h_q,), +-inf allowed. The second cache: same format as the first, its own
   num_blocks and page size; it and its indices come together.
 * block_table and cache_seqlens None, head_dim_v 512, causal False; kernel "auto",
-  "sm80_large" or "sm80_small"; "sm90" with the V3.2 format only.
+  "sm80_large" or "sm80_small"; "sm90" with the V3.2 format and 576-channel bf16 caches only.
 
 Conventions, as for dense decode (test_args_cpu.py, test_fp8_args_cpu.py): a wrong dtype ->
 TypeError, a wrong shape / value / missing companion -> ValueError, each naming the argument,
@@ -361,19 +361,21 @@ def test_sparse_rejected_arguments(make, changes, kwargs, exc, match):
     _assert_unplanned(args)
 
 
-@pytest.mark.parametrize("fmt", [f for f in D_QK if f != "v32"])
+@pytest.mark.parametrize("fmt", [f for f in D_QK if f not in ("v32", "bf16_576")])
 def test_sparse_sm90_kernel_refused(fmt):
-    """The Hopper token-sparse kernel takes the V3.2 format only: kernel="sm90" with another
-    format is refused before any planning."""
+    """The Hopper token-sparse kernel takes the V3.2 format and 576-channel bf16 caches:
+    kernel="sm90" with another format is refused before any planning."""
     args = sparse_args(fmt)
     with pytest.raises(ValueError, match=r"sm90.*V3\.2"):
         call_sparse(args, kernel="sm90")
     _assert_unplanned(args)
 
 
-def test_sparse_sm90_kernel_takes_v32():
-    """kernel="sm90" with the V3.2 format passes the argument checks (reaches the device check)."""
-    args = sparse_args("v32", extra=EXTRA, topk_length=True, extra_topk_length=True, sink=True)
+@pytest.mark.parametrize("fmt", ["v32", "bf16_576"])
+def test_sparse_sm90_kernel_takes_its_formats(fmt):
+    """kernel="sm90" with the V3.2 format or a 576-channel bf16 cache passes the argument checks
+    (reaches the device check)."""
+    args = sparse_args(fmt, extra=EXTRA, topk_length=True, extra_topk_length=True, sink=True)
     with pytest.raises(ValueError) as info:
         call_sparse(args, kernel="sm90")
     _assert_reaches_device_check(info)

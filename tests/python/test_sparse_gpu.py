@@ -78,7 +78,7 @@ INF = float("inf")
 INT_MIN, INT_MAX = -(2 ** 31), 2 ** 31 - 1
 
 KERNELS = ("sm80_large", "sm80_small")  # the portable kernels: every format
-HOPPER_FORMATS = ("v32",)  # the formats the "sm90" kernel takes
+HOPPER_FORMATS = ("v32", "bf16_576")  # the formats the "sm90" kernel takes
 ALL_KERNELS = KERNELS + ("sm90",)
 D_QK = {"bf16_576": 576, "bf16_512": 512, "v32": 576, "model1": 512}
 FP8_FORMATS = ("v32", "model1")

@@ -4,7 +4,9 @@
 //
 // Three warpgroups, one role each:
 //   producer (wg2)  gathers a 64-key tile into registers (sparse_gather.cuh), waits for a free
-//                   buffer, widens the tile into it with the keys' validity flags -> k_ready
+//                   buffer, widens the tile into it with the keys' validity (one ballot word a
+//                   warp) -> k_ready; a bf16 format is copied into the tile by cp.async instead
+//                   (produce_copies), whose completion arrives on k_ready
 //   softmax  (wg0)  S = Q K^T over the whole tile (wgmma 64x64, Q and K from shared memory),
 //                   masks skipped keys, online softmax; P into the tile's RoPE block (no longer
 //                   needed once S is done) and the rescale factor -> p_ready; then
@@ -16,6 +18,8 @@
 #pragma once
 
 #include <cuda.h>
+
+#include <type_traits>
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -60,7 +64,9 @@ struct alignas(1024) SparseSharedStorage {
   float rescale[2][Traits::kBlockM];  // per buffer: the factor its tile's maxima scale older terms by
   float row_max[2][Traits::kBlockM];  // per segment parity: final maxima (log2 domain) and sums
   float row_sum[2][Traits::kBlockM];
-  uint8_t key_valid[2][Traits::kBlockN];  // per buffer: the key is a selected, valid token
+  // Per buffer, the keys that are selected, valid tokens: one ballot per producer warp (bit 2 k
+  // of word w: key 16 w + k; each key's two lanes vote alike), read with one 16-byte load.
+  alignas(16) uint32_t key_lanes[2][Traits::kBlockN / 16];
   uint64_t k_ready[2], k_free[2], p_ready[2];
 };
 
@@ -132,9 +138,58 @@ __device__ void produce(SparseSharedStorage& smem, const DecodeParams& p, const 
       const TileSlot slot(it);
       Bar::wait(&smem.k_free[slot.buf], slot.parity ^ 1);  // the first use of a buffer passes at once
       regs.store(smem.kv[slot.buf], token, part);
-      if (part == 0) smem.key_valid[slot.buf][token] = valid;
+      const uint32_t lanes = __ballot_sync(0xffffffffu, valid);
+      if (t % 32 == 0) smem.key_lanes[slot.buf][t / 32] = lanes;
       fence_to_async_proxy();  // the tile is read by wgmma
       Bar::arrive(&smem.k_ready[slot.buf]);
+    }
+  }
+}
+
+/// Formats stored as the tile holds them (bf16 tokens of 576 channels): copied, not widened.
+template <typename Format>
+constexpr bool kCopiedAsStored = std::is_same_v<Format, sparse::Bf16Tokens<576>>;
+
+/// k_ready arrivals per phase: every producer thread; with copied formats each thread's arrival
+/// is its cp.async completion, and each producer warp adds one for its flag word.
+template <typename Format>
+constexpr int kReadyArrivals = Traits::kWarpgroupThreads + (kCopiedAsStored<Format> ? Traits::kWarpgroupThreads / 32 : 0);
+
+/// The producer warpgroup for a format stored as the tile wants it: no registers and no widening.
+/// Two threads a key, each copying alternate 16-byte chunks of the record (so that the two lanes
+/// of a key read one 32-byte sector a step) straight into the swizzled tile with cp.async (zero
+/// bytes for a skipped key, whose source is not read); the copies' completion arrives on k_ready
+/// (cp.async.mbarrier.arrive), so the producer never waits for its loads and the next tile's
+/// copies start as soon as a buffer is free.
+template <typename Format>
+__device__ void produce_copies(SparseSharedStorage& smem, const DecodeParams& p, const sparse::IndexedKvParams& kp,
+                               const int32_t* meta, int first_req, int last_req) {
+  constexpr int kChunks = Format::kHeadDim / 8;  // 16-byte chunks of a record
+  const int t = threadIdx.x % Traits::kWarpgroupThreads, token = t / 2, part = t % 2;
+  uint32_t it = 0;
+  for (int req = first_req; req <= last_req; ++req) {
+    const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
+    if (seg.n_tiles <= 0) continue;
+    const sparse::SelectedKeys keys(kp, req, seg);
+    int idx = keys.index_entry(seg.n_lo + token);
+    for (int i = 0; i < seg.n_tiles; ++i, ++it) {
+      const int j = seg.n_lo + i * Traits::kBlockN + token;
+      const SparseKvCache* kc;
+      const sparse::TokenAddress at = keys.address(j, idx, kc);
+      const bool valid = at.valid && j < seg.n_hi;
+      const uint8_t* record = at.page + static_cast<int64_t>(at.slot) * kc->token_stride;
+      if (i + 1 < seg.n_tiles) idx = keys.index_entry(j + Traits::kBlockN);  // read behind this tile's copies
+      const TileSlot slot(it);
+      Bar::wait(&smem.k_free[slot.buf], slot.parity ^ 1);  // the first use of a buffer passes at once
+      uint8_t* tile = smem.kv[slot.buf];
+#pragma unroll 6
+      for (int c = part; c < kChunks; c += 2) sm80::cp_async_16(tile + Traits::offset(token, 8 * c), record + 16 * c, valid);
+      cp_async_arrive_noinc(&smem.k_ready[slot.buf]);
+      const uint32_t lanes = __ballot_sync(0xffffffffu, valid);
+      if (t % 32 == 0) {
+        smem.key_lanes[slot.buf][t / 32] = lanes;
+        Bar::arrive(&smem.k_ready[slot.buf]);
+      }
     }
   }
 }
@@ -172,14 +227,17 @@ __device__ __forceinline__ void softmax_tile(SparseSharedStorage& smem, SoftmaxS
   uint8_t* kv = smem.kv[slot.buf];
   const int tq = threadIdx.x % 4;
 
-  // Skipped keys -> -inf; the tile's row maxima.
+  // Skipped keys -> -inf; the tile's row maxima. The thread's columns of block j are keys
+  // 8 j + 2 tq and 8 j + 2 tq + 1: bits 4 tq + 16 (j % 2) and 2 above it of word j / 2.
+  const uint4 lanes4 = *reinterpret_cast<const uint4*>(smem.key_lanes[slot.buf]);
+  const uint32_t lanes[4] = {lanes4.x >> (4 * tq), lanes4.y >> (4 * tq), lanes4.z >> (4 * tq), lanes4.w >> (4 * tq)};
   float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int j = 0; j < Traits::kSTiles; ++j) {
-    const uint16_t pair = *reinterpret_cast<const uint16_t*>(&smem.key_valid[slot.buf][8 * j + 2 * tq]);
+    const uint32_t pair = lanes[j / 2] >> (16 * (j % 2));
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      if (((pair >> (8 * (e & 1))) & 0xff) == 0) st.s[j][e] = -INFINITY;
+      if (((pair >> (2 * (e & 1))) & 1u) == 0) st.s[j][e] = -INFINITY;
     }
     tile_max[0] = fmaxf(tile_max[0], fmaxf(st.s[j][0], st.s[j][1]));
     tile_max[1] = fmaxf(tile_max[1], fmaxf(st.s[j][2], st.s[j][3]));
@@ -260,7 +318,8 @@ __device__ __forceinline__ void exchange_row_stats(SparseSharedStorage& smem, in
 
 }  // namespace sparse_detail
 
-/// Format: the token format of the caches (sparse/token_formats.cuh) with a TokenRegisters.
+/// Format: the token format of the caches (sparse/token_formats.cuh): one with a TokenRegisters
+/// (gathered into registers and widened), or one copied as stored (kCopiedAsStored).
 template <typename Format>
 __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
     sparse_decode_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ sparse::IndexedKvParams kp,
@@ -274,7 +333,7 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
-      Bar::init(&smem.k_ready[b], Traits::kWarpgroupThreads);
+      Bar::init(&smem.k_ready[b], kReadyArrivals<Format>);
       Bar::init(&smem.p_ready[b], Traits::kWarpgroupThreads);
       Bar::init(&smem.k_free[b], 2 * Traits::kWarpgroupThreads);
     }
@@ -290,7 +349,11 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
 
   if (warpgroup == 2) {
     cutlass::arch::warpgroup_reg_dealloc<SparseTraits::kProducerRegs>();
-    produce<Format>(smem, p, kp, meta, first_req, last_req);
+    if constexpr (kCopiedAsStored<Format>) {
+      produce_copies<Format>(smem, p, kp, meta, first_req, last_req);
+    } else {
+      produce<Format>(smem, p, kp, meta, first_req, last_req);
+    }
     return;
   }
 

@@ -2,6 +2,8 @@
 // generic-proxy shared-memory writes visible to wgmma and the copy engine.
 #pragma once
 
+#include <cstdint>
+
 namespace flash_mla::sm90 {
 
 /// Hardware named barrier `id` over `threads` threads (a multiple of 32; 0 is __syncthreads).
@@ -11,6 +13,14 @@ __device__ __forceinline__ void bar_sync(int id, int threads) {
 
 /// Generic-proxy shared-memory writes (st.shared, cp.async) become visible to wgmma.
 __device__ __forceinline__ void fence_to_async_proxy() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+/// An arrival on the mbarrier `bar` once every cp.async this thread issued so far has landed
+/// (counted in the barrier's expected arrivals: .noinc).
+__device__ __forceinline__ void cp_async_arrive_noinc(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
+               : "memory");
+}
 
 /// Waits for the grid this kernel was launched as a programmatic dependent of (launch_kernel with
 /// programmatic = true: the set-up before this call overlaps that grid's tail); nothing in global
