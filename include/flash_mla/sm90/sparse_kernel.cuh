@@ -105,15 +105,24 @@ __device__ __forceinline__ void issue_qk(const uint8_t* q, const uint8_t* kv, fl
   }
 }
 
+/// The producer's walk over the CTA's segments: body(seg, keys) for each one with tiles, in order.
+template <typename Body>
+__device__ __forceinline__ void for_each_producer_segment(const DecodeParams& p, const sparse::IndexedKvParams& kp,
+                                                          const int32_t* meta, int first_req, int last_req,
+                                                          Body&& body) {
+  for (int req = first_req; req <= last_req; ++req) {
+    const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
+    if (seg.n_tiles <= 0) continue;
+    body(seg, sparse::SelectedKeys(kp, req, seg));
+  }
+}
+
 template <typename Format>
 __device__ void produce(SparseSharedStorage& smem, const DecodeParams& p, const sparse::IndexedKvParams& kp,
                         const int32_t* meta, int first_req, int last_req) {
   const int t = threadIdx.x % Traits::kWarpgroupThreads, token = t / 2, part = t % 2;
   uint32_t it = 0;
-  for (int req = first_req; req <= last_req; ++req) {
-    const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
-    if (seg.n_tiles <= 0) continue;
-    const sparse::SelectedKeys keys(kp, req, seg);
+  for_each_producer_segment(p, kp, meta, first_req, last_req, [&](const Segment& seg, const sparse::SelectedKeys& keys) {
     const auto record_of = [&](int j, int idx, bool& valid) {
       const SparseKvCache* kc;
       const sparse::TokenAddress at = keys.address(j, idx, kc);
@@ -143,7 +152,7 @@ __device__ void produce(SparseSharedStorage& smem, const DecodeParams& p, const 
       fence_to_async_proxy();  // the tile is read by wgmma
       Bar::arrive(&smem.k_ready[slot.buf]);
     }
-  }
+  });
 }
 
 /// Formats stored as the tile holds them (bf16 tokens of 576 channels): copied, not widened.
@@ -167,10 +176,7 @@ __device__ void produce_copies(SparseSharedStorage& smem, const DecodeParams& p,
   constexpr int kChunks = Format::kHeadDim / 8;  // 16-byte chunks of a record
   const int t = threadIdx.x % Traits::kWarpgroupThreads, token = t / 2, part = t % 2;
   uint32_t it = 0;
-  for (int req = first_req; req <= last_req; ++req) {
-    const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
-    if (seg.n_tiles <= 0) continue;
-    const sparse::SelectedKeys keys(kp, req, seg);
+  for_each_producer_segment(p, kp, meta, first_req, last_req, [&](const Segment& seg, const sparse::SelectedKeys& keys) {
     int idx = keys.index_entry(seg.n_lo + token);
     for (int i = 0; i < seg.n_tiles; ++i, ++it) {
       const int j = seg.n_lo + i * Traits::kBlockN + token;
@@ -191,7 +197,7 @@ __device__ void produce_copies(SparseSharedStorage& smem, const DecodeParams& p,
         Bar::arrive(&smem.k_ready[slot.buf]);
       }
     }
-  }
+  });
 }
 
 /// Copies the Q tile of (plan request req, rows row0 ..) into the swizzled layout (cp.async by
