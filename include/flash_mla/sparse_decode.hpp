@@ -104,7 +104,7 @@ using SparseTraits = sm80::TraitsFor<Shape, Format::kHeadDim, Format::kStagedTok
 /// Formats the Hopper token-sparse kernel takes (a TokenRegisters, or copied as stored).
 template <typename Format>
 constexpr bool kHopperSparseFormat =
-    std::is_same_v<Format, sparse::V32Tokens> || std::is_same_v<Format, sparse::Bf16Tokens<576>>;
+    std::is_same_v<Format, sparse::V32Tokens> || sm90::sparse_detail::kCopiedAsStored<Format>;
 
 template <typename Format>
 Status launch_sparse_sm90(const DecodeParams& p, const sparse::IndexedKvParams& kp, int device) {

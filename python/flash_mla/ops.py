@@ -280,7 +280,7 @@ def check_sparse_kernel(kernel_id: int, is_fp8_kvcache: bool, k_cache_shape: Any
     if kernel_id != KERNELS["sm90"]:
         return
     last = k_cache_shape[-1] if k_cache_shape is not None and len(k_cache_shape) > 0 else None
-    if not ((is_fp8_kvcache and last == _V32_TOKEN_BYTES) or (not is_fp8_kvcache and last == 576)):
+    if not ((is_fp8_kvcache and last == _V32_TOKEN_BYTES) or (not is_fp8_kvcache and last == HEAD_DIM)):
         raise ValueError("kernel: the sm90 token-sparse kernel takes the V3.2 FP8 format (656-byte tokens) and bf16 "
                          "caches of 576 channels; this format runs on the portable kernels ('auto', 'sm80_large', "
                          "'sm80_small')")
