@@ -4,12 +4,13 @@
 //
 // Three warpgroups, one role each:
 //   producer (wg2)  gathers a 64-key tile into registers (sparse_gather.cuh), waits for a free
-//                   buffer, widens the tile into it with the keys' validity (one ballot word a
-//                   warp) -> k_ready; a bf16 format is copied into the tile by cp.async instead
+//                   buffer, widens the tile into it with the keys' validity (ballot bits, one
+//                   16-byte read for the softmax) -> k_ready; a bf16 format is copied into the tile by cp.async instead
 //                   (produce_copies), whose completion arrives on k_ready
 //   softmax  (wg0)  S = Q K^T over the whole tile (wgmma 64x64, Q and K from shared memory),
 //                   masks skipped keys, online softmax; P into the tile's RoPE block (no longer
-//                   needed once S is done) and the rescale factor -> p_ready; then
+//                   needed once S is done) and the rescale factor (with the segment's final row
+//                   statistics on its last tile) -> p_ready; then
 //                   O[:, 0:256] = O * f + P V[:, 0:256] with P from registers, and S of the next
 //                   tile issued behind it
 //   pv       (wg1)  on p_ready: O[:, 256:512] = O * f + P V[:, 256:512] with P from shared memory
@@ -46,15 +47,14 @@ struct SparseTraits {
   // 168 a thread (64K / 384, rounded down to a multiple of 8); a larger sum never completes.
   static constexpr int kLaunchRegs = 168;
   static constexpr int kSoftmaxRegs = 224;
-  static constexpr int kProducerRegs = 112;
-  static constexpr int kPvRegs = kLaunchRegs;  // the pv warpgroup keeps the launch allotment
+  static constexpr int kProducerRegs = 120;
+  static constexpr int kPvRegs = 160;
   static_assert(kSoftmaxRegs + kProducerRegs + kPvRegs <= 3 * kLaunchRegs, "registers of the CTA");
 };
 
 /// Named barriers (0 is __syncthreads).
 enum SparseBarrier : int {
   kSoftmaxGroup = 1,  // the softmax warpgroup alone (Q loaded)
-  kSegmentEnd = 2,    // softmax + pv warpgroups: the row statistics of a segment are published
 };
 
 struct alignas(1024) SparseSharedStorage {
@@ -62,10 +62,12 @@ struct alignas(1024) SparseSharedStorage {
   // Block kRopeBlock of a tile holds its P (64 x 64) once S of the tile is done.
   alignas(1024) uint8_t kv[2][Traits::kTileBytes];
   float rescale[2][Traits::kBlockM];  // per buffer: the factor its tile's maxima scale older terms by
-  float row_max[2][Traits::kBlockM];  // per segment parity: final maxima (log2 domain) and sums
+  // Per buffer, set with the last tile of a segment: its final row maxima (log2 domain) and sums,
+  // for the pv warpgroup (handed over by p_ready, like the factor).
+  float row_max[2][Traits::kBlockM];
   float row_sum[2][Traits::kBlockM];
-  // Per buffer, the keys that are selected, valid tokens: one ballot per producer warp (bit 2 k
-  // of word w: key 16 w + k; each key's two lanes vote alike), read with one 16-byte load.
+  // Per buffer, the keys that are selected, valid tokens, from the producers' ballots: bit 2 k of
+  // word w is key 16 w + k (odd bits are not read), read with one 16-byte load.
   alignas(16) uint32_t key_lanes[2][Traits::kBlockN / 16];
   uint64_t k_ready[2], k_free[2], p_ready[2];
 };
@@ -117,38 +119,64 @@ __device__ __forceinline__ void for_each_producer_segment(const DecodeParams& p,
   }
 }
 
+/// Bits 0..7 of `bits` at the even positions of a 16-bit value (bit k -> bit 2 k).
+__device__ __forceinline__ uint32_t spread_to_even_bits(uint32_t bits) {
+  bits &= 0xffu;
+  bits = (bits | (bits << 4)) & 0x0f0fu;
+  bits = (bits | (bits << 2)) & 0x3333u;
+  return (bits | (bits << 1)) & 0x5555u;
+}
+
+/// The producer warpgroup for a widened format (TokenRegisters, four threads a key): a tile is
+/// two rounds of 32 keys, key 8 w + (lane % 8) + 32 r of round r in warp w, read by lanes
+/// (lane % 8) + 8 q. All of a tile's records are read into registers before the wait for a free
+/// buffer, so their latency passes during that wait; the index entries are read two tiles ahead.
+/// (An L2 prefetch of the next tile's records measured slower once the loads keep their lines.)
 template <typename Format>
 __device__ void produce(SparseSharedStorage& smem, const DecodeParams& p, const sparse::IndexedKvParams& kp,
                         const int32_t* meta, int first_req, int last_req) {
-  const int t = threadIdx.x % Traits::kWarpgroupThreads, token = t / 2, part = t % 2;
+  using Regs = TokenRegisters<Format>;
+  static_assert(Regs::kLanesPerKey == 4, "eight keys a warp a round");
+  constexpr int kRounds = Traits::kBlockN * Regs::kLanesPerKey / Traits::kWarpgroupThreads;  // 2
+  constexpr int kKeysPerRound = Traits::kBlockN / kRounds;                                  // 32
+  const int t = threadIdx.x % Traits::kWarpgroupThreads, lane = t % 32, q = lane / 8;
+  const int key0 = 8 * (t / 32) + lane % 8;  // the key of round 0
   uint32_t it = 0;
   for_each_producer_segment(p, kp, meta, first_req, last_req, [&](const Segment& seg, const sparse::SelectedKeys& keys) {
-    const auto record_of = [&](int j, int idx, bool& valid) {
-      const SparseKvCache* kc;
-      const sparse::TokenAddress at = keys.address(j, idx, kc);
-      valid = at.valid && j < seg.n_hi;
-      return at.page + static_cast<int64_t>(at.slot) * kc->token_stride;
-    };
-    int idx = keys.index_entry(seg.n_lo + token);
-    int next_idx = seg.n_tiles > 1 ? keys.index_entry(seg.n_lo + Traits::kBlockN + token) : -1;
+    const auto key_of = [&](int i, int r) { return seg.n_lo + i * Traits::kBlockN + key0 + kKeysPerRound * r; };
+    const auto entry_of = [&](int i, int r) { return i < seg.n_tiles ? keys.index_entry(key_of(i, r)) : -1; };
+    int idx[kRounds], next_idx[kRounds];  // index entries of tiles i, i + 1
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      idx[r] = entry_of(0, r);
+      next_idx[r] = entry_of(1, r);
+    }
     for (int i = 0; i < seg.n_tiles; ++i, ++it) {
-      const int j = seg.n_lo + i * Traits::kBlockN + token;
-      bool valid;
-      const uint8_t* record = record_of(j, idx, valid);
-      TokenRegisters<Format> regs;
-      regs.load(record, part, valid);
-      if (i + 1 < seg.n_tiles) {  // the next tile's records into L2, its successor's index
-        bool next_valid;
-        const uint8_t* next_record = record_of(j + Traits::kBlockN, next_idx, next_valid);
-        if (next_valid) TokenRegisters<Format>::prefetch(next_record, part);
-        idx = next_idx;
-        next_idx = i + 2 < seg.n_tiles ? keys.index_entry(j + 2 * Traits::kBlockN) : -1;
+      Regs regs[kRounds];
+      bool valid[kRounds];
+#pragma unroll
+      for (int r = 0; r < kRounds; ++r) {
+        const int j = key_of(i, r);
+        const SparseKvCache* kc;
+        const sparse::TokenAddress at = keys.address(j, idx[r], kc);
+        valid[r] = at.valid && j < seg.n_hi;
+        regs[r].load(at.page + static_cast<int64_t>(at.slot) * kc->token_stride, q, valid[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < kRounds; ++r) {  // tile i + 2's entries, read behind this tile's loads
+        idx[r] = next_idx[r];
+        next_idx[r] = entry_of(i + 2, r);
       }
       const TileSlot slot(it);
       Bar::wait(&smem.k_free[slot.buf], slot.parity ^ 1);  // the first use of a buffer passes at once
-      regs.store(smem.kv[slot.buf], token, part);
-      const uint32_t lanes = __ballot_sync(0xffffffffu, valid);
-      if (t % 32 == 0) smem.key_lanes[slot.buf][t / 32] = lanes;
+      uint16_t* const flags = reinterpret_cast<uint16_t*>(smem.key_lanes[slot.buf]);
+#pragma unroll
+      for (int r = 0; r < kRounds; ++r) {
+        regs[r].store(smem.kv[slot.buf], key0 + kKeysPerRound * r, q);
+        // Lanes 0..7 hold keys 8 w + 32 r + 0..7: half-word w + 4 r of the flags.
+        const uint32_t lanes = __ballot_sync(0xffffffffu, valid[r]);
+        if (lane == 0) flags[t / 32 + 4 * r] = static_cast<uint16_t>(spread_to_even_bits(lanes));
+      }
       fence_to_async_proxy();  // the tile is read by wgmma
       Bar::arrive(&smem.k_ready[slot.buf]);
     }
@@ -270,6 +298,16 @@ __device__ __forceinline__ void softmax_tile(SparseSharedStorage& smem, SoftmaxS
   AFrag pf[Traits::kKSteps];
   to_a_fragments<__nv_bfloat16>(st.s, pf);
   store_a_fragments(kv + Traits::kRopeBlock * Traits::kColBlockBytes, st.row, pf);
+  if constexpr (!kHasNext) {  // the segment's last tile: its final statistics go with the factor
+    const float row_sum[2] = {quad_sum(st.sum[0]), quad_sum(st.sum[1])};
+    if (tq == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        smem.row_max[slot.buf][st.row + 8 * i] = st.max[i];
+        smem.row_sum[slot.buf][st.row + 8 * i] = row_sum[i];
+      }
+    }
+  }
   if (tq == 0) {
     smem.rescale[slot.buf][st.row] = factor[0];
     smem.rescale[slot.buf][st.row + 8] = factor[1];
@@ -301,24 +339,6 @@ __device__ __forceinline__ void softmax_tile(SparseSharedStorage& smem, SoftmaxS
   if constexpr (kHasNext) {
     cute::warpgroup_wait<0>();
     fence_accumulators(st.s);
-  }
-}
-
-/// Final row statistics of a segment: published by the softmax warpgroup, read by the pv one.
-__device__ __forceinline__ void exchange_row_stats(SparseSharedStorage& smem, int seg_parity, int row, bool publish,
-                                                   float (&row_max)[2], float (&row_sum)[2]) {
-  if (publish && threadIdx.x % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      smem.row_max[seg_parity][row + 8 * i] = row_max[i];
-      smem.row_sum[seg_parity][row + 8 * i] = row_sum[i];
-    }
-  }
-  bar_sync(kSegmentEnd, 2 * Traits::kWarpgroupThreads);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    row_max[i] = smem.row_max[seg_parity][row + 8 * i];
-    row_sum[i] = smem.row_sum[seg_parity][row + 8 * i];
   }
 }
 
@@ -367,13 +387,12 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
   const int row = 16 * ((threadIdx.x / 32) % 4) + lane / 4;  // the thread's first local row
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
   uint32_t it = 0;
-  int seg_parity = 0;
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_alloc<SparseTraits::kSoftmaxRegs>();
     SoftmaxState st;
     st.row = row;
-    for (int req = first_req; req <= last_req; ++req, seg_parity ^= 1) {
+    for (int req = first_req; req <= last_req; ++req) {
       const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
 #pragma unroll
       for (int j = 0; j < Traits::kOTiles; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
@@ -392,23 +411,31 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
         softmax_tile<false>(smem, st, it, scale_log2);
         ++it;
       }
-      float row_sum[2] = {quad_sum(st.sum[0]), quad_sum(st.sum[1])};
-      float row_max[2] = {st.max[0], st.max[1]};
-      exchange_row_stats(smem, seg_parity, row, true, row_max, row_sum);
+      const float row_sum[2] = {quad_sum(st.sum[0]), quad_sum(st.sum[1])};
+      const float row_max[2] = {st.max[0], st.max[1]};
       const int split = req == meta[0] ? meta[4] : 0;
       store_segment<Traits::kOTiles, __nv_bfloat16>(p, rows_map, req, split, row0 + row, 0, st.o, row_max, row_sum, 1.f);
     }
   } else {
+    cutlass::arch::warpgroup_reg_dealloc<SparseTraits::kPvRegs>();
     float o[Traits::kOTiles][4];
-    for (int req = first_req; req <= last_req; ++req, seg_parity ^= 1) {
+    for (int req = first_req; req <= last_req; ++req) {
       const Segment seg = Segment::of<Traits::kBlockN>(p, meta, req);
 #pragma unroll
       for (int j = 0; j < Traits::kOTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+      float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // a segment without keys
       for (int i = 0; i < seg.n_tiles; ++i, ++it) {
         const TileSlot slot(it);
         const uint8_t* kv = smem.kv[slot.buf];
         wait_then_arrive_wgmma(&smem.p_ready[slot.buf], slot.parity);
         const float factor[2] = {smem.rescale[slot.buf][row], smem.rescale[slot.buf][row + 8]};
+        if (i + 1 == seg.n_tiles) {  // read before k_free: the buffer's next tile rewrites them
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            row_max[h] = smem.row_max[slot.buf][row + 8 * h];
+            row_sum[h] = smem.row_sum[slot.buf][row + 8 * h];
+          }
+        }
         rescale_rows(o, factor);
         fence_accumulators(o);
         cute::warpgroup_arrive();
@@ -423,8 +450,6 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
         fence_accumulators(o);
         Bar::arrive(&smem.k_free[slot.buf]);
       }
-      float row_max[2], row_sum[2];
-      exchange_row_stats(smem, seg_parity, row, false, row_max, row_sum);
       const int split = req == meta[0] ? meta[4] : 0;
       store_segment<Traits::kOTiles, __nv_bfloat16>(p, rows_map, req, split, row0 + row, Traits::kDvPerWarpgroup, o,
                                                     row_max, row_sum, 1.f);
