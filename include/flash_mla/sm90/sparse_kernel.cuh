@@ -5,8 +5,8 @@
 // Three warpgroups, one role each:
 //   producer (wg2)  gathers a 64-key tile into registers (sparse_gather.cuh), waits for a free
 //                   buffer, widens the tile into it with the keys' validity (ballot bits, one
-//                   16-byte read for the softmax) -> k_ready; a bf16 format is copied into the tile by cp.async instead
-//                   (produce_copies), whose completion arrives on k_ready
+//                   16-byte read for the softmax) -> k_ready; a bf16 format is copied into the
+//                   tile by cp.async instead (produce_copies), whose completion arrives on k_ready
 //   softmax  (wg0)  S = Q K^T over the whole tile (wgmma 64x64, Q and K from shared memory),
 //                   masks skipped keys, online softmax; P into the tile's RoPE block (no longer
 //                   needed once S is done) and the rescale factor (with the segment's final row
