@@ -119,6 +119,16 @@ __device__ __forceinline__ void for_each_producer_segment(const DecodeParams& p,
   }
 }
 
+/// The record of key j of a segment (its index entry idx), and whether it is read: a selected,
+/// valid token before the segment's end (a skipped key's address is readable but not read).
+__device__ __forceinline__ const uint8_t* segment_record(const sparse::SelectedKeys& keys, const Segment& seg, int j,
+                                                         int idx, bool& valid) {
+  const SparseKvCache* kc;
+  const sparse::TokenAddress at = keys.address(j, idx, kc);
+  valid = at.valid && j < seg.n_hi;
+  return at.page + static_cast<int64_t>(at.slot) * kc->token_stride;
+}
+
 /// Bits 0..7 of `bits` at the even positions of a 16-bit value (bit k -> bit 2 k).
 __device__ __forceinline__ uint32_t spread_to_even_bits(uint32_t bits) {
   bits &= 0xffu;
@@ -156,11 +166,8 @@ __device__ void produce(SparseSharedStorage& smem, const DecodeParams& p, const 
       bool valid[kRounds];
 #pragma unroll
       for (int r = 0; r < kRounds; ++r) {
-        const int j = key_of(i, r);
-        const SparseKvCache* kc;
-        const sparse::TokenAddress at = keys.address(j, idx[r], kc);
-        valid[r] = at.valid && j < seg.n_hi;
-        regs[r].load(at.page + static_cast<int64_t>(at.slot) * kc->token_stride, q, valid[r]);
+        const uint8_t* record = segment_record(keys, seg, key_of(i, r), idx[r], valid[r]);
+        regs[r].load(record, q, valid[r]);
       }
 #pragma unroll
       for (int r = 0; r < kRounds; ++r) {  // tile i + 2's entries, read behind this tile's loads
@@ -208,10 +215,8 @@ __device__ void produce_copies(SparseSharedStorage& smem, const DecodeParams& p,
     int idx = keys.index_entry(seg.n_lo + token);
     for (int i = 0; i < seg.n_tiles; ++i, ++it) {
       const int j = seg.n_lo + i * Traits::kBlockN + token;
-      const SparseKvCache* kc;
-      const sparse::TokenAddress at = keys.address(j, idx, kc);
-      const bool valid = at.valid && j < seg.n_hi;
-      const uint8_t* record = at.page + static_cast<int64_t>(at.slot) * kc->token_stride;
+      bool valid;
+      const uint8_t* record = segment_record(keys, seg, j, idx, valid);
       if (i + 1 < seg.n_tiles) idx = keys.index_entry(j + Traits::kBlockN);  // read behind this tile's copies
       const TileSlot slot(it);
       Bar::wait(&smem.k_free[slot.buf], slot.parity ^ 1);  // the first use of a buffer passes at once
