@@ -4,7 +4,6 @@
 #pragma once
 
 #include <string>
-#include <type_traits>
 
 #include "params.hpp"
 #include "sm90/sparse_kernel.cuh"
@@ -36,6 +35,13 @@ inline Status check_sparse_cache(const SparseKvCache& c, const char* name, Spars
 
 }  // namespace detail
 
+/// Whether the Hopper token-sparse kernel (sm90/sparse_kernel.cuh) takes a format: V3.2 FP8
+/// (widened by its producer) and bf16 of 576 channels (copied as stored). The one statement of
+/// that set: validate_sparse checks a call's format against it, launch_sparse picks its kernel.
+constexpr bool hopper_sparse_format(SparseKvFormat format, int head_dim) {
+  return format == SparseKvFormat::kV32FP8 || (format == SparseKvFormat::kBF16 && head_dim == 576);
+}
+
 /// Checks a SparseDecodeParams before any launch (mla_decode_sparse calls it first): the format
 /// and head_dim agree (kBF16: 576 or 512, kV32FP8: 576, kModel1FP8: 512), kSm90 only with
 /// kV32FP8 or kBF16 of 576 channels, batch >= 0,
@@ -50,8 +56,7 @@ inline Status validate_sparse(const SparseDecodeParams& p) {
                       : p.format == SparseKvFormat::kModel1FP8 ? p.head_dim == 512
                                                                : false;
   if (!dim_ok) return Status::error("format and head_dim disagree (kBF16: 576 or 512, kV32FP8: 576, kModel1FP8: 512)");
-  const bool hopper_format = p.format == SparseKvFormat::kV32FP8 || (p.format == SparseKvFormat::kBF16 && p.head_dim == 576);
-  if (p.kernel == KernelChoice::kSm90 && !hopper_format) {
+  if (p.kernel == KernelChoice::kSm90 && !hopper_sparse_format(p.format, p.head_dim)) {
     return Status::error("kernel: the sm90 token-sparse kernel takes kV32FP8 and kBF16 with head_dim 576; this format "
                          "runs on the portable kernels (kAuto, kSm80Large or kSm80Small)");
   }
@@ -103,8 +108,7 @@ using SparseTraits = sm80::TraitsFor<Shape, Format::kHeadDim, Format::kStagedTok
 
 /// Formats the Hopper token-sparse kernel takes (a TokenRegisters, or copied as stored).
 template <typename Format>
-constexpr bool kHopperSparseFormat =
-    std::is_same_v<Format, sparse::V32Tokens> || sm90::sparse_detail::kCopiedAsStored<Format>;
+constexpr bool kHopperSparseFormat = hopper_sparse_format(Format::kFormat, Format::kHeadDim);
 
 template <typename Format>
 Status launch_sparse_sm90(const DecodeParams& p, const sparse::IndexedKvParams& kp, int device) {

@@ -254,7 +254,8 @@ __device__ __forceinline__ void load_q(uint8_t* sq, const DecodeParams& p, const
 struct SoftmaxState {
   float o[Traits::kOTiles][4];  // O[:, 0:256], rows row and row + 8
   float s[Traits::kSTiles][4];  // S of the tile in hand
-  float max[2], sum[2];         // running maxima (log2 domain) and this thread's share of the sums
+  float max[2], sum[2];         // running maxima (log2 domain); this thread's share of the sums,
+                                // the full row sums once the segment's last tile is done
   int row;
 };
 
@@ -304,12 +305,13 @@ __device__ __forceinline__ void softmax_tile(SparseSharedStorage& smem, SoftmaxS
   to_a_fragments<__nv_bfloat16>(st.s, pf);
   store_a_fragments(kv + Traits::kRopeBlock * Traits::kColBlockBytes, st.row, pf);
   if constexpr (!kHasNext) {  // the segment's last tile: its final statistics go with the factor
-    const float row_sum[2] = {quad_sum(st.sum[0]), quad_sum(st.sum[1])};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) st.sum[i] = quad_sum(st.sum[i]);
     if (tq == 0) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         smem.row_max[slot.buf][st.row + 8 * i] = st.max[i];
-        smem.row_sum[slot.buf][st.row + 8 * i] = row_sum[i];
+        smem.row_sum[slot.buf][st.row + 8 * i] = st.sum[i];
       }
     }
   }
@@ -416,7 +418,7 @@ __global__ void __launch_bounds__(SparseTraits::kThreads, 1)
         softmax_tile<false>(smem, st, it, scale_log2);
         ++it;
       }
-      const float row_sum[2] = {quad_sum(st.sum[0]), quad_sum(st.sum[1])};
+      const float row_sum[2] = {st.sum[0], st.sum[1]};  // full sums (0 for a segment without tiles)
       const float row_max[2] = {st.max[0], st.max[1]};
       const int split = req == meta[0] ? meta[4] : 0;
       store_segment<Traits::kOTiles, __nv_bfloat16>(p, rows_map, req, split, row0 + row, 0, st.o, row_max, row_sum, 1.f);
